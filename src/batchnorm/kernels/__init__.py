@@ -1,0 +1,182 @@
+"""Backends: the same named stages as ``batchnorm.reference``, implemented fast.
+
+A backend is an object with the methods of :class:`Backend`, taking arrays (torch tensors; the
+Numba backend also NumPy arrays) whose channel axis has already been validated and normalised.
+Statistics (``mean``, ``var``, ``invstd``) are float32 for float32/float16/bfloat16 input and
+float64 for float64 input. Backends are imported lazily, only when asked for, so importing
+``batchnorm`` never imports numba or triton.
+
+``backend="auto"`` picks the first available of ``AUTO_ORDER[device]``; an explicitly named
+backend that cannot run raises :class:`BackendUnavailable` with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol
+
+from ..reference import backward_elemt as _ref_backward_elemt
+from ..reference import backward_reduce as _ref_backward_reduce
+from ..reference import batch_norm_infer as _ref_infer
+from ..reference import batch_stats as _ref_stats
+from ..reference import elemt as _ref_elemt
+from ..reference import inverse_std as _ref_inverse_std
+
+__all__ = [
+    "Backend",
+    "BackendUnavailable",
+    "ReferenceBackend",
+    "REGISTRY",
+    "AUTO_ORDER",
+    "register",
+    "get_backend",
+    "select_backend",
+    "available_backends",
+]
+
+Array = Any
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run on this input; the message says why."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def unavailable_reason(self, x: Array) -> str | None:
+        """``None`` if this backend can run on ``x`` (device, dtype, layout), else why not."""
+
+    def forward_train(
+        self, x: Array, weight: Array | None, bias: Array | None, eps: float, axis: int
+    ) -> tuple[Array, Array, Array, Array]:
+        """Fused stats + elemt. Returns ``(y, mean, var, invstd)``; var is biased."""
+
+    def forward_infer(
+        self, x: Array, running_mean: Array, running_var: Array,
+        weight: Array | None, bias: Array | None, eps: float, axis: int,
+    ) -> Array: ...
+
+    def backward_reduce(
+        self, dy: Array, x: Array, mean: Array, invstd: Array, axis: int
+    ) -> tuple[Array, Array]:
+        """``(sum_dy, sum_dy_xhat)`` per channel."""
+
+    def backward_elemt(
+        self, dy: Array, x: Array, mean: Array, invstd: Array, weight: Array | None,
+        sum_dy: Array, sum_dy_xhat: Array, count: int, axis: int,
+    ) -> Array: ...
+
+    def backward_train(
+        self, dy: Array, x: Array, mean: Array, invstd: Array, weight: Array | None, axis: int
+    ) -> tuple[Array, Array, Array]:
+        """Fused reduce + elemt. Returns ``(dx, dweight, dbias)`` = (dx, sum_dy_xhat, sum_dy)."""
+
+
+class ReferenceBackend:
+    """The array-API reference: any device, any floating dtype; the correctness oracle."""
+
+    name = "reference"
+
+    def unavailable_reason(self, x: Array) -> str | None:
+        return None
+
+    def forward_train(self, x, weight, bias, eps, axis):
+        stats = _ref_stats(x, axis)
+        invstd = _ref_inverse_std(stats.var, eps)
+        return _ref_elemt(x, stats.mean, invstd, weight, bias, axis), stats.mean, stats.var, invstd
+
+    def forward_infer(self, x, running_mean, running_var, weight, bias, eps, axis):
+        return _ref_infer(x, running_mean, running_var, weight, bias, axis=axis, eps=eps)
+
+    def backward_reduce(self, dy, x, mean, invstd, axis):
+        return _ref_backward_reduce(dy, x, mean, invstd, axis)
+
+    def backward_elemt(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, axis):
+        return _ref_backward_elemt(
+            dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, axis
+        )
+
+    def backward_train(self, dy, x, mean, invstd, weight, axis):
+        sum_dy, sum_dy_xhat = self.backward_reduce(dy, x, mean, invstd, axis)
+        count = x.numel() // x.shape[axis] if hasattr(x, "numel") else x.size // x.shape[axis]
+        dx = self.backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, axis)
+        return dx, sum_dy_xhat, sum_dy
+
+
+#: name -> "module:attribute" of a zero-argument factory or class; imported on first use.
+REGISTRY: dict[str, str] = {
+    "reference": "batchnorm.kernels:ReferenceBackend",
+    "numba": "batchnorm.kernels.numba_cpu:NumbaBackend",
+    "triton": "batchnorm.kernels.triton_gpu:TritonBackend",
+}
+
+#: Preference order of ``backend="auto"`` per device type.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("numba", "reference"),
+    "cuda": ("triton", "reference"),
+}
+
+_instances: dict[str, Any] = {}
+
+
+def register(name: str, target: str, *, auto: dict[str, int] | None = None) -> None:
+    """Register a backend ``"module:attr"`` under ``name``; ``auto`` maps device -> position."""
+    REGISTRY[name] = target
+    _instances.pop(name, None)
+    for device, position in (auto or {}).items():
+        order = [n for n in AUTO_ORDER.get(device, ()) if n != name]
+        order.insert(position, name)
+        AUTO_ORDER[device] = tuple(order)
+
+
+def _load(name: str) -> Any:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; known: {sorted(REGISTRY)} or 'auto'")
+    if name not in _instances:
+        module_name, attr = REGISTRY[name].split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise BackendUnavailable(f"backend {name!r} cannot be imported: {exc}") from exc
+        _instances[name] = getattr(module, attr)()
+    return _instances[name]
+
+
+def _device_type(x: Array) -> str:
+    device = getattr(x, "device", "cpu")
+    return getattr(device, "type", str(device))
+
+
+def get_backend(name: str, x: Array) -> Any:
+    """The backend ``name`` for input ``x``; raises ``BackendUnavailable`` saying why not."""
+    backend = _load(name)
+    reason = backend.unavailable_reason(x)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {name!r} cannot run on this input: {reason}")
+    return backend
+
+
+def select_backend(x: Array, backend: str = "auto") -> tuple[Any, list[str]]:
+    """Resolve ``backend`` for ``x``. Returns ``(backend, notes)``; notes say why others lost."""
+    if backend != "auto":
+        return get_backend(backend, x), []
+    notes: list[str] = []
+    for name in AUTO_ORDER.get(_device_type(x), ("reference",)):
+        try:
+            return get_backend(name, x), notes
+        except BackendUnavailable as exc:
+            notes.append(str(exc))
+    return _load("reference"), notes
+
+
+def available_backends(x: Array) -> dict[str, str | None]:
+    """name -> None if it can run on ``x``, else the reason it cannot."""
+    result: dict[str, str | None] = {}
+    for name in REGISTRY:
+        try:
+            get_backend(name, x)
+            result[name] = None
+        except BackendUnavailable as exc:
+            result[name] = str(exc)
+    return result

@@ -1,0 +1,20 @@
+"""The math of batch normalization, once, against the array API (NumPy, PyTorch, CuPy).
+
+Stages (every backend implements the same names): ``batch_stats`` -> ``merge_stats`` ->
+``elemt`` forward; ``backward_reduce`` -> (all-reduce) -> ``backward_elemt`` backward.
+"""
+
+from .backward import Grads, backward, backward_elemt, backward_infer, backward_reduce
+from .forward import Saved, batch_norm_infer, batch_norm_train, check_input, elemt, fold, normalize
+from .jacobian import jacobian
+from .running import CONVENTIONS, RunningStats, check_momentum, update_running_stats
+from .staged import Staged, staged_backward
+from .stats import BatchStats, batch_stats, inverse_std, merge_stats
+
+__all__ = [
+    "BatchStats", "CONVENTIONS", "Grads", "RunningStats", "Saved", "Staged",
+    "backward", "backward_elemt", "backward_infer", "backward_reduce", "batch_norm_infer",
+    "batch_norm_train", "batch_stats", "check_input", "check_momentum", "elemt", "fold",
+    "inverse_std", "jacobian", "merge_stats", "normalize", "staged_backward",
+    "update_running_stats",
+]

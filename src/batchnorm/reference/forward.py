@@ -1,0 +1,179 @@
+"""Training forward (Algorithm 1), inference forward (Algorithm 2) and the fold to (scale, shift).
+
+Symbols follow Ioffe & Szegedy (2015): ``mean`` = mu_B, ``var`` = sigma_B^2 (biased),
+``invstd`` = 1/sqrt(sigma_B^2 + eps), ``x_hat`` = (x - mu_B) * invstd, ``y`` = gamma*x_hat + beta.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .._xp import (
+    Array,
+    channel_axis,
+    check_channel_vector,
+    check_eps,
+    check_floating,
+    compute_dtype,
+    namespace,
+    per_channel,
+    values_per_channel,
+)
+from .stats import batch_stats, inverse_std
+
+__all__ = [
+    "Saved",
+    "check_input",
+    "normalize",
+    "elemt",
+    "batch_norm_train",
+    "batch_norm_infer",
+    "fold",
+]
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What the training forward keeps for the backward.
+
+    ``x`` (not x_hat) is kept: x_hat is recomputed from ``x, mean, invstd`` in one fused pass,
+    which is what the fast backends do too. ``mean``, ``var`` and ``invstd`` are in the compute
+    dtype (float32 or float64). ``count`` is m, the number of values per channel.
+    """
+
+    x: Array
+    mean: Array
+    var: Array
+    invstd: Array
+    gamma: Array | None
+    axis: int
+    eps: float
+    count: int
+
+
+def check_input(
+    x: Array,
+    axis: int,
+    eps: float,
+    *,
+    training: bool,
+    gamma: Array | None = None,
+    beta: Array | None = None,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+) -> tuple[Any, int]:
+    """Validate every argument of a forward; returns ``(xp, axis)``. Raises before any work."""
+    xp = namespace(x)
+    check_floating(x, xp)
+    axis = channel_axis(x.ndim, axis)
+    check_eps(eps)
+    channels = x.shape[axis]
+    for v, name in ((gamma, "weight (gamma)"), (beta, "bias (beta)"),
+                    (running_mean, "running_mean"), (running_var, "running_var")):
+        check_channel_vector(v, channels, name)
+        if v is not None:
+            check_floating(v, xp, name)
+    if training:
+        m = values_per_channel(tuple(x.shape), axis)
+        if m < 2:
+            raise ValueError(
+                f"expected more than 1 value per channel when training, got input of shape "
+                f"{tuple(x.shape)} with channel axis {axis} ({m} value(s) per channel)"
+            )
+    return xp, axis
+
+
+def normalize(x: Array, mean: Array, invstd: Array, axis: int) -> Array:
+    """x_hat = (x - mean) * invstd in the compute dtype of ``mean``."""
+    xp = namespace(x)
+    xc = xp.astype(x, mean.dtype)
+    return (xc - per_channel(mean, x.ndim, axis, xp)) * per_channel(invstd, x.ndim, axis, xp)
+
+
+def elemt(
+    x: Array,
+    mean: Array,
+    invstd: Array,
+    gamma: Array | None,
+    beta: Array | None,
+    axis: int,
+) -> Array:
+    """The elementwise stage: ``y = gamma * (x - mean) * invstd + beta``, returned in x's dtype."""
+    xp = namespace(x)
+    y = normalize(x, mean, invstd, axis)
+    if gamma is not None:
+        y = y * per_channel(xp.astype(gamma, mean.dtype), x.ndim, axis, xp)
+    if beta is not None:
+        y = y + per_channel(xp.astype(beta, mean.dtype), x.ndim, axis, xp)
+    return xp.astype(y, x.dtype)
+
+
+def batch_norm_train(
+    x: Array,
+    gamma: Array | None = None,
+    beta: Array | None = None,
+    *,
+    axis: int = 1,
+    eps: float = 1e-5,
+) -> tuple[Array, Saved]:
+    """Algorithm 1: normalise with the moments of this batch. Returns ``(y, saved)``.
+
+    ``axis`` is the channel axis (1 for (N, C, ...), -1 for channels-last). ``gamma``/``beta``
+    of shape (C,) are optional (no affine transform when omitted).
+    """
+    xp, axis = check_input(x, axis, eps, training=True, gamma=gamma, beta=beta)
+    stats = batch_stats(x, axis)
+    invstd = inverse_std(stats.var, eps)
+    y = elemt(x, stats.mean, invstd, gamma, beta, axis)
+    return y, Saved(x, stats.mean, stats.var, invstd, gamma, axis, float(eps), stats.count)
+
+
+def batch_norm_infer(
+    x: Array,
+    running_mean: Array,
+    running_var: Array,
+    gamma: Array | None = None,
+    beta: Array | None = None,
+    *,
+    axis: int = 1,
+    eps: float = 1e-5,
+) -> Array:
+    """Algorithm 2: normalise with population (running) estimates instead of batch moments."""
+    xp, axis = check_input(
+        x, axis, eps, training=False, gamma=gamma, beta=beta,
+        running_mean=running_mean, running_var=running_var,
+    )
+    cdt = compute_dtype(x.dtype, xp)
+    mean = xp.astype(running_mean, cdt)
+    invstd = inverse_std(xp.astype(running_var, cdt), eps)
+    return elemt(x, mean, invstd, gamma, beta, axis)
+
+
+def fold(
+    running_mean: Array,
+    running_var: Array,
+    gamma: Array | None = None,
+    beta: Array | None = None,
+    *,
+    eps: float = 1e-5,
+) -> tuple[Array, Array]:
+    """Per-channel ``(scale, shift)`` with ``y = scale * x + shift`` (Algorithm 2, line 11).
+
+    ``scale = gamma / sqrt(Var[x] + eps)``, ``shift = beta - scale * E[x]``. Useful for folding
+    batch norm into the preceding convolution at inference.
+    """
+    xp = namespace(running_mean, running_var, gamma, beta)
+    check_eps(eps)
+    channels = running_mean.shape[0] if running_mean.ndim == 1 else -1
+    check_channel_vector(running_mean, channels, "running_mean")
+    for v, name in ((running_var, "running_var"), (gamma, "weight (gamma)"),
+                    (beta, "bias (beta)")):
+        check_channel_vector(v, channels, name)
+    scale = inverse_std(running_var, eps)
+    if gamma is not None:
+        scale = xp.astype(gamma, scale.dtype) * scale
+    shift = -scale * running_mean
+    if beta is not None:
+        shift = shift + xp.astype(beta, shift.dtype)
+    return scale, shift

@@ -1,0 +1,72 @@
+"""Batch moments and their exact merge: the numerical policy, written once.
+
+Numerical choices (every backend follows them):
+
+* The variance that normalises is the **biased** batch variance, ``sum((x - mean)**2) / m``.
+* It is computed **two-pass and centred**: first the mean, then the mean of squared deviations.
+  The one-pass ``E[x^2] - E[x]^2`` cancels catastrophically (x = 1e4 + N(0, 1) in float32 loses
+  every digit of the variance), so it is never used.
+* Arithmetic is done in ``compute_dtype``: float64 for float64 input, float32 for everything
+  narrower (float16/bfloat16 are upcast), so saved ``mean``/``invstd`` are float32 or better.
+* Partial statistics (per rank, per block) merge exactly with the parallel-variance formula of
+  Chan, Golub & LeVeque (1979): ``M2 = sum_p M2_p + sum_p n_p (mean_p - mean)**2``. Parts with
+  ``n_p = 0`` contribute nothing, so empty ranks and uneven splits are exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from .._xp import Array, compute_dtype, namespace, per_channel, reduce_axes, values_per_channel
+
+__all__ = ["BatchStats", "batch_stats", "merge_stats", "inverse_std"]
+
+
+class BatchStats(NamedTuple):
+    """Per-channel moments of a batch: ``count`` values each, biased ``var``; ``m2 = var*count``."""
+
+    count: int
+    mean: Array
+    var: Array
+
+    @property
+    def m2(self) -> Array:
+        return self.var * self.count
+
+
+def batch_stats(x: Array, axis: int = 1) -> BatchStats:
+    """Mean and biased variance of every channel of ``x`` (two-pass, centred).
+
+    ``axis`` must already be a valid non-negative channel axis (see ``_xp.channel_axis``).
+    """
+    xp = namespace(x)
+    axes = reduce_axes(x.ndim, axis)
+    xc = xp.astype(x, compute_dtype(x.dtype, xp))
+    mean = xp.mean(xc, axis=axes)
+    centred = xc - per_channel(mean, x.ndim, axis, xp)
+    var = xp.mean(centred * centred, axis=axes)
+    return BatchStats(values_per_channel(tuple(x.shape), axis), mean, var)
+
+
+def merge_stats(counts: Array, means: Array, m2s: Array, xp: Any | None = None) -> BatchStats:
+    """Merge P partial statistics exactly (Chan et al. 1979).
+
+    ``counts`` has shape (P,), ``means`` and ``m2s`` shape (P, C), where ``m2`` is the sum of
+    squared deviations from the part's own mean. Parts with a count of 0 are ignored.
+    """
+    xp = xp or namespace(means)
+    counts = xp.astype(xp.asarray(counts), means.dtype)
+    total = xp.sum(counts)
+    n = counts[:, None]
+    mean = xp.sum(n * means, axis=0) / total
+    delta = means - mean[None, :]
+    # Parts with n = 0 may carry a NaN mean (0/0); mask them rather than multiply by 0.
+    spread = xp.where(n > 0, n * delta * delta + m2s, xp.zeros_like(m2s))
+    m2 = xp.sum(spread, axis=0)
+    return BatchStats(int(total), mean, m2 / total)
+
+
+def inverse_std(var: Array, eps: float) -> Array:
+    """``1 / sqrt(var + eps)``: the paper's 1/sqrt(sigma_B^2 + epsilon)."""
+    xp = namespace(var)
+    return 1.0 / xp.sqrt(var + eps)
