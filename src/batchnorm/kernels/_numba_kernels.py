@@ -221,17 +221,22 @@ def _split(total, parts, p):
 
 @numba.njit(fastmath=_REDUCE_MATH, **_JIT)
 def _moments(seg):
-    """Two-pass centred (mean_b, m2_b) of the 1-D block ``seg`` in the compute dtype."""
+    """Two-pass centred moments of the 1-D block ``seg``: float64 (mean_b, m2_b).
+
+    Sums run in the compute dtype. The block mean is returned as ``K + total / n`` in float64,
+    so it is not rounded to float32 at the offset's scale; the second pass centres on the
+    compute-dtype mean (a shift of at most half an ulp, changing m2 by n * (ulp/2)**2).
+    """
     shift = _load(seg[0])
     total = _zero(seg)
     for i in range(seg.shape[0]):
         total += _load(seg[i]) - shift
-    mean_b = shift + total / seg.shape[0]
+    mean_c = shift + total / seg.shape[0]
     m2_b = _zero(seg)
     for i in range(seg.shape[0]):
-        d = _load(seg[i]) - mean_b
+        d = _load(seg[i]) - mean_c
         m2_b += d * d
-    return mean_b, m2_b
+    return float(shift) + float(total) / seg.shape[0], float(m2_b)
 
 
 @numba.njit(**_JIT)
@@ -245,7 +250,7 @@ def _rows_channel_moments(x, c, n0, n1):
         for b in range(nblocks):
             i0, i1 = _split(inner, nblocks, b)
             mean_b, m2_b = _moments(row[i0:i1])
-            count, mean, m2 = _merge(count, mean, m2, float(i1 - i0), float(mean_b), float(m2_b))
+            count, mean, m2 = _merge(count, mean, m2, float(i1 - i0), mean_b, m2_b)
     return count, mean, m2
 
 
@@ -458,24 +463,31 @@ def _cols_item(outer, width, block, chunks, item):
 
 
 @numba.njit(**_JIT)
-def _cols_chunk_moments(x, r0, r1, w0, w1, mean_b, m2_b):
-    """Two-pass centred moments of columns w0:w1 over rows r0:r1 into mean_b, m2_b (views)."""
+def _cols_chunk_moments(x, r0, r1, w0, w1, mean_out, m2_out):
+    """Two-pass centred moments of columns w0:w1 over rows r0:r1 -> float64 views mean_out,
+    m2_out. As in ``_moments``: sums in the compute dtype, shifted by each column's first value,
+    the chunk mean kept in float64."""
     first = x[r0, w0:w1]
+    centre = np.full(first.shape[0], _zero(x))
+    total = np.full(first.shape[0], _zero(x))
     for j in range(first.shape[0]):
-        mean_b[j] = _load(first[j])  # the shift K, per column
-        m2_b[j] = 0.0
+        centre[j] = _load(first[j])
     for r in range(r0, r1):
         row = x[r, w0:w1]
         for j in range(row.shape[0]):
-            m2_b[j] += _load(row[j]) - mean_b[j]  # m2_b holds sum(x - K) for now
-    for j in range(mean_b.shape[0]):
-        mean_b[j] = mean_b[j] + m2_b[j] / (r1 - r0)
-        m2_b[j] = 0.0
+            total[j] += _load(row[j]) - centre[j]
+    rows = r1 - r0
+    for j in range(centre.shape[0]):
+        mean_out[j] = float(centre[j]) + float(total[j]) / rows
+        centre[j] = centre[j] + total[j] / rows
+        total[j] = 0.0
     for r in range(r0, r1):
         row = x[r, w0:w1]
         for j in range(row.shape[0]):
-            d = _load(row[j]) - mean_b[j]
-            m2_b[j] += d * d
+            d = _load(row[j]) - centre[j]
+            total[j] += d * d
+    for j in range(total.shape[0]):
+        m2_out[j] = total[j]
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -484,22 +496,19 @@ def cols_stats(x, inner, eps, mean_out, var_out, invstd_out):
     outer, width = x.shape
     block, chunks = _cols_plan(outer, width)
     wblocks = (width + block - 1) // block
-    # Per (chunk, column) partials in the compute dtype (each already centred), merged in
-    # float64 below in chunk order.
-    means = np.empty((chunks, width), dtype=mean_out.dtype)
-    m2s = np.empty((chunks, width), dtype=mean_out.dtype)
+    means = np.empty((chunks, width))
+    m2s = np.empty((chunks, width))
     for item in prange(chunks * wblocks):
         q, r0, r1, w0, w1 = _cols_item(outer, width, block, chunks, item)
         _cols_chunk_moments(x, r0, r1, w0, w1, means[q, w0:w1], m2s[q, w0:w1])
+    # Merge in a fixed order: chunk by chunk, then the inner positions of the channel.
     channels = width // inner
     for c in prange(channels):
         count, mean, m2 = 0.0, 0.0, 0.0
         for q in range(chunks):
             r0, r1 = _split(outer, chunks, q)
             for j in range(c * inner, (c + 1) * inner):
-                count, mean, m2 = _merge(
-                    count, mean, m2, float(r1 - r0), float(means[q, j]), float(m2s[q, j])
-                )
+                count, mean, m2 = _merge(count, mean, m2, float(r1 - r0), means[q, j], m2s[q, j])
         _finish_stats(count, mean, m2, eps, mean_out, var_out, invstd_out, c)
 
 

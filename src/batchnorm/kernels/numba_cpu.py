@@ -90,9 +90,7 @@ def unavailable_reason(x: Array) -> str | None:
         if str(x.layout) != "torch.strided":
             return f"the input has layout {x.layout}; the numba backend needs a strided tensor"
     elif not isinstance(x, np.ndarray):
-        return (
-            f"the numba backend takes NumPy arrays or torch CPU tensors, got {type(x).__name__}"
-        )
+        return f"the numba backend takes NumPy arrays or torch CPU tensors, got {type(x).__name__}"
     if _dtype_name(x) not in SUPPORTED_DTYPES:
         return f"dtype {_dtype_name(x)} is not supported (supported: {', '.join(SUPPORTED_DTYPES)})"
     return None
@@ -205,8 +203,11 @@ class _Prepared:
         if _is_torch(v):
             import torch
 
-            v = v.detach().to(device="cpu", dtype=torch.float64 if self.cdt is np.float64 else
-                               torch.float32).numpy()
+            v = (
+                v.detach()
+                .to(device="cpu", dtype=torch.float64 if self.cdt is np.float64 else torch.float32)
+                .numpy()
+            )
         return np.ascontiguousarray(v, dtype=self.cdt)
 
     def columns(self, v: np.ndarray) -> np.ndarray:
@@ -235,8 +236,8 @@ def _stats(prep: _Prepared, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndar
     mean = np.empty(prep.channels, dtype=prep.cdt)
     var = np.empty_like(mean)
     invstd = np.empty_like(mean)
-    if prep.count == 0:
-        mean[:] = var[:] = invstd[:] = np.nan
+    if prep.size == 0:
+        mean[:] = var[:] = invstd[:] = np.nan  # no values: no moments (and no channels: no-op)
     elif prep.rows:
         _k().rows_stats(prep.view(prep.phys), prep.parts(), eps, mean, var, invstd)
     else:
@@ -251,8 +252,9 @@ def _elemt(prep: _Prepared, mean: np.ndarray, scale: np.ndarray, shift: np.ndarr
             _k().rows_elemt(prep.view(prep.phys), mean, scale, shift, prep.view(y))
         else:
             cols = prep.columns
-            _k().cols_elemt(prep.view(prep.phys), cols(mean), cols(scale), cols(shift),
-                            prep.view(y))
+            _k().cols_elemt(
+                prep.view(prep.phys), cols(mean), cols(scale), cols(shift), prep.view(y)
+            )
     return prep.wrap(y)
 
 
@@ -283,8 +285,13 @@ def _backward_reduce(prep: _Prepared, dy: np.ndarray, mean: np.ndarray, invstd: 
         )
     else:
         _k().cols_backward_reduce(
-            prep.view(dy), prep.view(prep.phys), prep.columns(mean), prep.inner, invstd,
-            sum_dy, sum_dy_xhat,
+            prep.view(dy),
+            prep.view(prep.phys),
+            prep.columns(mean),
+            prep.inner,
+            invstd,
+            sum_dy,
+            sum_dy_xhat,
         )
     return sum_dy, sum_dy_xhat
 
@@ -294,14 +301,30 @@ def _backward_elemt(prep, dy, mean, invstd, w, sum_dy, sum_dy_xhat, count) -> Ar
     if prep.size:
         k = _k()
         if prep.rows:
-            k.rows_backward_elemt(prep.view(dy), prep.view(prep.phys), mean, invstd, w, sum_dy,
-                                  sum_dy_xhat, count, prep.view(dx))
+            k.rows_backward_elemt(
+                prep.view(dy),
+                prep.view(prep.phys),
+                mean,
+                invstd,
+                w,
+                sum_dy,
+                sum_dy_xhat,
+                count,
+                prep.view(dx),
+            )
         else:
             k_dy, k_xc, k_0 = (np.empty_like(mean) for _ in range(3))
             k.grad_coefficients(invstd, w, sum_dy, sum_dy_xhat, count, k_dy, k_xc, k_0)
             cols = prep.columns
-            k.cols_backward_elemt(prep.view(dy), prep.view(prep.phys), cols(mean), cols(k_dy),
-                                  cols(k_xc), cols(k_0), prep.view(dx))
+            k.cols_backward_elemt(
+                prep.view(dy),
+                prep.view(prep.phys),
+                cols(mean),
+                cols(k_dy),
+                cols(k_xc),
+                cols(k_0),
+                prep.view(dx),
+            )
     return prep.wrap(dx)
 
 
@@ -310,8 +333,17 @@ def _backward_train(prep, dy, mean, invstd, w):
         dx = prep.empty()
         sum_dy = np.empty(prep.channels, dtype=prep.cdt)
         sum_dy_xhat = np.empty_like(sum_dy)
-        _k().rows_backward_train(prep.view(dy), prep.view(prep.phys), mean, invstd, w,
-                                 prep.parts(), prep.view(dx), sum_dy, sum_dy_xhat)
+        _k().rows_backward_train(
+            prep.view(dy),
+            prep.view(prep.phys),
+            mean,
+            invstd,
+            w,
+            prep.parts(),
+            prep.view(dx),
+            sum_dy,
+            sum_dy_xhat,
+        )
         return prep.wrap(dx), sum_dy, sum_dy_xhat
     sum_dy, sum_dy_xhat = _backward_reduce(prep, dy, mean, invstd)
     dx = _backward_elemt(prep, dy, mean, invstd, w, sum_dy, sum_dy_xhat, prep.count)
@@ -340,31 +372,53 @@ class NumbaBackend:
         prep = _Prepared(x, axis)
         mean = prep.vector(running_mean)
         # 1/sqrt(var + eps) in float64, rounded once to the compute dtype.
-        invstd = (1.0 / np.sqrt(prep.vector(running_var).astype(np.float64) + float(eps)))
+        invstd = 1.0 / np.sqrt(prep.vector(running_var).astype(np.float64) + float(eps))
         scale = (prep.vector(weight, 1.0) * invstd).astype(prep.cdt)
         return _elemt(prep, mean, scale, prep.vector(bias, 0.0))
 
     def backward_reduce(self, dy, x, mean, invstd, axis):
         prep = _Prepared(x, axis)
-        sums = _backward_reduce(prep, prep.same_layout(dy), prep.vector(mean),
-                                prep.vector(invstd))
+        sums = _backward_reduce(prep, prep.same_layout(dy), prep.vector(mean), prep.vector(invstd))
         return tuple(prep.out_vector(s) for s in sums)
 
-    def backward_elemt(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, axis, *,
-                       through_mean=True, through_var=True):
+    def backward_elemt(
+        self,
+        dy,
+        x,
+        mean,
+        invstd,
+        weight,
+        sum_dy,
+        sum_dy_xhat,
+        count,
+        axis,
+        *,
+        through_mean=True,
+        through_var=True,
+    ):
         prep = _Prepared(x, axis)
         zeros = np.zeros(prep.channels, dtype=prep.cdt)
         # Dropping a path through a moment is the same as that moment's sum being zero.
         s_dy = prep.vector(sum_dy) if through_mean else zeros
         s_dy_xhat = prep.vector(sum_dy_xhat) if through_var else zeros
-        return _backward_elemt(prep, prep.same_layout(dy), prep.vector(mean),
-                               prep.vector(invstd), prep.vector(weight, 1.0), s_dy, s_dy_xhat,
-                               int(count))
+        return _backward_elemt(
+            prep,
+            prep.same_layout(dy),
+            prep.vector(mean),
+            prep.vector(invstd),
+            prep.vector(weight, 1.0),
+            s_dy,
+            s_dy_xhat,
+            int(count),
+        )
 
     def backward_train(self, dy, x, mean, invstd, weight, axis):
         prep = _Prepared(x, axis)
         dx, sum_dy, sum_dy_xhat = _backward_train(
-            prep, prep.same_layout(dy), prep.vector(mean), prep.vector(invstd),
+            prep,
+            prep.same_layout(dy),
+            prep.vector(mean),
+            prep.vector(invstd),
             prep.vector(weight, 1.0),
         )
         return dx, prep.out_vector(sum_dy_xhat), prep.out_vector(sum_dy)
@@ -387,27 +441,36 @@ def batch_stats(x: Array, axis: int = 1) -> BatchStats:
     return BatchStats(prep.count, prep.out_vector(mean), prep.out_vector(var))
 
 
-def elemt(x: Array, mean: Array, invstd: Array, gamma: Array | None, beta: Array | None,
-          axis: int) -> Array:
+def elemt(
+    x: Array, mean: Array, invstd: Array, gamma: Array | None, beta: Array | None, axis: int
+) -> Array:
     """``y = gamma * (x - mean) * invstd + beta`` in x's dtype and layout."""
-    _, axis = check_input(x, axis, 1e-5, training=False, gamma=gamma, beta=beta,
-                          running_mean=mean, running_var=invstd)
+    _, axis = check_input(
+        x, axis, 1e-5, training=False, gamma=gamma, beta=beta, running_mean=mean, running_var=invstd
+    )
     _check_available(x)
     prep = _Prepared(x, axis)
     scale = (prep.vector(gamma, 1.0) * prep.vector(invstd)).astype(prep.cdt)
     return _elemt(prep, prep.vector(mean), scale, prep.vector(beta, 0.0))
 
 
-def forward_train(x: Array, gamma: Array | None, beta: Array | None, eps: float = 1e-5,
-                  axis: int = 1) -> tuple[Array, Array, Array, Array]:
+def forward_train(
+    x: Array, gamma: Array | None, beta: Array | None, eps: float = 1e-5, axis: int = 1
+) -> tuple[Array, Array, Array, Array]:
     """Fused training forward: ``(y, mean, var, invstd)``, var biased."""
     _, axis = check_input(x, axis, eps, training=True, gamma=gamma, beta=beta)
     _check_available(x)
     return _BACKEND.forward_train(x, gamma, beta, eps, axis)
 
 
-def batch_norm_train(x: Array, gamma: Array | None = None, beta: Array | None = None, *,
-                     axis: int = 1, eps: float = 1e-5) -> tuple[Array, Saved]:
+def batch_norm_train(
+    x: Array,
+    gamma: Array | None = None,
+    beta: Array | None = None,
+    *,
+    axis: int = 1,
+    eps: float = 1e-5,
+) -> tuple[Array, Saved]:
     """Algorithm 1 (as ``batchnorm.reference.batch_norm_train``): ``(y, saved)``."""
     _, axis = check_input(x, axis, eps, training=True, gamma=gamma, beta=beta)
     _check_available(x)
@@ -416,12 +479,27 @@ def batch_norm_train(x: Array, gamma: Array | None = None, beta: Array | None = 
     return y, Saved(x, mean, var, invstd, gamma, axis, float(eps), count)
 
 
-def batch_norm_infer(x: Array, running_mean: Array, running_var: Array,
-                     gamma: Array | None = None, beta: Array | None = None, *, axis: int = 1,
-                     eps: float = 1e-5) -> Array:
+def batch_norm_infer(
+    x: Array,
+    running_mean: Array,
+    running_var: Array,
+    gamma: Array | None = None,
+    beta: Array | None = None,
+    *,
+    axis: int = 1,
+    eps: float = 1e-5,
+) -> Array:
     """Algorithm 2 (as ``batchnorm.reference.batch_norm_infer``)."""
-    _, axis = check_input(x, axis, eps, training=False, gamma=gamma, beta=beta,
-                          running_mean=running_mean, running_var=running_var)
+    _, axis = check_input(
+        x,
+        axis,
+        eps,
+        training=False,
+        gamma=gamma,
+        beta=beta,
+        running_mean=running_mean,
+        running_var=running_var,
+    )
     _check_available(x)
     return _BACKEND.forward_infer(x, running_mean, running_var, gamma, beta, eps, axis)
 
@@ -437,43 +515,87 @@ def _check_backward(dy: Array, x: Array, axis: int, *vectors: tuple[Array | None
     return axis
 
 
-def backward_reduce(dy: Array, x: Array, mean: Array, invstd: Array,
-                    axis: int) -> tuple[Array, Array]:
+def backward_reduce(
+    dy: Array, x: Array, mean: Array, invstd: Array, axis: int
+) -> tuple[Array, Array]:
     """``(sum_dy, sum_dy_xhat)`` per channel."""
     axis = _check_backward(dy, x, axis, (mean, "mean"), (invstd, "invstd"))
     return _BACKEND.backward_reduce(dy, x, mean, invstd, axis)
 
 
-def backward_elemt(dy: Array, x: Array, mean: Array, invstd: Array, gamma: Array | None,
-                   sum_dy: Array, sum_dy_xhat: Array, count: int, axis: int, *,
-                   through_mean: bool = True, through_var: bool = True) -> Array:
+def backward_elemt(
+    dy: Array,
+    x: Array,
+    mean: Array,
+    invstd: Array,
+    gamma: Array | None,
+    sum_dy: Array,
+    sum_dy_xhat: Array,
+    count: int,
+    axis: int,
+    *,
+    through_mean: bool = True,
+    through_var: bool = True,
+) -> Array:
     """``dx = gamma*invstd/m * (m*dy - sum_dy - x_hat*sum_dy_xhat)``; m = ``count``."""
-    axis = _check_backward(dy, x, axis, (mean, "mean"), (invstd, "invstd"),
-                           (gamma, "weight (gamma)"), (sum_dy, "sum_dy"),
-                           (sum_dy_xhat, "sum_dy_xhat"))
+    axis = _check_backward(
+        dy,
+        x,
+        axis,
+        (mean, "mean"),
+        (invstd, "invstd"),
+        (gamma, "weight (gamma)"),
+        (sum_dy, "sum_dy"),
+        (sum_dy_xhat, "sum_dy_xhat"),
+    )
     if isinstance(count, bool) or int(count) != count or count < 1:
         raise ValueError(f"count (m) must be a positive integer, got {count!r}")
-    return _BACKEND.backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis,
-                                   through_mean=through_mean, through_var=through_var)
+    return _BACKEND.backward_elemt(
+        dy,
+        x,
+        mean,
+        invstd,
+        gamma,
+        sum_dy,
+        sum_dy_xhat,
+        count,
+        axis,
+        through_mean=through_mean,
+        through_var=through_var,
+    )
 
 
-def backward_train(dy: Array, x: Array, mean: Array, invstd: Array, gamma: Array | None,
-                   axis: int) -> tuple[Array, Array, Array]:
+def backward_train(
+    dy: Array, x: Array, mean: Array, invstd: Array, gamma: Array | None, axis: int
+) -> tuple[Array, Array, Array]:
     """Fused backward: ``(dx, dgamma, dbeta)`` = (dx, sum_dy_xhat, sum_dy)."""
-    axis = _check_backward(dy, x, axis, (mean, "mean"), (invstd, "invstd"),
-                           (gamma, "weight (gamma)"))
+    axis = _check_backward(
+        dy, x, axis, (mean, "mean"), (invstd, "invstd"), (gamma, "weight (gamma)")
+    )
     return _BACKEND.backward_train(dy, x, mean, invstd, gamma, axis)
 
 
-def backward(dy: Array, saved: Saved, *, through_mean: bool = True,
-             through_var: bool = True) -> Grads:
+def backward(
+    dy: Array, saved: Saved, *, through_mean: bool = True, through_var: bool = True
+) -> Grads:
     """Gradient of the training forward (as ``batchnorm.reference.backward``)."""
     if through_mean and through_var:
-        dx, dgamma, dbeta = backward_train(dy, saved.x, saved.mean, saved.invstd, saved.gamma,
-                                           saved.axis)
+        dx, dgamma, dbeta = backward_train(
+            dy, saved.x, saved.mean, saved.invstd, saved.gamma, saved.axis
+        )
         return Grads(dx, dgamma, dbeta)
     sum_dy, sum_dy_xhat = backward_reduce(dy, saved.x, saved.mean, saved.invstd, saved.axis)
-    dx = backward_elemt(dy, saved.x, saved.mean, saved.invstd, saved.gamma, sum_dy, sum_dy_xhat,
-                        saved.count, saved.axis, through_mean=through_mean,
-                        through_var=through_var)
+    dx = backward_elemt(
+        dy,
+        saved.x,
+        saved.mean,
+        saved.invstd,
+        saved.gamma,
+        sum_dy,
+        sum_dy_xhat,
+        saved.count,
+        saved.axis,
+        through_mean=through_mean,
+        through_var=through_var,
+    )
     return Grads(dx, sum_dy_xhat, sum_dy)
