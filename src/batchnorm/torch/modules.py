@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..kernels import REGISTRY
+from .. import kernels
 from .functional import _batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -24,8 +24,9 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 def _check_backend_name(backend: str) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    if backend != "auto" and backend not in REGISTRY:
-        raise ValueError(f"unknown backend {backend!r}; known: {sorted(REGISTRY)} or 'auto'")
+    if backend != "auto" and backend not in kernels.REGISTRY:
+        known = sorted(kernels.REGISTRY)
+        raise ValueError(f"unknown backend {backend!r}; known: {known} or 'auto'")
     return backend
 
 
