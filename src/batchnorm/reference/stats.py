@@ -58,10 +58,12 @@ def merge_stats(counts: Array, means: Array, m2s: Array, xp: Any | None = None) 
     counts = xp.astype(xp.asarray(counts), means.dtype)
     total = xp.sum(counts)
     n = counts[:, None]
-    mean = xp.sum(n * means, axis=0) / total
+    # Parts with n = 0 may carry a NaN mean (0/0); mask them, since 0 * NaN is NaN.
+    present = n > 0
+    zeros = xp.zeros_like(means)
+    mean = xp.sum(xp.where(present, n * means, zeros), axis=0) / total
     delta = means - mean[None, :]
-    # Parts with n = 0 may carry a NaN mean (0/0); mask them rather than multiply by 0.
-    spread = xp.where(n > 0, n * delta * delta + m2s, xp.zeros_like(m2s))
+    spread = xp.where(present, n * delta * delta + m2s, zeros)
     m2 = xp.sum(spread, axis=0)
     return BatchStats(int(total), mean, m2 / total)
 
