@@ -23,9 +23,13 @@ __all__ = ["BatchStats", "batch_stats", "merge_stats", "inverse_std"]
 
 
 class BatchStats(NamedTuple):
-    """Per-channel moments of a batch: ``count`` values each, biased ``var``; ``m2 = var*count``."""
+    """Per-channel moments of a batch: ``count`` values each, biased ``var``; ``m2 = var*count``.
 
-    count: int
+    ``count`` is an int from ``batch_stats`` and a 0-d array from ``merge_stats`` (reading it on
+    the host would synchronise a GPU; callers that need a Python int call ``int()``).
+    """
+
+    count: Any
     mean: Array
     var: Array
 
@@ -52,7 +56,8 @@ def merge_stats(counts: Array, means: Array, m2s: Array, xp: Any | None = None) 
     """Merge P partial statistics exactly (Chan et al. 1979).
 
     ``counts`` has shape (P,), ``means`` and ``m2s`` shape (P, C), where ``m2`` is the sum of
-    squared deviations from the part's own mean. Parts with a count of 0 are ignored.
+    squared deviations from the part's own mean. Parts with a count of 0 are ignored. The merged
+    ``count`` is a 0-d array in the dtype of ``means``.
     """
     xp = xp or namespace(means)
     counts = xp.astype(xp.asarray(counts), means.dtype)
@@ -65,7 +70,7 @@ def merge_stats(counts: Array, means: Array, m2s: Array, xp: Any | None = None) 
     delta = means - mean[None, :]
     spread = xp.where(present, n * delta * delta + m2s, zeros)
     m2 = xp.sum(spread, axis=0)
-    return BatchStats(int(total), mean, m2 / total)
+    return BatchStats(total, mean, m2 / total)
 
 
 def inverse_std(var: Array, eps: float) -> Array:
