@@ -8,6 +8,7 @@ Importing this sub-package imports torch (``import batchnorm`` alone does not).
 * ``convert(model)`` / ``revert(model)``: swap PyTorch's layers for ours and back.
 * ``BatchNormFunction``: the autograd Function running a backend's stages and the derived
   backward (double-differentiable).
+* ``SyncBatchNorm`` / ``convert_sync``: batch statistics across torch.distributed ranks.
 * ``explain_backend(x, backend="auto")``: which backend would run on ``x`` and why.
 """
 
@@ -16,6 +17,7 @@ from .convert import convert, revert
 from .function import BatchNormFunction
 from .functional import batch_norm, explain_backend
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .sync import SyncBatchNorm, convert_sync
 
 __all__ = [
     "BackendUnavailable",
@@ -23,8 +25,10 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormFunction",
+    "SyncBatchNorm",
     "batch_norm",
     "convert",
+    "convert_sync",
     "explain_backend",
     "revert",
 ]
