@@ -669,7 +669,8 @@ def format_table(record: dict[str, Any]) -> str:
     for peer, info in record["first_call"].items():
         cache = ""
         if "jit_cache_hits" in info:
-            cache = f"; JIT cache hits {info['jit_cache_hits']}, compiled {info['jit_cache_misses']}"
+            hits, misses = info["jit_cache_hits"], info["jit_cache_misses"]
+            cache = f"; JIT cache: {hits} loaded, {misses} compiled"
         lines.append(
             f"first calls of {peer}: {info['first_calls_s']:.2f} s "
             f"(import {info['import_s']:.2f} s{cache})"
@@ -741,7 +742,9 @@ def _parse_shapes(text: str) -> list[tuple[tuple[int, ...], str]]:
         try:
             shape = tuple(int(s) for s in spec.split("x"))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"bad shape {spec!r} (want e.g. 32x128x56x56)")
+            raise argparse.ArgumentTypeError(
+                f"bad shape {spec!r} (want e.g. 32x128x56x56)"
+            ) from None
         if len(shape) < 2 or min(shape) < 1:
             raise argparse.ArgumentTypeError(f"shape {spec!r} needs >= 2 positive dims")
         layout = layout or ("nc" if len(shape) == 2 else "nchw")
