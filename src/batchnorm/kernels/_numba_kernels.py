@@ -317,38 +317,24 @@ def _grad_coefficients(invstd, weight, sum_dy, sum_dy_xhat, count):
 
 
 @numba.njit(parallel=True, **_JIT)
-def _rows_partial_moments(x, parts, counts, means, m2s):
-    channels = x.shape[1]
+def rows_stats(x, parts, eps, mean_out, var_out, invstd_out):
+    """Per-channel mean, biased var and invstd of x (outer, C, inner).
+
+    Work item (c, p) reduces channel c over the p-th of ``parts`` ranges of n; the C * parts
+    float64 partials then merge per channel in p order (a few hundred merges: serial)."""
+    outer, channels = x.shape[0], x.shape[1]
+    counts = np.empty((channels, parts))
+    means = np.empty((channels, parts))
+    m2s = np.empty((channels, parts))
     for item in prange(channels * parts):
         c, p = item // parts, item % parts
-        n0, n1 = _split(x.shape[0], parts, p)
+        n0, n1 = _split(outer, parts, p)
         counts[c, p], means[c, p], m2s[c, p] = _rows_channel_moments(x, c, n0, n1)
-
-
-@numba.njit(**_JIT)
-def _merge_partials(c, counts, means, m2s):
-    count, mean, m2 = 0.0, 0.0, 0.0
-    for p in range(counts.shape[1]):
-        count, mean, m2 = _merge(count, mean, m2, counts[c, p], means[c, p], m2s[c, p])
-    return count, mean, m2
-
-
-@numba.njit(parallel=True, **_JIT)
-def rows_stats(x, parts, eps, mean_out, var_out, invstd_out):
-    """Per-channel mean, biased var and invstd of x (outer, C, inner)."""
-    channels = x.shape[1]
-    if parts == 1:
-        for c in prange(channels):
-            count, mean, m2 = _rows_channel_moments(x, c, 0, x.shape[0])
-            _finish_stats(count, mean, m2, eps, mean_out, var_out, invstd_out, c)
-    else:
-        counts = np.empty((channels, parts))
-        means = np.empty((channels, parts))
-        m2s = np.empty((channels, parts))
-        _rows_partial_moments(x, parts, counts, means, m2s)
-        for c in prange(channels):
-            count, mean, m2 = _merge_partials(c, counts, means, m2s)
-            _finish_stats(count, mean, m2, eps, mean_out, var_out, invstd_out, c)
+    for c in range(channels):
+        count, mean, m2 = 0.0, 0.0, 0.0
+        for p in range(parts):
+            count, mean, m2 = _merge(count, mean, m2, counts[c, p], means[c, p], m2s[c, p])
+        _finish_stats(count, mean, m2, eps, mean_out, var_out, invstd_out, c)
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -360,7 +346,7 @@ def rows_elemt(x, mean, scale, shift, y):
         _affine(x[n, c], y[n, c], mean[c], scale[c], shift[c])
 
 
-@numba.njit(parallel=True, **_JIT)
+@numba.njit(**_JIT)
 def rows_forward_train(x, parts, eps, weight, bias, y, mean_out, var_out, invstd_out):
     """Fused stats + elemt in one call: the reduction walks channel by channel, the elementwise
     pass walks memory in order. (Normalising each channel right after reducing it, to re-read it
@@ -371,34 +357,23 @@ def rows_forward_train(x, parts, eps, weight, bias, y, mean_out, var_out, invstd
 
 
 @numba.njit(parallel=True, **_JIT)
-def _rows_partial_grad_sums(dy, x, mean, parts, sums_dy, sums_dy_xc):
-    channels = x.shape[1]
+def rows_backward_reduce(dy, x, mean, invstd, parts, sum_dy_out, sum_dy_xhat_out):
+    """sum_dy = sum(dy), sum_dy_xhat = invstd * sum(dy * (x - mean)) per channel; work items
+    and merge order as in ``rows_stats``."""
+    outer, channels = x.shape[0], x.shape[1]
+    sums_dy = np.empty((channels, parts))
+    sums_dy_xc = np.empty((channels, parts))
     for item in prange(channels * parts):
         c, p = item // parts, item % parts
-        n0, n1 = _split(x.shape[0], parts, p)
+        n0, n1 = _split(outer, parts, p)
         sums_dy[c, p], sums_dy_xc[c, p] = _rows_channel_grad_sums(dy, x, c, n0, n1, mean[c])
-
-
-@numba.njit(parallel=True, **_JIT)
-def rows_backward_reduce(dy, x, mean, invstd, parts, sum_dy_out, sum_dy_xhat_out):
-    """sum_dy = sum(dy), sum_dy_xhat = invstd * sum(dy * (x - mean)) per channel."""
-    channels = x.shape[1]
-    if parts == 1:
-        for c in prange(channels):
-            s_dy, s_dy_xc = _rows_channel_grad_sums(dy, x, c, 0, x.shape[0], mean[c])
-            sum_dy_out[c] = s_dy
-            sum_dy_xhat_out[c] = s_dy_xc * invstd[c]
-    else:
-        sums_dy = np.empty((channels, parts))
-        sums_dy_xc = np.empty((channels, parts))
-        _rows_partial_grad_sums(dy, x, mean, parts, sums_dy, sums_dy_xc)
-        for c in prange(channels):
-            s_dy, s_dy_xc = 0.0, 0.0
-            for p in range(parts):
-                s_dy += sums_dy[c, p]
-                s_dy_xc += sums_dy_xc[c, p]
-            sum_dy_out[c] = s_dy
-            sum_dy_xhat_out[c] = s_dy_xc * invstd[c]
+    for c in range(channels):
+        s_dy, s_dy_xc = 0.0, 0.0
+        for p in range(parts):
+            s_dy += sums_dy[c, p]
+            s_dy_xc += sums_dy_xc[c, p]
+        sum_dy_out[c] = s_dy
+        sum_dy_xhat_out[c] = s_dy_xc * invstd[c]
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -410,7 +385,7 @@ def rows_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count,
         _grad(dy[n, c], x[n, c], dx[n, c], mean[c], k_dy, k_xc, k_0)
 
 
-@numba.njit(parallel=True, **_JIT)
+@numba.njit(**_JIT)
 def rows_backward_train(dy, x, mean, invstd, weight, parts, dx, sum_dy_out, sum_dy_xhat_out):
     """Fused reduce + elemt in one call (same traversal orders as ``rows_forward_train``)."""
     rows_backward_reduce(dy, x, mean, invstd, parts, sum_dy_out, sum_dy_xhat_out)
