@@ -65,8 +65,8 @@ ROWS_MIN_INNER = 32
 ROWS_MIN_ITEMS = 32
 #: Cols layout: at most this many columns per work item (their accumulators stay in L1).
 COLS_MAX_BLOCK = 1024
-#: Cols layout: about this many values per work item (64 KiB float32, re-read from L2).
-COLS_CHUNK_ELEMS = 16384
+#: Cols layout: about this many values per work item (256 KiB float32, re-read from L2).
+COLS_CHUNK_ELEMS = 65536
 
 _JIT = {"cache": True, "nogil": True}
 #: Reassociation lets LLVM split a sum across SIMD lanes; nsz/contract allow FMA and sign-of-zero
@@ -402,8 +402,9 @@ def rows_backward_train(dy, x, mean, invstd, weight, parts, dx, sum_dy_out, sum_
 def _cols_plan(outer, width):
     """(column block, number of row chunks): a function of the shape only."""
     block = min(width, COLS_MAX_BLOCK)
-    # At most 512 rows: a column's partial sum in the compute dtype stays short.
-    rows = max(4, min(512, COLS_CHUNK_ELEMS // block))
+    # 16 to 256 rows: enough that merging the chunk partials is cheap, few enough that a
+    # column's partial sum in the compute dtype stays short and the chunk stays in L2.
+    rows = max(16, min(256, COLS_CHUNK_ELEMS // block))
     chunks = max(1, (outer + rows - 1) // rows)
     return block, chunks
 
@@ -445,6 +446,26 @@ def _cols_chunk_moments(x, r0, r1, w0, w1, mean_out, m2_out):
         m2_out[j] = total[j]
 
 
+@numba.njit(**_JIT)
+def _merge_chunk_moments(outer, chunks, means, m2s, mean_w, m2_w):
+    """Merge (chunks, W) float64 partials column by column, in chunk order (Chan et al.).
+    All columns of a chunk share its count, so the weights are scalars and the loop over
+    columns vectorises (a per-column merge with its own division measured 3x the kernel)."""
+    count = 0.0
+    for q in range(chunks):
+        r0, r1 = _split(outer, chunks, q)
+        n_b = float(r1 - r0)
+        frac = n_b / (count + n_b)
+        spread = count * frac
+        chunk_mean, chunk_m2 = means[q], m2s[q]
+        for w in range(mean_w.shape[0]):
+            delta = chunk_mean[w] - mean_w[w]
+            mean_w[w] += delta * frac
+            m2_w[w] += chunk_m2[w] + delta * delta * spread
+        count += n_b
+    return count
+
+
 @numba.njit(parallel=True, **_JIT)
 def cols_stats(x, inner, eps, mean_out, var_out, invstd_out):
     """Per-channel mean, biased var, invstd of x (outer, C*inner); column w is channel w//inner."""
@@ -456,15 +477,15 @@ def cols_stats(x, inner, eps, mean_out, var_out, invstd_out):
     for item in prange(chunks * wblocks):
         q, r0, r1, w0, w1 = _cols_item(outer, width, block, chunks, item)
         _cols_chunk_moments(x, r0, r1, w0, w1, means[q, w0:w1], m2s[q, w0:w1])
-    # Merge in a fixed order: chunk by chunk, then the inner positions of the channel.
-    channels = width // inner
-    for c in prange(channels):
-        count, mean, m2 = 0.0, 0.0, 0.0
-        for q in range(chunks):
-            r0, r1 = _split(outer, chunks, q)
-            for j in range(c * inner, (c + 1) * inner):
-                count, mean, m2 = _merge(count, mean, m2, float(r1 - r0), means[q, j], m2s[q, j])
-        _finish_stats(count, mean, m2, eps, mean_out, var_out, invstd_out, c)
+    # Fixed order: chunk by chunk per column, then a channel's inner positions in order.
+    mean_w = np.zeros(width)
+    m2_w = np.zeros(width)
+    count = _merge_chunk_moments(outer, chunks, means, m2s, mean_w, m2_w)
+    for c in range(width // inner):
+        total, mean, m2 = 0.0, 0.0, 0.0
+        for j in range(c * inner, (c + 1) * inner):
+            total, mean, m2 = _merge(total, mean, m2, count, mean_w[j], m2_w[j])
+        _finish_stats(total, mean, m2, eps, mean_out, var_out, invstd_out, c)
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -499,13 +520,19 @@ def cols_backward_reduce(dy, x, mean_w, inner, invstd, sum_dy_out, sum_dy_xhat_o
                 g = _load(dy_row[j])
                 s_dy[j] += g
                 s_dy_xc[j] += g * (_load(x_row[j]) - mean[j])
-    channels = width // inner
-    for c in prange(channels):
+    # Fixed order: chunk by chunk per column (vectorised over columns), then inner positions.
+    col_dy = np.zeros(width)
+    col_dy_xc = np.zeros(width)
+    for q in range(chunks):
+        chunk_dy, chunk_dy_xc = sums_dy[q], sums_dy_xc[q]
+        for w in range(width):
+            col_dy[w] += chunk_dy[w]
+            col_dy_xc[w] += chunk_dy_xc[w]
+    for c in range(width // inner):
         total_dy, total_dy_xc = 0.0, 0.0
-        for q in range(chunks):
-            for j in range(c * inner, (c + 1) * inner):
-                total_dy += float(sums_dy[q, j])
-                total_dy_xc += float(sums_dy_xc[q, j])
+        for j in range(c * inner, (c + 1) * inner):
+            total_dy += col_dy[j]
+            total_dy_xc += col_dy_xc[j]
         sum_dy_out[c] = total_dy
         sum_dy_xhat_out[c] = total_dy_xc * invstd[c]
 
