@@ -444,6 +444,9 @@ def _machine(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "numpy": np.__version__,
+        # PyTorch's CPU allocator asks for huge pages only with this set; where page faults are
+        # expensive it changes the eager peer's times a lot (docs/bench.md).
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
     }
     try:
         with open("/proc/cpuinfo") as fh:
