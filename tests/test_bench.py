@@ -15,7 +15,7 @@ from batchnorm.cli import main as cli_main  # noqa: E402
 pytestmark = pytest.mark.xdist_group("numba")
 
 TIMING_KEYS = {"peer", "op", "median_s", "min_s", "q1_s", "q3_s", "n", "speedup", "x_copy",
-               "x_limit"}  # fmt: skip
+               "x_clone", "x_limit"}  # fmt: skip
 
 
 def test_quick_bench_writes_the_documented_json(tmp_path, capsys):
@@ -46,6 +46,7 @@ def test_quick_bench_writes_the_documented_json(tmp_path, capsys):
             assert set(t) == TIMING_KEYS
             assert t["min_s"] <= t["median_s"] and t["n"] == 3
             assert t["x_copy"] == pytest.approx(t["median_s"] / copy_s)
+            assert t["x_clone"] == pytest.approx(t["median_s"] / entry["copy"]["clone"]["median_s"])
             assert t["x_limit"] == pytest.approx(
                 t["x_copy"] * bench.MODEL_BYTES["copy"] / bench.MODEL_BYTES[t["op"]]
             )

@@ -8,6 +8,8 @@ timed repeats (after warm-up) and, per timing:
 
 * ``speedup``: PyTorch eager's median / this median (same shape, same run);
 * ``x_copy``: this median / the median of ``dst.copy_(x)`` (one read + one write of x);
+* ``x_clone``: this median / the median of ``x.clone()`` (the same plus a fresh output, whose
+  first touch costs page faults: what every out-of-place op pays);
 * ``x_limit``: this median / the bandwidth limit of the operation, from the bytes model of
   ``docs/bench.md`` (per tensor of B bytes: inference 2B, forward 3B, backward 5B, fwd+bwd 8B,
   a copy 2B; less when a channel stays in cache, so x_limit < 1 is possible).
@@ -538,6 +540,7 @@ def run(
                 if ("copy", name) in samples
             }
             copy_s = entry["copy"]["copy"]["median_s"]
+            clone_s = entry["copy"]["clone"]["median_s"]
             entry["copy"]["bandwidth_GBps"] = MODEL_BYTES["copy"] * problem.nbytes / copy_s / 1e9
             timings = []
             for (peer_name, op_name), values in samples.items():
@@ -548,6 +551,7 @@ def run(
             for t in timings:
                 t["speedup"] = base[t["op"]] / t["median_s"] if t["op"] in base else None
                 t["x_copy"] = t["median_s"] / copy_s
+                t["x_clone"] = t["median_s"] / clone_s
                 t["x_limit"] = t["x_copy"] * MODEL_BYTES["copy"] / MODEL_BYTES[t["op"]]
             entry["timings"] = timings
             record["results"].append(entry)
@@ -569,11 +573,12 @@ def summarize(record: dict[str, Any]) -> dict[str, Any]:
     for entry in record["results"]:
         for t in entry["timings"]:
             cell = table.setdefault(t["peer"], {}).setdefault(
-                t["op"], {"speedups": [], "x_copy": [], "x_limit": []}
+                t["op"], {"speedups": [], "x_copy": [], "x_clone": [], "x_limit": []}
             )
             if t["speedup"] is not None:
                 cell["speedups"].append(t["speedup"])
             cell["x_copy"].append(t["x_copy"])
+            cell["x_clone"].append(t["x_clone"])
             cell["x_limit"].append(t["x_limit"])
     summary: dict[str, Any] = {}
     for peer, ops in table.items():
@@ -583,6 +588,7 @@ def summarize(record: dict[str, Any]) -> dict[str, Any]:
                 "median_speedup": _median(cell["speedups"]),
                 "min_speedup": min(cell["speedups"]) if cell["speedups"] else None,
                 "median_x_copy": _median(cell["x_copy"]),
+                "median_x_clone": _median(cell["x_clone"]),
                 "median_x_limit": _median(cell["x_limit"]),
             }
     fast = next((p for p in ("numba", "triton") if p in summary), None)
@@ -649,13 +655,15 @@ def format_table(record: dict[str, Any]) -> str:
             f"({copy['bandwidth_GBps']:.1f} GB/s), clone {copy['clone']['median_s'] * 1e3:.2f} ms"
         )
         lines.append(
-            f"  {'peer':<14}{'op':<11}{'median ms':>10}{'speed-up':>10}{'x copy':>9}{'x limit':>9}"
+            f"  {'peer':<14}{'op':<11}{'median ms':>10}{'min ms':>9}{'speed-up':>10}"
+            f"{'x copy':>8}{'x clone':>8}{'x limit':>8}"
         )
         for t in sorted(entry["timings"], key=lambda t: (OPS.index(t["op"]), t["peer"])):
             speedup = "" if t["speedup"] is None else f"{t['speedup']:.2f}x"
             lines.append(
-                f"  {t['peer']:<14}{t['op']:<11}{t['median_s'] * 1e3:>10.2f}{speedup:>10}"
-                f"{t['x_copy']:>9.2f}{t['x_limit']:>9.2f}"
+                f"  {t['peer']:<14}{t['op']:<11}{t['median_s'] * 1e3:>10.2f}"
+                f"{t['min_s'] * 1e3:>9.2f}{speedup:>10}"
+                f"{t['x_copy']:>8.2f}{t['x_clone']:>8.2f}{t['x_limit']:>8.2f}"
             )
         for name, reason in entry["skipped"].items():
             lines.append(f"  {name}: skipped ({reason})")
