@@ -286,6 +286,14 @@ class _Prepared:
 
         return torch.from_numpy(v)
 
+    def group(self, arrays: int) -> int:
+        """Rows layout, fused kernels: adjacent channels per group, so that the group's data
+        (``arrays`` tensors' worth) stays in cache between its two passes, keeping at least 16
+        groups for the threads."""
+        k = _k()
+        channel_bytes = max(1, self.count * self.phys.itemsize * arrays)
+        return max(1, min(k.ROWS_GROUP_BYTES // channel_bytes, self.channels // 16))
+
     def parts(self) -> int:
         """Rows layout: how many n-ranges each channel's reduction is split into (shape only)."""
         k = _k()
@@ -334,7 +342,16 @@ def _forward_train(prep: _Prepared, weight: Array | None, bias: Array | None, ep
     var = np.empty_like(mean)
     invstd = np.empty_like(mean)
     _k().rows_forward_train(
-        prep.view(prep.phys), prep.parts(), eps, w, b, prep.view(y), mean, var, invstd
+        prep.view(prep.phys),
+        prep.parts(),
+        prep.group(1),
+        eps,
+        w,
+        b,
+        prep.view(y),
+        mean,
+        var,
+        invstd,
     )
     return prep.wrap(y), mean, var, invstd
 
@@ -405,6 +422,7 @@ def _backward_train(prep, dy, mean, invstd, w):
             invstd,
             w,
             prep.parts(),
+            prep.group(2),
             prep.view(dx),
             sum_dy,
             sum_dy_xhat,
