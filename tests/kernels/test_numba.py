@@ -418,6 +418,62 @@ def test_zero_size_inputs():
     assert y.shape == (4, 0, 5) and saved.mean.shape == (0,)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_rows_one_channel_per_group(dtype):
+    """Channels big enough that each fused group holds one channel (the case-table shapes are
+    small, so there the groups hold several)."""
+    rng = np.random.default_rng(8)
+    values, dy_values, gamma, beta = _inputs((1, 32, 36000), 1, rng)
+    x, dy = values.astype(dtype), dy_values.astype(dtype)
+    assert nb._Prepared(x, 1).group(1) == 1 and nb._Prepared(x, 1).parts() == 1
+    y, saved = nb.batch_norm_train(x, gamma.astype(dtype), beta.astype(dtype))
+    y_ref, saved_ref = ref.batch_norm_train(values, gamma, beta)
+    tol = TOL[dtype]
+    assert _rel(y, y_ref) <= tol and _rel(saved.var, saved_ref.var) <= tol
+    grads = nb.backward(dy, saved)
+    want = ref.backward(
+        dy_values,
+        ref.Saved(
+            values, _np(saved.mean), _np(saved.var), _np(saved.invstd), gamma, 1, 1e-5, 36000
+        ),
+    )
+    assert _rel(grads.dx, want.dx, _dx_scale(dy, saved.invstd, gamma, 1)) <= tol
+    assert _rel(grads.dgamma, want.dgamma) <= tol
+
+
+def test_output_pool_reuses_only_released_buffers():
+    def addr(arr):
+        return arr.__array_interface__["data"][0]
+
+    pool = nb.OutputPool(limit_bytes=3 << 20, min_bytes=1 << 20)
+    a = pool.empty((1 << 18,), np.float32)  # 1 MiB
+    first = addr(a)
+    b = pool.empty((1 << 18,), np.float32)
+    assert addr(b) != first  # a is still held
+    view = a[::2]
+    del a
+    c = pool.empty((1 << 18,), np.float32)
+    assert addr(c) != first  # a view keeps it alive
+    del view
+    d = pool.empty((1 << 18,), np.float32)
+    assert addr(d) == first  # released: reused
+    del d
+    if torch is not None:
+        t = torch.from_numpy(pool.empty((1 << 18,), np.float32))
+        assert t.data_ptr() == first
+        assert addr(pool.empty((1 << 18,), np.float32)) != first  # the tensor holds it
+        del t
+        assert addr(pool.empty((1 << 18,), np.float32)) == first
+    f = pool.empty((1 << 18,), np.float32)  # b, c, f: all three tracked buffers held
+    e = pool.empty((1 << 18,), np.float32)  # over the limit with all held: plain allocation
+    assert pool.held_bytes == 3 << 20 and e.base is None
+    assert pool.empty((10,), np.float32).base is None  # small: left to malloc
+    pool.clear()
+    assert pool.held_bytes == 0
+    assert nb.OutputPool(limit_bytes=0).empty((1 << 20,), np.float32).base is None
+    del b, c, e, f
+
+
 def test_layout_choice_is_by_contiguous_run():
     """The test table exercises both kernels: check the dispatch it relies on."""
     rows = nb._Prepared(np.zeros((2, 3, kern.ROWS_MIN_INNER), np.float32), 1)
