@@ -55,9 +55,21 @@ def _channel_vector(ptr, c, channels, other: tl.constexpr):
 
 @triton.jit
 def _store_relu_mask(
-    mask_ptr, keep, t, tiles_i, o, c, i, outer, channels, inner,
-    PACK_I: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_I: tl.constexpr, INDEX_64: tl.constexpr,
+    mask_ptr,
+    keep,
+    t,
+    tiles_i,
+    o,
+    c,
+    i,
+    outer,
+    channels,
+    inner,
+    PACK_I: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    INDEX_64: tl.constexpr,
 ):
     """Pack ``keep`` (True where the ReLU passed its input) of tile ``t`` to one bit per element.
 
@@ -112,9 +124,19 @@ def _load_relu_mask(
 
 @triton.jit
 def _stats_partial_kernel(
-    x_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr,
-    outer, channels, inner, tiles_i, tiles, tiles_per_split,
-    BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
+    x_ptr,
+    part_count_ptr,
+    part_mean_ptr,
+    part_m2_ptr,
+    outer,
+    channels,
+    inner,
+    tiles_i,
+    tiles,
+    tiles_per_split,
+    BLOCK_O: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_I: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -149,8 +171,16 @@ def _stats_partial_kernel(
 
 @triton.jit
 def _stats_combine_kernel(
-    part_count_ptr, part_mean_ptr, part_m2_ptr, mean_ptr, var_ptr, invstd_ptr,
-    channels, splits, eps, BLOCK_C: tl.constexpr,
+    part_count_ptr,
+    part_mean_ptr,
+    part_m2_ptr,
+    mean_ptr,
+    var_ptr,
+    invstd_ptr,
+    channels,
+    splits,
+    eps,
+    BLOCK_C: tl.constexpr,
 ):
     """Chan's merge of the splits' partials in split order; then var (biased) and invstd."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -182,11 +212,30 @@ def _stats_combine_kernel(
 
 @triton.jit
 def _forward_elemt_kernel(
-    x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, residual_ptr, mask_ptr,
-    outer, channels, inner, tiles_i, tiles, tiles_per_program, eps,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_VAR: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, PACK_I: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    mean_ptr,
+    invstd_ptr,
+    weight_ptr,
+    bias_ptr,
+    residual_ptr,
+    mask_ptr,
+    outer,
+    channels,
+    inner,
+    tiles_i,
+    tiles,
+    tiles_per_program,
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FROM_VAR: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr,
+    PACK_I: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_I: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):
     """``FROM_VAR``: ``invstd_ptr`` holds a (running) variance and invstd is formed here."""
@@ -217,8 +266,21 @@ def _forward_elemt_kernel(
             clipped = y <= 0.0
             y = tl.where(clipped, 0.0, y)
             _store_relu_mask(
-                mask_ptr, valid & ~clipped, t, tiles_i, o, c, i, outer, channels, inner,
-                PACK_I, BLOCK_O, BLOCK_C, BLOCK_I, INDEX_64,
+                mask_ptr,
+                valid & ~clipped,
+                t,
+                tiles_i,
+                o,
+                c,
+                i,
+                outer,
+                channels,
+                inner,
+                PACK_I,
+                BLOCK_O,
+                BLOCK_C,
+                BLOCK_I,
+                INDEX_64,
             )
         tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=valid)
 
@@ -232,10 +294,23 @@ def _forward_elemt_kernel(
 
 @triton.jit
 def _backward_reduce_partial_kernel(
-    dy_ptr, x_ptr, mask_ptr, mean_ptr, part_sum_dy_ptr, part_sum_dy_xc_ptr,
-    outer, channels, inner, tiles_i, tiles, tiles_per_split,
-    HAS_MASK: tl.constexpr, PACK_I: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
+    dy_ptr,
+    x_ptr,
+    mask_ptr,
+    mean_ptr,
+    part_sum_dy_ptr,
+    part_sum_dy_xc_ptr,
+    outer,
+    channels,
+    inner,
+    tiles_i,
+    tiles,
+    tiles_per_split,
+    HAS_MASK: tl.constexpr,
+    PACK_I: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_I: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -264,8 +339,14 @@ def _backward_reduce_partial_kernel(
 
 @triton.jit
 def _backward_combine_kernel(
-    part_sum_dy_ptr, part_sum_dy_xc_ptr, invstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr,
-    channels, splits, BLOCK_C: tl.constexpr,
+    part_sum_dy_ptr,
+    part_sum_dy_xc_ptr,
+    invstd_ptr,
+    sum_dy_ptr,
+    sum_dy_xhat_ptr,
+    channels,
+    splits,
+    BLOCK_C: tl.constexpr,
 ):
     """Sum the splits' partials in split order; scale sum(dy * (x - mean)) by invstd."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -292,12 +373,32 @@ def _backward_combine_kernel(
 
 @triton.jit
 def _backward_elemt_kernel(
-    dy_ptr, x_ptr, mask_ptr, mean_ptr, invstd_ptr, weight_ptr, sum_dy_ptr, sum_dy_xhat_ptr,
-    dx_ptr, dresidual_ptr, count,
-    outer, channels, inner, tiles_i, tiles, tiles_per_program,
-    HAS_WEIGHT: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_DRESIDUAL: tl.constexpr,
-    THROUGH_MEAN: tl.constexpr, THROUGH_VAR: tl.constexpr, PACK_I: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
+    dy_ptr,
+    x_ptr,
+    mask_ptr,
+    mean_ptr,
+    invstd_ptr,
+    weight_ptr,
+    sum_dy_ptr,
+    sum_dy_xhat_ptr,
+    dx_ptr,
+    dresidual_ptr,
+    count,
+    outer,
+    channels,
+    inner,
+    tiles_i,
+    tiles,
+    tiles_per_program,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WRITE_DRESIDUAL: tl.constexpr,
+    THROUGH_MEAN: tl.constexpr,
+    THROUGH_VAR: tl.constexpr,
+    PACK_I: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_I: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)

@@ -342,14 +342,30 @@ def _stats(view: _View, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.T
     )
     with _device_guard(x):
         k._stats_partial_kernel[_reduction_grid(plan)](
-            x, part_count, part_mean, part_m2,
-            plan.outer, plan.channels, plan.inner, plan.tiles_i, plan.tiles,
-            plan.tiles_per_split, **_blocks(plan),
+            x,
+            part_count,
+            part_mean,
+            part_m2,
+            plan.outer,
+            plan.channels,
+            plan.inner,
+            plan.tiles_i,
+            plan.tiles,
+            plan.tiles_per_split,
+            **_blocks(plan),
         )
         block_c = _channel_block(plan.channels)
         k._stats_combine_kernel[(_cdiv(plan.channels, block_c),)](
-            part_count, part_mean, part_m2, mean, var, invstd,
-            plan.channels, plan.splits, float(eps), BLOCK_C=block_c,
+            part_count,
+            part_mean,
+            part_m2,
+            mean,
+            var,
+            invstd,
+            plan.channels,
+            plan.splits,
+            float(eps),
+            BLOCK_C=block_c,
         )
     return mean, var, invstd
 
@@ -387,15 +403,28 @@ def _elemt(
     dummy = mean
     with _device_guard(x):
         _kernels()._forward_elemt_kernel[_elemt_grid(plan)](
-            x, y, mean, invstd_or_var,
+            x,
+            y,
+            mean,
+            invstd_or_var,
             dummy if weight is None else weight,
             dummy if bias is None else bias,
             x if residual is None else residual,
             y if mask is None else mask,
-            plan.outer, plan.channels, plan.inner, plan.tiles_i, plan.tiles,
-            plan.elemt_tiles_per_program, float(eps),
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, FROM_VAR=from_var,
-            HAS_RESIDUAL=residual is not None, RELU=relu, PACK_I=plan.pack_i, **_blocks(plan),
+            plan.outer,
+            plan.channels,
+            plan.inner,
+            plan.tiles_i,
+            plan.tiles,
+            plan.elemt_tiles_per_program,
+            float(eps),
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            FROM_VAR=from_var,
+            HAS_RESIDUAL=residual is not None,
+            RELU=relu,
+            PACK_I=plan.pack_i,
+            **_blocks(plan),
         )
     return y, mask
 
@@ -416,8 +445,15 @@ def elemt(
     Returns ``(y, mask)``; ``mask`` is the packed 1-bit ReLU mask (``None`` without ``relu``).
     """
     return _elemt(
-        _view(x, axis), mean, invstd, weight, bias,
-        from_var=False, eps=0.0, residual=residual, relu=relu,
+        _view(x, axis),
+        mean,
+        invstd,
+        weight,
+        bias,
+        from_var=False,
+        eps=0.0,
+        residual=residual,
+        relu=relu,
     )
 
 
@@ -435,8 +471,15 @@ def forward_train(
     view = _view(x, axis)
     mean, var, invstd = _stats(view, eps)
     y, mask = _elemt(
-        view, mean, invstd, weight, bias,
-        from_var=False, eps=eps, residual=residual, relu=relu,
+        view,
+        mean,
+        invstd,
+        weight,
+        bias,
+        from_var=False,
+        eps=eps,
+        residual=residual,
+        relu=relu,
     )
     return y, mean, var, invstd, mask
 
@@ -455,8 +498,15 @@ def forward_infer(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Algorithm 2 in one pass; invstd is formed from ``running_var`` inside the kernel."""
     return _elemt(
-        _view(x, axis), running_mean, running_var, weight, bias,
-        from_var=True, eps=eps, residual=residual, relu=relu,
+        _view(x, axis),
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        from_var=True,
+        eps=eps,
+        residual=residual,
+        relu=relu,
     )
 
 
@@ -480,15 +530,32 @@ def _backward_reduce(
     )
     with _device_guard(x):
         k._backward_reduce_partial_kernel[_reduction_grid(plan)](
-            dy, x, x if mask is None else mask, mean, part_sum_dy, part_sum_dy_xc,
-            plan.outer, plan.channels, plan.inner, plan.tiles_i, plan.tiles,
-            plan.tiles_per_split, HAS_MASK=mask is not None, PACK_I=plan.pack_i,
+            dy,
+            x,
+            x if mask is None else mask,
+            mean,
+            part_sum_dy,
+            part_sum_dy_xc,
+            plan.outer,
+            plan.channels,
+            plan.inner,
+            plan.tiles_i,
+            plan.tiles,
+            plan.tiles_per_split,
+            HAS_MASK=mask is not None,
+            PACK_I=plan.pack_i,
             **_blocks(plan),
         )
         block_c = _channel_block(plan.channels)
         k._backward_combine_kernel[(_cdiv(plan.channels, block_c),)](
-            part_sum_dy, part_sum_dy_xc, invstd, sum_dy, sum_dy_xhat,
-            plan.channels, plan.splits, BLOCK_C=block_c,
+            part_sum_dy,
+            part_sum_dy_xc,
+            invstd,
+            sum_dy,
+            sum_dy_xhat,
+            plan.channels,
+            plan.splits,
+            BLOCK_C=block_c,
         )
     return sum_dy, sum_dy_xhat
 
@@ -531,14 +598,30 @@ def _backward_elemt(
         raise ValueError("residual_grad needs the ReLU mask of the fused forward")
     with _device_guard(x):
         _kernels()._backward_elemt_kernel[_elemt_grid(plan)](
-            dy, x, x if mask is None else mask, mean, invstd,
-            mean if weight is None else weight, sum_dy, sum_dy_xhat,
-            dx, dx if dresidual is None else dresidual, float(count),
-            plan.outer, plan.channels, plan.inner, plan.tiles_i, plan.tiles,
+            dy,
+            x,
+            x if mask is None else mask,
+            mean,
+            invstd,
+            mean if weight is None else weight,
+            sum_dy,
+            sum_dy_xhat,
+            dx,
+            dx if dresidual is None else dresidual,
+            float(count),
+            plan.outer,
+            plan.channels,
+            plan.inner,
+            plan.tiles_i,
+            plan.tiles,
             plan.elemt_tiles_per_program,
-            HAS_WEIGHT=weight is not None, HAS_MASK=mask is not None,
-            WRITE_DRESIDUAL=residual_grad, THROUGH_MEAN=through_mean,
-            THROUGH_VAR=through_var, PACK_I=plan.pack_i, **_blocks(plan),
+            HAS_WEIGHT=weight is not None,
+            HAS_MASK=mask is not None,
+            WRITE_DRESIDUAL=residual_grad,
+            THROUGH_MEAN=through_mean,
+            THROUGH_VAR=through_var,
+            PACK_I=plan.pack_i,
+            **_blocks(plan),
         )
     return dx, dresidual
 
@@ -565,8 +648,17 @@ def backward_elemt(
     """
     view = _view(x, axis)
     return _backward_elemt(
-        view, _in_layout_of(dy, view.x), mean, invstd, weight, sum_dy, sum_dy_xhat, count,
-        mask=mask, through_mean=through_mean, through_var=through_var,
+        view,
+        _in_layout_of(dy, view.x),
+        mean,
+        invstd,
+        weight,
+        sum_dy,
+        sum_dy_xhat,
+        count,
+        mask=mask,
+        through_mean=through_mean,
+        through_var=through_var,
         residual_grad=residual_grad,
     )
 
@@ -593,8 +685,17 @@ def backward_train(
     dy = _in_layout_of(dy, view.x)
     sum_dy, sum_dy_xhat = _backward_reduce(view, dy, mean, invstd, mask)
     dx, dresidual = _backward_elemt(
-        view, dy, mean, invstd, weight, sum_dy, sum_dy_xhat, view.count,
-        mask=mask, through_mean=through_mean, through_var=through_var,
+        view,
+        dy,
+        mean,
+        invstd,
+        weight,
+        sum_dy,
+        sum_dy_xhat,
+        view.count,
+        mask=mask,
+        through_mean=through_mean,
+        through_var=through_var,
         residual_grad=residual_grad,
     )
     return dx, sum_dy_xhat, sum_dy, dresidual
@@ -613,7 +714,8 @@ class TritonBackend:
         if reason is not None:
             return reason
         if not isinstance(x, torch.Tensor):
-            return f"the Triton backend takes torch tensors, got {type(x).__module__}.{type(x).__qualname__}"
+            kind = f"{type(x).__module__}.{type(x).__qualname__}"
+            return f"the Triton backend takes torch tensors, got {kind}"
         if x.dtype not in SUPPORTED_DTYPES:
             return (
                 f"dtype {x.dtype} is not supported by the Triton kernels (float32, float16, "
@@ -637,12 +739,32 @@ class TritonBackend:
         return backward_reduce(dy, x, mean, invstd, axis)
 
     def backward_elemt(
-        self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, axis,
-        *, through_mean=True, through_var=True,
+        self,
+        dy,
+        x,
+        mean,
+        invstd,
+        weight,
+        sum_dy,
+        sum_dy_xhat,
+        count,
+        axis,
+        *,
+        through_mean=True,
+        through_var=True,
     ):
         return backward_elemt(
-            dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, axis,
-            through_mean=through_mean, through_var=through_var,
+            dy,
+            x,
+            mean,
+            invstd,
+            weight,
+            sum_dy,
+            sum_dy_xhat,
+            count,
+            axis,
+            through_mean=through_mean,
+            through_var=through_var,
         )[0]
 
     def backward_train(self, dy, x, mean, invstd, weight, axis):
