@@ -27,30 +27,33 @@ import triton.language as tl
 # ----------------------------------------------------------------------------- tile helpers
 
 
+# In the interpreter every call of a jit helper costs milliseconds, so the per-tile index math is
+# one helper and the per-channel loads are written inline.
+
+
 @triton.jit
-def _tile_coords(t, tiles_i, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
-    """Row and column indices of tile ``t``; tiles are numbered ``i``-fastest."""
+def _tile(
+    t,
+    tiles_i,
+    c,
+    outer,
+    channels,
+    inner,
+    BLOCK_O: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    INDEX_64: tl.constexpr,
+):
+    """Tile ``t`` of channel block ``c``: ``(o, i, offsets, valid)``; tiles go ``i``-fastest.
+
+    Element ``(o, c, i)`` of the dense (outer, channels, inner) array is at
+    ``(o * channels + c) * inner + i``.
+    """
     o = (t // tiles_i) * BLOCK_O + tl.arange(0, BLOCK_O)
     i = (t % tiles_i) * BLOCK_I + tl.arange(0, BLOCK_I)
-    return o, i
-
-
-@triton.jit
-def _offsets(o, c, i, channels, inner, INDEX_64: tl.constexpr):
-    """Memory offsets of the ``[o, c, i]`` tile of a dense (outer, channels, inner) array."""
-    if INDEX_64:
-        o = o.to(tl.int64)
-    return (o[:, None, None] * channels + c[None, :, None]) * inner + i[None, None, :]
-
-
-@triton.jit
-def _in_bounds(o, c, i, outer, channels, inner):
-    return (o < outer)[:, None, None] & (c < channels)[None, :, None] & (i < inner)[None, None, :]
-
-
-@triton.jit
-def _channel_vector(ptr, c, channels, other: tl.constexpr):
-    return tl.load(ptr + c, mask=c < channels, other=other).to(tl.float32)
+    rows = o.to(tl.int64) if INDEX_64 else o
+    offsets = (rows[:, None, None] * channels + c[None, :, None]) * inner + i[None, None, :]
+    valid = (o < outer)[:, None, None] & (c < channels)[None, :, None] & (i < inner)[None, None, :]
+    return o, i, offsets, valid
 
 
 @triton.jit
@@ -83,16 +86,21 @@ def _store_relu_mask(
         packed = tl.sum(by_eight * weights, axis=3)
         ib = (t % tiles_i) * (BLOCK_I // 8) + tl.arange(0, BLOCK_I // 8)
         inner_bytes = (inner + 7) // 8
-        offsets = _offsets(o, c, ib, channels, inner_bytes, INDEX_64)
-        valid = _in_bounds(o, c, ib, outer, channels, inner_bytes)
+        rows = o.to(tl.int64) if INDEX_64 else o
+        offsets = (rows[:, None, None] * channels + c[None, :, None]) * inner_bytes
+        offsets += ib[None, None, :]
+        valid = (o < outer)[:, None, None] & (c < channels)[None, :, None]
+        valid = valid & (ib < inner_bytes)[None, None, :]
     else:
         by_eight = tl.reshape(bits, (BLOCK_O // 8, 8, BLOCK_C, BLOCK_I))
         weights = (1 << tl.arange(0, 8))[None, :, None, None]
         packed = tl.sum(by_eight * weights, axis=1)
         ob = (t // tiles_i) * (BLOCK_O // 8) + tl.arange(0, BLOCK_O // 8)
         outer_bytes = (outer + 7) // 8
-        offsets = _offsets(ob, c, i, channels, inner, INDEX_64)
-        valid = _in_bounds(ob, c, i, outer_bytes, channels, inner)
+        rows = ob.to(tl.int64) if INDEX_64 else ob
+        offsets = (rows[:, None, None] * channels + c[None, :, None]) * inner + i[None, None, :]
+        valid = (ob < outer_bytes)[:, None, None] & (c < channels)[None, :, None]
+        valid = valid & (i < inner)[None, None, :]
     tl.store(mask_ptr + offsets, packed.to(tl.uint8), mask=valid)
 
 
@@ -102,10 +110,14 @@ def _load_relu_mask(
 ):
     """True where the forward's ReLU passed its input (the bits ``_store_relu_mask`` wrote)."""
     if PACK_I:
-        offsets = _offsets(o, c, i // 8, channels, (inner + 7) // 8, INDEX_64)
+        rows = o.to(tl.int64) if INDEX_64 else o
+        row_bytes = (inner + 7) // 8
+        offsets = (rows[:, None, None] * channels + c[None, :, None]) * row_bytes
+        offsets += (i // 8)[None, None, :]
         shift = (i % 8)[None, None, :]
     else:
-        offsets = _offsets(o // 8, c, i, channels, inner, INDEX_64)
+        rows = (o // 8).to(tl.int64) if INDEX_64 else o // 8
+        offsets = (rows[:, None, None] * channels + c[None, :, None]) * inner + i[None, None, :]
         shift = (o % 8)[:, None, None]
     byte = tl.load(mask_ptr + offsets, mask=valid, other=0).to(tl.int32)
     return ((byte >> shift) & 1) != 0
@@ -147,9 +159,10 @@ def _stats_partial_kernel(
     t_start = split * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, tiles)
     for t in range(t_start, t_end):
-        o, i = _tile_coords(t, tiles_i, BLOCK_O, BLOCK_I)
-        valid = _in_bounds(o, c, i, outer, channels, inner)
-        x = tl.load(x_ptr + _offsets(o, c, i, channels, inner, INDEX_64), mask=valid, other=0.0)
+        o, i, offsets, valid = _tile(
+            t, tiles_i, c, outer, channels, inner, BLOCK_O, BLOCK_I, INDEX_64
+        )
+        x = tl.load(x_ptr + offsets, mask=valid, other=0.0)
         x = x.to(tl.float32)
         rows = tl.minimum(outer - (t // tiles_i) * BLOCK_O, BLOCK_O)
         cols = tl.minimum(inner - (t % tiles_i) * BLOCK_I, BLOCK_I)
@@ -240,23 +253,25 @@ def _forward_elemt_kernel(
 ):
     """``FROM_VAR``: ``invstd_ptr`` holds a (running) variance and invstd is formed here."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mean = _channel_vector(mean_ptr, c, channels, 0.0)
+    mean = tl.load(mean_ptr + c, mask=c < channels, other=0.0).to(tl.float32)
     if FROM_VAR:
-        invstd = 1.0 / tl.sqrt_rn(_channel_vector(invstd_ptr, c, channels, 1.0) + eps)
+        invstd = 1.0 / tl.sqrt_rn(
+            tl.load(invstd_ptr + c, mask=c < channels, other=1.0).to(tl.float32) + eps
+        )
     else:
-        invstd = _channel_vector(invstd_ptr, c, channels, 1.0)
+        invstd = tl.load(invstd_ptr + c, mask=c < channels, other=1.0).to(tl.float32)
     scale = invstd
     if HAS_WEIGHT:
-        scale = scale * _channel_vector(weight_ptr, c, channels, 1.0)
+        scale = scale * tl.load(weight_ptr + c, mask=c < channels, other=1.0).to(tl.float32)
     shift = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_BIAS:
-        shift = _channel_vector(bias_ptr, c, channels, 0.0)
+        shift = tl.load(bias_ptr + c, mask=c < channels, other=0.0).to(tl.float32)
     t_start = tl.program_id(1) * tiles_per_program
     t_end = tl.minimum(t_start + tiles_per_program, tiles)
     for t in range(t_start, t_end):
-        o, i = _tile_coords(t, tiles_i, BLOCK_O, BLOCK_I)
-        valid = _in_bounds(o, c, i, outer, channels, inner)
-        offsets = _offsets(o, c, i, channels, inner, INDEX_64)
+        o, i, offsets, valid = _tile(
+            t, tiles_i, c, outer, channels, inner, BLOCK_O, BLOCK_I, INDEX_64
+        )
         x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
         y = (x - mean[None, :, None]) * scale[None, :, None] + shift[None, :, None]
         if HAS_RESIDUAL:
@@ -315,15 +330,15 @@ def _backward_reduce_partial_kernel(
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
-    mean = _channel_vector(mean_ptr, c, channels, 0.0)
+    mean = tl.load(mean_ptr + c, mask=c < channels, other=0.0).to(tl.float32)
     acc_dy = tl.zeros([BLOCK_O, BLOCK_C, BLOCK_I], dtype=tl.float32)
     acc_dy_xc = tl.zeros([BLOCK_O, BLOCK_C, BLOCK_I], dtype=tl.float32)
     t_start = split * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, tiles)
     for t in range(t_start, t_end):
-        o, i = _tile_coords(t, tiles_i, BLOCK_O, BLOCK_I)
-        valid = _in_bounds(o, c, i, outer, channels, inner)
-        offsets = _offsets(o, c, i, channels, inner, INDEX_64)
+        o, i, offsets, valid = _tile(
+            t, tiles_i, c, outer, channels, inner, BLOCK_O, BLOCK_I, INDEX_64
+        )
         dy = tl.load(dy_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
         if HAS_MASK:
             keep = _load_relu_mask(mask_ptr, o, c, i, valid, channels, inner, PACK_I, INDEX_64)
@@ -356,7 +371,7 @@ def _backward_combine_kernel(
     for s in range(0, splits):
         sum_dy += tl.load(part_sum_dy_ptr + s * channels + c, mask=keep, other=0.0)
         sum_dy_xc += tl.load(part_sum_dy_xc_ptr + s * channels + c, mask=keep, other=0.0)
-    invstd = _channel_vector(invstd_ptr, c, channels, 1.0)
+    invstd = tl.load(invstd_ptr + c, mask=c < channels, other=1.0).to(tl.float32)
     tl.store(sum_dy_ptr + c, sum_dy, mask=keep)
     tl.store(sum_dy_xhat_ptr + c, sum_dy_xc * invstd, mask=keep)
 
@@ -402,19 +417,21 @@ def _backward_elemt_kernel(
     INDEX_64: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    invstd = _channel_vector(invstd_ptr, c, channels, 1.0)
+    invstd = tl.load(invstd_ptr + c, mask=c < channels, other=1.0).to(tl.float32)
     scale = invstd
     if HAS_WEIGHT:
-        scale = scale * _channel_vector(weight_ptr, c, channels, 1.0)
-    mean = _channel_vector(mean_ptr, c, channels, 0.0)
-    mean_dy = _channel_vector(sum_dy_ptr, c, channels, 0.0) / count
-    xc_coef = invstd * _channel_vector(sum_dy_xhat_ptr, c, channels, 0.0) / count
+        scale = scale * tl.load(weight_ptr + c, mask=c < channels, other=1.0).to(tl.float32)
+    mean = tl.load(mean_ptr + c, mask=c < channels, other=0.0).to(tl.float32)
+    mean_dy = tl.load(sum_dy_ptr + c, mask=c < channels, other=0.0).to(tl.float32) / count
+    xc_coef = (
+        invstd * tl.load(sum_dy_xhat_ptr + c, mask=c < channels, other=0.0).to(tl.float32) / count
+    )
     t_start = tl.program_id(1) * tiles_per_program
     t_end = tl.minimum(t_start + tiles_per_program, tiles)
     for t in range(t_start, t_end):
-        o, i = _tile_coords(t, tiles_i, BLOCK_O, BLOCK_I)
-        valid = _in_bounds(o, c, i, outer, channels, inner)
-        offsets = _offsets(o, c, i, channels, inner, INDEX_64)
+        o, i, offsets, valid = _tile(
+            t, tiles_i, c, outer, channels, inner, BLOCK_O, BLOCK_I, INDEX_64
+        )
         dy = tl.load(dy_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
         if HAS_MASK:
             keep = _load_relu_mask(mask_ptr, o, c, i, valid, channels, inner, PACK_I, INDEX_64)
