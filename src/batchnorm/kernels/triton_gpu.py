@@ -161,7 +161,7 @@ def _pick_block_i(inner: int, cap: int) -> int:
     """Widest power of two <= cap whose padding of ``inner`` is within 1/6 of the least padding.
 
     Wider tiles mean longer contiguous loads; the least-padding choice keeps idle lanes few
-    (49 = 7x7 -> 64, 196 = 14x14 -> 256, 3136 = 56x56 -> 256).
+    (7x7 = 49 -> 64, 14x14 = 196 -> 32, 56x56 = 3136 -> 512).
     """
     if inner < 8:
         return _next_pow2(inner)
