@@ -351,7 +351,7 @@ def test_large_mean_small_variance():
     (shown here to fail) would lose all of it."""
     g = torch.Generator().manual_seed(9)
     x = (1e4 + torch.randn(64, 3, 8, 8, generator=g)).to(DEVICE)
-    with tg.tuning(**SMALL_TILES):
+    with tg.tuning(tile_elems=256, programs=8):  # 16 tiles of 256 per channel, 3 splits
         _, mean, var, _, _ = tg.forward_train(x, None, None, EPS, 1)
     saved = ref.batch_norm_train(*_f64(x), axis=1, eps=EPS)[1]
     _close(var, saved.var, rtol=1e-4, atol=0)
@@ -534,3 +534,214 @@ def test_kernels_compile_for_gpu():
         pytest.skip(done.stdout.strip())
     assert done.returncode == 0, done.stdout + done.stderr
     assert "compiled" in done.stdout
+
+
+# ----------------------------------------------------------------------------- fused modules
+
+from batchnorm.torch.fused import (  # noqa: E402
+    BatchNormAddReLU2d,
+    BatchNormReLU2d,
+    batch_norm_add_relu,
+    batch_norm_relu,
+)
+
+MODULE_SHAPE = (4, 3, 5, 6)
+
+
+def _module_pair(cls, backend="auto", **kwargs):
+    """Ours on the test device, and PyTorch's BatchNorm2d in float64 with the same parameters."""
+    ours = cls(3, backend=backend, **kwargs).to(DEVICE)
+    theirs = torch.nn.BatchNorm2d(3, **kwargs).double()
+    if ours.affine:
+        weight, bias = _params(3, seed=20)
+        with torch.no_grad():
+            ours.weight.copy_(weight)
+            ours.bias.copy_(bias)
+            theirs.weight.copy_(weight.double())
+            theirs.bias.copy_(bias.double())
+    return ours, theirs
+
+
+def _module_inputs(dtype, memory_format, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(MODULE_SHAPE, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    residual = torch.randn(MODULE_SHAPE, generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(MODULE_SHAPE, generator=g, dtype=torch.float64).to(dtype)
+    return [t.to(DEVICE).contiguous(memory_format=memory_format) for t in (x, residual, dy)]
+
+
+def _step(ours, theirs, add, dtype, memory_format, seed, expect_backend="triton (fused)"):
+    """One forward + backward of both modules; compares outputs, gradients and buffers."""
+    x, residual, dy = _module_inputs(dtype, memory_format, seed)
+    x.requires_grad_()
+    residual.requires_grad_()
+    x64, r64 = (t.detach().cpu().double().requires_grad_() for t in (x, residual))
+    y = ours(x, residual) if add else ours(x)
+    z = theirs(x64)
+    y_ref = torch.relu(z + r64 if add else z)
+    y.backward(dy)
+    y_ref.backward(dy.cpu().double())
+    assert ours.last_backend == expect_backend
+    assert y.dtype == dtype
+    assert y.is_contiguous(memory_format=memory_format)
+    tol = TOL[dtype]
+    _close(y, y_ref, **tol)
+    _close(x.grad, x64.grad, **tol)
+    if add:
+        _close(residual.grad, r64.grad, **tol)
+    else:
+        assert residual.grad is None
+    if ours.affine:
+        _close(ours.weight.grad, theirs.weight.grad, **STATS_TOL)
+        _close(ours.bias.grad, theirs.bias.grad, **STATS_TOL)
+        ours.zero_grad()
+        theirs.zero_grad()
+    if ours.track_running_stats:
+        _close(ours.running_mean, theirs.running_mean, **STATS_TOL)
+        _close(ours.running_var, theirs.running_var, **STATS_TOL)
+        assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
+
+
+@pytest.mark.parametrize(
+    "memory_format",
+    [torch.contiguous_format, torch.channels_last],
+    ids=["nchw", "channels_last"],
+)
+@pytest.mark.parametrize("cls", [BatchNormReLU2d, BatchNormAddReLU2d])
+def test_fused_module_matches_torch(cls, memory_format):
+    add = cls is BatchNormAddReLU2d
+    ours, theirs = _module_pair(cls)
+    for seed in (30, 31):  # two training steps: the running statistics accumulate
+        _step(ours, theirs, add, torch.float32, memory_format, seed)
+    ours.eval()
+    theirs.eval()
+    _step(ours, theirs, add, torch.float32, memory_format, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_fused_module_low_precision_input(dtype):
+    """Autocast-style: float32 parameters and buffers, float16/bfloat16 activations."""
+    ours, theirs = _module_pair(BatchNormAddReLU2d)
+    _step(ours, theirs, True, dtype, torch.contiguous_format, 33)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"momentum": None}, {"affine": False}, {"track_running_stats": False}],
+    ids=["cumulative", "no_affine", "no_running_stats"],
+)
+def test_fused_module_options(kwargs):
+    ours, theirs = _module_pair(BatchNormReLU2d, **kwargs)
+    for seed in (34, 35):
+        _step(ours, theirs, False, torch.float32, torch.contiguous_format, seed)
+    ours.eval()
+    theirs.eval()
+    _step(ours, theirs, False, torch.float32, torch.contiguous_format, 36)
+
+
+def test_fused_module_falls_back_where_triton_cannot_run():
+    """float64 is not a Triton dtype: the unfused sequence runs, with autograd, and agrees."""
+    ours, theirs = _module_pair(BatchNormAddReLU2d)
+    ours.double()
+    x, residual, dy = (
+        t.double() for t in _module_inputs(torch.float32, torch.contiguous_format, 37)
+    )
+    x.requires_grad_()
+    y = ours(x, residual)
+    assert ours.last_backend != "triton (fused)"
+    x64 = x.detach().cpu().requires_grad_()
+    y_ref = torch.relu(theirs(x64) + residual.cpu())
+    y.backward(dy)
+    y_ref.backward(dy.cpu())
+    _close(y, y_ref, rtol=1e-10, atol=1e-10)
+    _close(x.grad, x64.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_module_named_backends():
+    ours, theirs = _module_pair(BatchNormReLU2d, backend="reference")
+    _step(
+        ours, theirs, False, torch.float32, torch.contiguous_format, 38, expect_backend="reference"
+    )
+    strict = BatchNormReLU2d(3, backend="triton").double()
+    x = torch.randn(MODULE_SHAPE, dtype=torch.float64)
+    with pytest.raises(BackendUnavailable, match="float64"):
+        strict(x)
+    assert int(strict.num_batches_tracked) == 0
+    assert torch.equal(strict.running_mean, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown backend"):
+        BatchNormReLU2d(3, backend="cudnn")
+
+
+def test_fused_bad_arguments_change_nothing():
+    module = BatchNormAddReLU2d(3).to(DEVICE)
+    x, residual, _ = _module_inputs(torch.float32, torch.contiguous_format, 39)
+    with pytest.raises(ValueError, match=r"residual has shape \(4, 3, 5, 5\)"):
+        module(x, residual[..., :5])
+    with pytest.raises(TypeError, match="residual has dtype torch.float16"):
+        module(x, residual.half())
+    with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
+        module(x, 1.0)
+    with pytest.raises(ValueError, match="expected 4D input"):
+        module(x[0], residual[0])
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        module(x[:1, :, :1, :1], residual[:1, :, :1, :1])
+    with pytest.raises(ValueError, match=r"weight \(gamma\) must have shape \(3,\)"):
+        batch_norm_relu(x, None, None, torch.ones(4, device=DEVICE), training=True)
+    assert int(module.num_batches_tracked) == 0
+    assert torch.equal(module.running_mean.cpu(), torch.zeros(3))
+    assert torch.equal(module.running_var.cpu(), torch.ones(3))
+
+
+def test_fused_functional_updates_buffers_in_place():
+    x, residual, _ = _module_inputs(torch.float32, torch.contiguous_format, 40)
+    running_mean, running_var = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    rm_ref, rv_ref = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    y = batch_norm_add_relu(x, residual, running_mean, running_var, training=True, momentum=0.3)
+    x64, r64 = _f64(x, residual)
+    y_ref = torch.relu(F.batch_norm(x64, rm_ref, rv_ref, training=True, momentum=0.3) + r64)
+    _close(y, y_ref, **TOL[torch.float32])
+    _close(running_mean, rm_ref, **STATS_TOL)
+    _close(running_var, rv_ref, **STATS_TOL)
+    y = batch_norm_relu(x, running_mean, running_var)  # eval: the running statistics normalise
+    _close(y, torch.relu(F.batch_norm(x64, rm_ref, rv_ref)), **TOL[torch.float32])
+
+
+def test_fused_saves_a_bit_mask_not_the_activation():
+    """What autograd keeps between forward and backward: x, per-channel vectors and the mask;
+    PyTorch's unfused sequence also keeps the ReLU's output."""
+
+    def saved_bytes(fn):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(sizes)
+
+    module = BatchNormReLU2d(16).to(DEVICE)
+    x = torch.randn(8, 16, 8, 8, device=DEVICE, requires_grad=True)
+    ours = saved_bytes(lambda: module(x))
+    assert module.last_backend == "triton (fused)"
+    x_bytes = x.numel() * x.element_size()
+    assert ours <= x_bytes + x.numel() // 8 + 64 * 16
+    torch_bn = torch.nn.BatchNorm2d(16).to(DEVICE)
+    assert saved_bytes(lambda: torch.relu(torch_bn(x))) >= 2 * x_bytes
+
+
+def test_fused_module_is_batch_norm_but_not_batch_norm_2d():
+    bn = torch.nn.BatchNorm2d(3)
+    bn(torch.randn(MODULE_SHAPE))
+    fused = BatchNormReLU2d.from_batch_norm(bn)
+    assert fused.weight is bn.weight and fused.running_mean is bn.running_mean
+    assert isinstance(fused, torch.nn.modules.batchnorm._BatchNorm)
+    # conv-bn folding code matches BatchNorm2d: it must not fold away the ReLU.
+    assert not isinstance(fused, torch.nn.BatchNorm2d)
+    fresh = BatchNormReLU2d(3)
+    fresh.load_state_dict(bn.state_dict())
+    fresh.eval()
+    bn.eval()
+    x = torch.randn(MODULE_SHAPE)
+    _close(fresh(x.to(DEVICE)), torch.relu(bn(x)), **TOL[torch.float32])
