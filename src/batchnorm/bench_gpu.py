@@ -103,6 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     p.add_argument("--repeats", type=int, default=None, help="timed samples (default 15)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3)")
+    p.add_argument(
+        "--tile-elems",
+        type=int,
+        default=None,
+        help="override the kernels' elements per tile (power of two; tuning sweeps)",
+    )
+    p.add_argument(
+        "--programs",
+        type=int,
+        default=None,
+        help="override the reduction grid size aimed at (default 8 per SM)",
+    )
     p.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="JSON directory")
     return p
@@ -156,6 +168,8 @@ def _settings(args: Any) -> dict[str, Any]:
         "repeats": max(1, s["repeats"] if s["repeats"] is not None else (2 if quick else 15)),
         "warmup": max(0, s["warmup"] if s["warmup"] is not None else (1 if quick else 3)),
         "out": str(s["out"]),
+        "tile_elems": s["tile_elems"],
+        "programs": s["programs"],
         "eps": EPS,
         "baseline": BASELINE,
         "model_bytes": MODEL_BYTES,
@@ -398,12 +412,15 @@ def run_gpu_bench(args: Any) -> dict[str, Any]:
         "copy_GBps": copy_bandwidth(device, timer, copy_bytes),
         "results": [],
     }
-    for shape in settings["shapes"]:
-        for layout in settings["layouts"]:
-            for dtype in settings["dtypes"]:
-                record["results"].append(_run_problem(shape, layout, dtype, settings, timer))
-                if device.startswith("cuda"):
-                    torch.cuda.empty_cache()
+    from .kernels import triton_gpu
+
+    with triton_gpu.tuning(tile_elems=settings["tile_elems"], programs=settings["programs"]):
+        for shape in settings["shapes"]:
+            for layout in settings["layouts"]:
+                for dtype in settings["dtypes"]:
+                    record["results"].append(_run_problem(shape, layout, dtype, settings, timer))
+                    if device.startswith("cuda"):
+                        torch.cuda.empty_cache()
     record["summary"] = summarize(record)
     return record
 
