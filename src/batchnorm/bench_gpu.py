@@ -98,9 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated, e.g. 256x64x56x56,20x6x65536 (default: the ResNet-like set)",
     )
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="nchw,channels_last")
-    p.add_argument("--dtypes", default=",".join(DTYPES), help="float32,bfloat16[,float16]")
+    p.add_argument(
+        "--dtypes", "--dtype", default=",".join(DTYPES), help="float32,bfloat16[,float16]"
+    )
     p.add_argument("--peers", default=",".join(PEERS), help=f"subset of {','.join(PEERS)}")
     p.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
+    p.add_argument("--compile", action="store_true", help="(the default; for `batchnorm bench`)")
     p.add_argument("--repeats", type=int, default=None, help="timed samples (default 15)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3)")
     p.add_argument(
@@ -394,9 +397,15 @@ def _check(peer: str, p: _Problem) -> dict[str, float] | None:
 
 
 def run_gpu_bench(args: Any) -> dict[str, Any]:
-    """Run the benchmark; returns the JSON-able record. ``args``: see :func:`build_parser`."""
+    """Run the benchmark; returns the JSON-able record.
+
+    ``args``: an ``argparse.Namespace`` from :func:`build_parser` (attributes it lacks take their
+    defaults) or a list of command-line strings.
+    """
     import torch
 
+    if isinstance(args, (list, tuple)):
+        args = build_parser().parse_args(list(args))
     settings = _settings(args)
     device = settings["device"]
     if any(p == "compile" for p in settings["peers"]):
