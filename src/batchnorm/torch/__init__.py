@@ -9,12 +9,15 @@ Importing this sub-package imports torch (``import batchnorm`` alone does not).
 * ``BatchNormFunction``: the autograd Function running a backend's stages and the derived
   backward (double-differentiable).
 * ``explain_backend(x, backend="auto")``: which backend would run on ``x`` and why.
+* ``BatchNormReLU2d`` / ``BatchNormAddReLU2d``, ``batch_norm_relu`` / ``batch_norm_add_relu``:
+  batch norm fused with the ReLU (and residual add) after it (``fused.py``).
 """
 
 from ..kernels import BackendUnavailable
 from .convert import convert, revert
 from .function import BatchNormFunction
 from .functional import batch_norm, explain_backend
+from .fused import BatchNormAddReLU2d, BatchNormReLU2d, batch_norm_add_relu, batch_norm_relu
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = [
@@ -22,8 +25,12 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAddReLU2d",
     "BatchNormFunction",
+    "BatchNormReLU2d",
     "batch_norm",
+    "batch_norm_add_relu",
+    "batch_norm_relu",
     "convert",
     "explain_backend",
     "revert",
