@@ -32,6 +32,10 @@ SHAPES = [
 ]
 
 
+def _ids(value: object) -> str:
+    return str(value).replace("torch.", "")
+
+
 def _compare(
     backend: str,
     rank: int,
@@ -102,6 +106,7 @@ def _compare(
             [True, False], [True, False], [0.1, 0.5, None], [torch.float32, torch.float64]
         )
     ),
+    ids=_ids,
 )
 @pytest.mark.parametrize(("rank", "shape"), SHAPES, ids=[str(s) for _, s in SHAPES])
 def test_table(backend, rank, shape, affine, track, momentum, dtype):
@@ -120,7 +125,7 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_ids)
 @pytest.mark.parametrize(
     ("rank", "shape", "layout"), LAYOUTS, ids=[f"{layout}-{s}" for _, s, layout in LAYOUTS]
 )
@@ -129,7 +134,7 @@ def test_layouts(backend, rank, shape, layout, dtype):
 
 
 @pytest.mark.parametrize("param_dtype", [torch.float32, None], ids=["fp32-params", "same-params"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
 @pytest.mark.parametrize(
     ("rank", "shape", "layout"),
     [
@@ -156,7 +161,7 @@ def test_mixed_precision(backend, rank, shape, layout, dtype, param_dtype):
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
 @pytest.mark.parametrize(
     ("rank", "shape"), [(1, (2, 3, 5)), (2, (2, 3, 4, 5)), (3, (2, 3, 2, 3, 4))]
 )
