@@ -50,8 +50,13 @@ def describe_exception(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, SyntaxError) and exc.filename:
         return f"{text.splitlines()[0]}"
-    own = [f for f in frames if not os.path.abspath(f.filename).startswith(_PACKAGE_DIR)
-           and "site-packages" not in f.filename and "<frozen" not in f.filename]
+    own = [
+        f
+        for f in frames
+        if not os.path.abspath(f.filename).startswith(_PACKAGE_DIR)
+        and "site-packages" not in f.filename
+        and "<frozen" not in f.filename
+    ]
     frame = own[-1] if own else (frames[-1] if frames else None)
     if frame is not None:
         text += f" ({os.path.basename(frame.filename)}, line {frame.lineno}, in {frame.name})"
@@ -100,9 +105,7 @@ def _vector(stage: str, name: str, value: Any, channels: int) -> np.ndarray:
     """A per-channel vector; shapes like (1, C) are accepted (NumPy broadcasting leaves them)."""
     arr = _as_float64(stage, name, value)
     if arr.size != channels or (arr.ndim > 1 and max(arr.shape) != arr.size):
-        raise ImplementationError(
-            f"{stage}: {name} has shape {arr.shape}, expected ({channels},)"
-        )
+        raise ImplementationError(f"{stage}: {name} has shape {arr.shape}, expected ({channels},)")
     return arr.reshape(channels)
 
 
@@ -148,15 +151,19 @@ class _Layout:
     def __init__(self, case: Case, layout: str) -> None:
         self.case, self.layout = case, layout
         self.dtype = _NUMPY_DTYPES[case.dtype]
-        self.moved_shape = tuple(np.moveaxis(np.empty(case.shape), case.channel_axis,
-                                             -1 if layout == "rows" else 1).shape)
+        self.moved_shape = tuple(
+            np.moveaxis(
+                np.empty(case.shape), case.channel_axis, -1 if layout == "rows" else 1
+            ).shape
+        )
         self.shape = (case.m, case.channels) if layout == "rows" else self.moved_shape
 
     def present(self, arr: np.ndarray) -> np.ndarray:
         a = arr.astype(self.dtype)
         if self.layout == "rows":
             return np.ascontiguousarray(np.moveaxis(a, self.case.channel_axis, -1)).reshape(
-                self.shape)
+                self.shape
+            )
         # A view: for channels-last cases the implementation gets a non-contiguous array.
         return np.moveaxis(a, self.case.channel_axis, 1)
 
@@ -188,8 +195,11 @@ class _NumpySession:
 
     def grads(self, stage: str, dx: Any, dgamma: Any, dbeta: Any):
         c = self.case.channels
-        return (self.layout.restore(stage, "dx", dx), _vector(stage, "dgamma", dgamma, c),
-                _vector(stage, "dbeta", dbeta, c))
+        return (
+            self.layout.restore(stage, "dx", dx),
+            _vector(stage, "dgamma", dgamma, c),
+            _vector(stage, "dbeta", dbeta, c),
+        )
 
 
 class CourseStyle:
@@ -207,13 +217,16 @@ class CourseStyle:
     no_running = None
     no_eval = None
 
-    def __init__(self, forward: Callable[..., Any], backward: Callable[..., Any],
-                 layout: str = "rows") -> None:
+    def __init__(
+        self, forward: Callable[..., Any], backward: Callable[..., Any], layout: str = "rows"
+    ) -> None:
         if layout not in ("rows", "native"):
             raise ValueError(f"layout must be 'rows' or 'native', got {layout!r}")
         self.forward, self.backward, self.layout = forward, backward, layout
-        self.signature = (f"forward(x, gamma, beta, bn_param) -> (out, cache); "
-                          f"backward(dout, cache) -> (dx, dgamma, dbeta); layout {layout}")
+        self.signature = (
+            f"forward(x, gamma, beta, bn_param) -> (out, cache); "
+            f"backward(dout, cache) -> (dx, dgamma, dbeta); layout {layout}"
+        )
 
     def unsupported(self, case: Case) -> str | None:
         return _numpy_unsupported(case, self.layout)
@@ -228,14 +241,22 @@ class _CourseSession(_NumpySession):
         self.style = style
         dt = self.layout.dtype
         self.bn_param: dict[str, Any] = {
-            "mode": "train", "eps": self.case.eps, "momentum": momentum,
+            "mode": "train",
+            "eps": self.case.eps,
+            "momentum": momentum,
             "running_mean": data.running_mean.astype(dt),
             "running_var": data.running_var.astype(dt),
         }
 
     def _forward(self, stage: str, x: np.ndarray) -> np.ndarray:
-        value = call_user(stage, self.style.forward, self.layout.present(x), self.gamma.copy(),
-                          self.beta.copy(), self.bn_param)
+        value = call_user(
+            stage,
+            self.style.forward,
+            self.layout.present(x),
+            self.gamma.copy(),
+            self.beta.copy(),
+            self.bn_param,
+        )
         out, cache = _returned(stage, value, ("out", "cache"))
         self.cache = cache
         return self.layout.restore(stage, "out", out)
@@ -253,8 +274,9 @@ class _CourseSession(_NumpySession):
         for key in ("running_mean", "running_var"):
             if key not in self.bn_param:
                 raise ImplementationError(f"bn_param has no {key!r} after forward")
-            stats.append(_vector("forward", f"bn_param[{key!r}]", self.bn_param[key],
-                                 self.case.channels))
+            stats.append(
+                _vector("forward", f"bn_param[{key!r}]", self.bn_param[key], self.case.channels)
+            )
         return stats[0], stats[1]
 
     def forward_eval(self, x: np.ndarray) -> np.ndarray:
@@ -275,13 +297,16 @@ class PlainStyle:
     no_running = "the plain style keeps no running statistics"
     no_eval = "the plain style has no eval mode"
 
-    def __init__(self, forward: Callable[..., Any], backward: Callable[..., Any],
-                 layout: str = "rows") -> None:
+    def __init__(
+        self, forward: Callable[..., Any], backward: Callable[..., Any], layout: str = "rows"
+    ) -> None:
         if layout not in ("rows", "native"):
             raise ValueError(f"layout must be 'rows' or 'native', got {layout!r}")
         self.forward, self.backward, self.layout = forward, backward, layout
-        self.signature = (f"forward(X, gamma, beta, eps) -> (out, cache); "
-                          f"backward(dout, cache) -> (dX, dbeta, dgamma); layout {layout}")
+        self.signature = (
+            f"forward(X, gamma, beta, eps) -> (out, cache); "
+            f"backward(dout, cache) -> (dX, dbeta, dgamma); layout {layout}"
+        )
 
     def unsupported(self, case: Case) -> str | None:
         return _numpy_unsupported(case, self.layout)
@@ -296,8 +321,14 @@ class _PlainSession(_NumpySession):
         self.style = style
 
     def forward_train(self, x: np.ndarray) -> np.ndarray:
-        value = call_user("forward", self.style.forward, self.layout.present(x),
-                          self.gamma.copy(), self.beta.copy(), self.case.eps)
+        value = call_user(
+            "forward",
+            self.style.forward,
+            self.layout.present(x),
+            self.gamma.copy(),
+            self.beta.copy(),
+            self.case.eps,
+        )
         out, self.cache = _returned("forward", value, ("out", "cache"))
         return self.layout.restore("forward", "out", out)
 
@@ -409,8 +440,10 @@ class _ModuleSession:
         self.module = call_user(f"{name}({case.channels}, ...)", cls, case.channels, **kwargs)
         if not hasattr(self.module, "to"):
             raise ImplementationError(f"{name} is not a torch.nn.Module (it has no .to())")
-        self.module = call_user("module.to", self.module.to, device=style.device,
-                                dtype=io.dtype) or self.module
+        self.module = (
+            call_user("module.to", self.module.to, device=style.device, dtype=io.dtype)
+            or self.module
+        )
         self.params: dict[str, Any] = {}
         with torch.no_grad():
             if case.affine:
@@ -418,11 +451,14 @@ class _ModuleSession:
                     param = getattr(self.module, attr, None)
                     if not isinstance(param, torch.Tensor):
                         raise ImplementationError(
-                            f"{name} has no tensor attribute {attr!r} (affine=True)")
+                            f"{name} has no tensor attribute {attr!r} (affine=True)"
+                        )
                     param.copy_(io.tensor(value))
                     self.params[attr] = param
-            self.has_running = all(isinstance(getattr(self.module, a, None), torch.Tensor)
-                                   for a in ("running_mean", "running_var"))
+            self.has_running = all(
+                isinstance(getattr(self.module, a, None), torch.Tensor)
+                for a in ("running_mean", "running_var")
+            )
             if self.has_running:
                 self.module.running_mean.copy_(io.tensor(data.running_mean))
                 self.module.running_var.copy_(io.tensor(data.running_var))
@@ -447,14 +483,19 @@ class _ModuleSession:
         dx = self.io.output("backward", "dx", self.x.grad.movedim(self.case.channel_axis, 1))
         if not self.case.affine:
             return dx, None, None
-        return (dx, self.io.vector("backward", "weight.grad", self.params["weight"].grad),
-                self.io.vector("backward", "bias.grad", self.params["bias"].grad))
+        return (
+            dx,
+            self.io.vector("backward", "weight.grad", self.params["weight"].grad),
+            self.io.vector("backward", "bias.grad", self.params["bias"].grad),
+        )
 
     def running(self) -> tuple[np.ndarray, np.ndarray] | None:
         if not self.has_running:
             return None
-        return (self.io.vector("module", "running_mean", self.module.running_mean),
-                self.io.vector("module", "running_var", self.module.running_var))
+        return (
+            self.io.vector("module", "running_mean", self.module.running_mean),
+            self.io.vector("module", "running_var", self.module.running_var),
+        )
 
     def forward_eval(self, x: np.ndarray) -> np.ndarray:
         call_user("module.eval", self.module.eval)
@@ -476,8 +517,10 @@ class FunctionalStyle:
     def __init__(self, fn: Callable[..., Any], device: str = "cpu") -> None:
         self.fn, self.device = fn, device
         name = getattr(fn, "__name__", "fn")
-        self.signature = (f"{name}(input, running_mean, running_var, weight=, bias=, training=, "
-                          f"momentum=, eps=) on {device}")
+        self.signature = (
+            f"{name}(input, running_mean, running_var, weight=, bias=, training=, "
+            f"momentum=, eps=) on {device}"
+        )
 
     def unsupported(self, case: Case) -> str | None:
         return None
@@ -498,9 +541,18 @@ class _FunctionalSession:
             self.bias = io.tensor(data.beta, requires_grad=True)
 
     def _call(self, stage: str, x: Any, training: bool) -> Any:
-        return call_user(stage, self.style.fn, self.io.channels_first(x), self.running_mean,
-                         self.running_var, weight=self.weight, bias=self.bias,
-                         training=training, momentum=self.momentum, eps=self.case.eps)
+        return call_user(
+            stage,
+            self.style.fn,
+            self.io.channels_first(x),
+            self.running_mean,
+            self.running_var,
+            weight=self.weight,
+            bias=self.bias,
+            training=training,
+            momentum=self.momentum,
+            eps=self.case.eps,
+        )
 
     def forward_train(self, x: np.ndarray) -> np.ndarray:
         self.x = self.io.tensor(x, requires_grad=True)
@@ -513,19 +565,23 @@ class _FunctionalSession:
             raise ImplementationError("the output does not require grad: no autograd graph")
         inputs = [self.x] + ([self.weight, self.bias] if self.case.affine else [])
         dyt = self.io.channels_first(self.io.tensor(dy))
-        grads = call_user("backward", torch.autograd.grad, self.y, inputs, dyt,
-                          allow_unused=True)
+        grads = call_user("backward", torch.autograd.grad, self.y, inputs, dyt, allow_unused=True)
         if grads[0] is None:
             raise ImplementationError("backward: no gradient reached the input")
         dx = self.io.output("backward", "dx", grads[0].movedim(self.case.channel_axis, 1))
         if not self.case.affine:
             return dx, None, None
-        return (dx, self.io.vector("backward", "grad weight", grads[1]),
-                self.io.vector("backward", "grad bias", grads[2]))
+        return (
+            dx,
+            self.io.vector("backward", "grad weight", grads[1]),
+            self.io.vector("backward", "grad bias", grads[2]),
+        )
 
     def running(self) -> tuple[np.ndarray, np.ndarray]:
-        return (self.io.vector("running", "running_mean", self.running_mean),
-                self.io.vector("running", "running_var", self.running_var))
+        return (
+            self.io.vector("running", "running_mean", self.running_mean),
+            self.io.vector("running", "running_var", self.running_var),
+        )
 
     def forward_eval(self, x: np.ndarray) -> np.ndarray:
         with self.io.torch.no_grad():
@@ -575,33 +631,60 @@ class _BackendSession:
 
     def forward_train(self, x: np.ndarray) -> np.ndarray:
         self.x = self.io.tensor(x)
-        value = call_user("forward_train", self.backend.forward_train, self.x, self.weight,
-                          self.bias, self.case.eps, self.case.channel_axis)
-        y, self.mean, _var, self.invstd = _returned("forward_train", value,
-                                                    ("y", "mean", "var", "invstd"))
+        value = call_user(
+            "forward_train",
+            self.backend.forward_train,
+            self.x,
+            self.weight,
+            self.bias,
+            self.case.eps,
+            self.case.channel_axis,
+        )
+        y, self.mean, _var, self.invstd = _returned(
+            "forward_train", value, ("y", "mean", "var", "invstd")
+        )
         return _as_float64("forward_train", "y", y)
 
     def backward(self, dy: np.ndarray):
-        value = call_user("backward_train", self.backend.backward_train, self.io.tensor(dy),
-                          self.x, self.mean, self.invstd, self.weight, self.case.channel_axis)
+        value = call_user(
+            "backward_train",
+            self.backend.backward_train,
+            self.io.tensor(dy),
+            self.x,
+            self.mean,
+            self.invstd,
+            self.weight,
+            self.case.channel_axis,
+        )
         dx, dweight, dbias = _returned("backward_train", value, ("dx", "dweight", "dbias"))
         dx = _as_float64("backward_train", "dx", dx)
         if dx.shape != self.case.shape:
-            raise ImplementationError(f"backward_train: dx has shape {dx.shape}, "
-                                      f"expected {self.case.shape}")
+            raise ImplementationError(
+                f"backward_train: dx has shape {dx.shape}, expected {self.case.shape}"
+            )
         if not self.case.affine:
             return dx, None, None
-        return (dx, self.io.vector("backward_train", "dweight", dweight),
-                self.io.vector("backward_train", "dbias", dbias))
+        return (
+            dx,
+            self.io.vector("backward_train", "dweight", dweight),
+            self.io.vector("backward_train", "dbias", dbias),
+        )
 
     def running(self) -> None:
         return None
 
     def forward_eval(self, x: np.ndarray) -> np.ndarray:
-        value = call_user("forward_infer", self.backend.forward_infer, self.io.tensor(x),
-                          self.io.tensor(self.data.running_mean),
-                          self.io.tensor(self.data.running_var), self.weight, self.bias,
-                          self.case.eps, self.case.channel_axis)
+        value = call_user(
+            "forward_infer",
+            self.backend.forward_infer,
+            self.io.tensor(x),
+            self.io.tensor(self.data.running_mean),
+            self.io.tensor(self.data.running_var),
+            self.weight,
+            self.bias,
+            self.case.eps,
+            self.case.channel_axis,
+        )
         return _as_float64("forward_infer", "y", value)
 
 

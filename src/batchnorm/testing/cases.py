@@ -143,8 +143,13 @@ def _table() -> tuple[Case, ...]:
         Case("rank4-f64", r4, dtype="float64"),
         Case("m2-f64", (2, 3), dtype="float64", what="m = 2 in float64"),
         Case("last-rank4-f64", (2, 3, 4, 3), axis=-1, dtype="float64"),
-        Case("large-offset-f64", (64, 3), dtype="float64", offset=1e8,
-             what="x = 1e8 + N(0, 1) in float64"),
+        Case(
+            "large-offset-f64",
+            (64, 3),
+            dtype="float64",
+            offset=1e8,
+            what="x = 1e8 + N(0, 1) in float64",
+        ),
         Case("tiny-var-f64", (32, 3), dtype="float64", scale=1e-4, what="var ~ 1e-8 << eps"),
         Case("eps-large-f64", r2, dtype="float64", eps=0.1),
         Case("rank2-f16", r2, dtype="float16"),
@@ -175,16 +180,19 @@ def tolerance(case: Case, quantity: str) -> float:
     if quantity == "eval keeps running":
         return 0.0
     compute = "float64" if case.dtype == "float64" else "float32"
-    return (K_ROUND[case.dtype] * MACHINE_EPS[case.dtype]
-            + K_COND * MACHINE_EPS[compute] * _condition(case))
+    return K_ROUND[case.dtype] * MACHINE_EPS[case.dtype] + K_COND * MACHINE_EPS[
+        compute
+    ] * _condition(case)
 
 
 @functools.lru_cache(maxsize=256)
 def _condition(case: Case) -> float:
     data = make_data(case)
     axes = reduce_axes(len(case.shape), case.channel_axis)
-    return max(float(np.max(np.max(np.abs(x), axis=axes) / np.std(x, axis=axes)))
-               for x in (*data.xs, data.x_eval))
+    return max(
+        float(np.max(np.max(np.abs(x), axis=axes) / np.std(x, axis=axes)))
+        for x in (*data.xs, data.x_eval)
+    )
 
 
 def round_to_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -227,8 +235,9 @@ def make_data(case: Case) -> CaseData:
         return round_to_dtype(means + stds * rng.standard_normal(case.shape), case.dtype)
 
     xs = tuple(batch() for _ in range(case.steps))
-    dys = tuple(round_to_dtype(rng.standard_normal(case.shape), case.dtype)
-                for _ in range(case.steps))
+    dys = tuple(
+        round_to_dtype(rng.standard_normal(case.shape), case.dtype) for _ in range(case.steps)
+    )
     x_eval = batch()
     gamma = beta = None
     if case.affine:
@@ -239,9 +248,7 @@ def make_data(case: Case) -> CaseData:
     running_mean = round_to_dtype(
         means.reshape(c) + case.scale * rng.uniform(-1.0, 1.0, c), case.dtype
     )
-    running_var = round_to_dtype(
-        (stds.reshape(c) ** 2) * rng.uniform(0.3, 3.0, c), case.dtype
-    )
+    running_var = round_to_dtype((stds.reshape(c) ** 2) * rng.uniform(0.3, 3.0, c), case.dtype)
     return CaseData(case, xs, dys, x_eval, gamma, beta, running_mean, running_var)
 
 

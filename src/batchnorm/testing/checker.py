@@ -86,8 +86,7 @@ class Report:
 
     def summary(self) -> str:
         cases = list(dict.fromkeys(c.case for c in self.checks))
-        skipped = [n for n in cases if all(c.verdict == "skip" for c in self.checks
-                                          if c.case == n)]
+        skipped = [n for n in cases if all(c.verdict == "skip" for c in self.checks if c.case == n)]
         ran = len(cases) - len(skipped)
         n_pass = sum(c.verdict == "pass" for c in self.checks)
         n_fail = sum(c.verdict == "FAIL" for c in self.checks)
@@ -98,8 +97,10 @@ class Report:
             return f"PASS: all {n_pass} checks in {ran} cases{tail}"
         if not ran or n_pass + n_fail + n_error == 0:
             return f"FAIL: nothing could be checked{tail}"
-        return (f"FAIL: {n_fail} check(s) failed and {n_error} raised an error, in {bad_cases} "
-                f"of {ran} cases; {n_pass} passed{tail}")
+        return (
+            f"FAIL: {n_fail} check(s) failed and {n_error} raised an error, in {bad_cases} "
+            f"of {ran} cases; {n_pass} passed{tail}"
+        )
 
     def table(self, *, verbose: bool = False) -> str:
         """The report as a text table; passing cases collapse to one row unless ``verbose``."""
@@ -113,14 +114,23 @@ class Report:
             if not verbose and all(c.verdict in ("pass", "skip") for c in checks):
                 passed = [c for c in checks if c.verdict == "pass"]
                 worst = max(passed, key=_ratio)
-                rows.append((name, f"all {len(passed)}", _num(worst.error), _num(worst.tol),
-                             "pass", f"worst: {worst.quantity}"))
+                rows.append(
+                    (
+                        name,
+                        f"all {len(passed)}",
+                        _num(worst.error),
+                        _num(worst.tol),
+                        "pass",
+                        f"worst: {worst.quantity}",
+                    )
+                )
                 continue
             for c in checks:
                 if not verbose and c.verdict in ("pass", "skip"):
                     continue
-                rows.append((c.case, c.quantity, _num(c.error), _num(c.tol), c.verdict,
-                             c.diagnosis))
+                rows.append(
+                    (c.case, c.quantity, _num(c.error), _num(c.tol), c.verdict, c.diagnosis)
+                )
         header = ("case", "quantity", "max error", "tol", "verdict", "diagnosis")
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
         lines = []
@@ -129,8 +139,14 @@ class Report:
         return "\n".join(line.rstrip() for line in lines)
 
     def format(self, *, verbose: bool = False) -> str:
-        parts = [self.signature, *[f"note: {n}" for n in self.notes], "",
-                 self.table(verbose=verbose), "", self.summary()]
+        parts = [
+            self.signature,
+            *[f"note: {n}" for n in self.notes],
+            "",
+            self.table(verbose=verbose),
+            "",
+            self.summary(),
+        ]
         return "\n".join(parts)
 
 
@@ -185,12 +201,16 @@ def _no_fit(actual: np.ndarray, expected: np.ndarray) -> tuple[tuple[str, ...], 
     if actual.shape != expected.shape:
         return (), f"shape {actual.shape}, expected {expected.shape}"
     if not np.all(np.isfinite(actual)):
-        return (), f"no known mistake fits; {int(np.sum(~np.isfinite(actual)))} value(s) " \
-                   "are not finite"
+        return (
+            (),
+            f"no known mistake fits; {int(np.sum(~np.isfinite(actual)))} value(s) are not finite",
+        )
     idx = np.unravel_index(int(np.argmax(np.abs(actual - expected))), actual.shape)
     where = ", ".join(str(int(i)) for i in idx)
-    return (), (f"no known mistake fits (worst at [{where}]: {actual[idx]:.6g}, expected "
-                f"{expected[idx]:.6g})")
+    return (), (
+        f"no known mistake fits (worst at [{where}]: {actual[idx]:.6g}, expected "
+        f"{expected[idx]:.6g})"
+    )
 
 
 def _named(key: str) -> tuple[tuple[str, ...], str]:
@@ -198,8 +218,12 @@ def _named(key: str) -> tuple[tuple[str, ...], str]:
 
 
 def _fit_or_explain(
-    actual: np.ndarray, expected: np.ndarray, candidates: dict[str, np.ndarray], tol: float,
-    scale: float | None = None, forward_failed: bool = False,
+    actual: np.ndarray,
+    expected: np.ndarray,
+    candidates: dict[str, np.ndarray],
+    tol: float,
+    scale: float | None = None,
+    forward_failed: bool = False,
 ) -> tuple[tuple[str, ...], str]:
     key = first_fit(actual, candidates, tol, scale)
     if key is not None:
@@ -236,8 +260,9 @@ def _run_case(adapter: Adapter, case: Case, momentum: float) -> _Outcome:
     return out
 
 
-def _run_steps(adapter: Adapter, session: Session, data: CaseData, out: _Outcome,
-               track: bool, momentum: float) -> bool:
+def _run_steps(
+    adapter: Adapter, session: Session, data: CaseData, out: _Outcome, track: bool, momentum: float
+) -> bool:
     """The training steps; False if the forward could not run (the case stops there)."""
     case, ax, eps = data.case, data.case.channel_axis, data.case.eps
     gamma, beta = data.gamma, data.beta
@@ -255,7 +280,7 @@ def _run_steps(adapter: Adapter, session: Session, data: CaseData, out: _Outcome
         fwd = out.quantity("forward(train)")
         tol = fwd.tol
 
-        def diagnose_forward(y=y, x=x, implied=implied, tol=tol):
+        def diagnose_forward(y=y, x=x, y_ref=y_ref, implied=implied, tol=tol):
             key = first_fit(y, forward_candidates(x, gamma, beta, ax, eps), tol)
             if key is not None:
                 return _named(key)
@@ -274,9 +299,16 @@ def _run_steps(adapter: Adapter, session: Session, data: CaseData, out: _Outcome
     return True
 
 
-def _run_backward(adapter: Adapter, session: Session, data: CaseData, out: _Outcome,
-                  x: np.ndarray, dy: np.ndarray, saved: ref.Saved,
-                  implied: Implied | None) -> bool:
+def _run_backward(
+    adapter: Adapter,
+    session: Session,
+    data: CaseData,
+    out: _Outcome,
+    x: np.ndarray,
+    dy: np.ndarray,
+    saved: ref.Saved,
+    implied: Implied | None,
+) -> bool:
     ax, eps, gamma = data.case.channel_axis, data.case.eps, data.gamma
     try:
         dx, dgamma, dbeta = session.backward(dy)
@@ -303,28 +335,45 @@ def _run_backward(adapter: Adapter, session: Session, data: CaseData, out: _Outc
         return cache["c"]
 
     q = out.quantity("dx")
-    q.update(rel_error(dx, g.dx, scales["dx"]), lambda: _fit_or_explain(
-        dx, g.dx, {k: v.dx for k, v in candidates().items()}, q.tol, scales["dx"],
-        forward_failed))
+    q.update(
+        rel_error(dx, g.dx, scales["dx"]),
+        lambda: _fit_or_explain(
+            dx,
+            g.dx,
+            {k: v.dx for k, v in candidates().items()},
+            q.tol,
+            scales["dx"],
+            forward_failed,
+        ),
+    )
     if dgamma is None or dbeta is None:
         return True
 
     def swapped() -> bool:
         tol = out.quantity("dgamma").tol
-        return (rel_error(dgamma, g.dbeta, scales["dbeta"]) <= tol
-                and rel_error(dbeta, g.dgamma, scales["dgamma"]) <= tol)
+        return (
+            rel_error(dgamma, g.dbeta, scales["dbeta"]) <= tol
+            and rel_error(dbeta, g.dgamma, scales["dgamma"]) <= tol
+        )
 
     swap_text = f"{MISTAKES['swapped']} (this style returns {adapter.grad_order})"
-    for name, actual, expected, pick in (("dgamma", dgamma, g.dgamma, "dgamma"),
-                                         ("dbeta", dbeta, g.dbeta, "dbeta")):
+    for name, actual, expected, pick in (
+        ("dgamma", dgamma, g.dgamma, "dgamma"),
+        ("dbeta", dbeta, g.dbeta, "dbeta"),
+    ):
         q = out.quantity(name)
 
         def diagnose(actual=actual, expected=expected, pick=pick, tol=q.tol):
             if swapped():
                 return ("swapped",), swap_text
-            return _fit_or_explain(actual, expected,
-                                   {k: getattr(v, pick) for k, v in candidates().items()},
-                                   tol, scales[pick], forward_failed)
+            return _fit_or_explain(
+                actual,
+                expected,
+                {k: getattr(v, pick) for k, v in candidates().items()},
+                tol,
+                scales[pick],
+                forward_failed,
+            )
 
         q.update(rel_error(actual, expected, scales[pick]), diagnose)
     return True
@@ -339,27 +388,54 @@ def _read_running(session: Session, out: _Outcome) -> tuple[np.ndarray, np.ndarr
         return None
 
 
-def _record_running(out: _Outcome, x: np.ndarray, ax: int, momentum: float,
-                    prev: tuple[np.ndarray, np.ndarray], cur: tuple[np.ndarray, np.ndarray],
-                    implied: Implied | None, eps: float) -> None:
+def _record_running(
+    out: _Outcome,
+    x: np.ndarray,
+    ax: int,
+    momentum: float,
+    prev: tuple[np.ndarray, np.ndarray],
+    cur: tuple[np.ndarray, np.ndarray],
+    implied: Implied | None,
+    eps: float,
+) -> None:
     assert out.running is not None
     stats = ref.batch_stats(x, ax)
     predictions: dict[Any, tuple[np.ndarray, np.ndarray]] = {}
     for conv, var in _COMBOS:
-        new = ref.update_running_stats(prev[0], prev[1], 0, stats.mean, stats.var, stats.count,
-                                       momentum=momentum, convention=conv, variance=var,
-                                       warn=False)
+        new = ref.update_running_stats(
+            prev[0],
+            prev[1],
+            0,
+            stats.mean,
+            stats.var,
+            stats.count,
+            momentum=momentum,
+            convention=conv,
+            variance=var,
+            warn=False,
+        )
         predictions[(conv, var)] = (new.running_mean, new.running_var)
         if implied is not None:
-            new = ref.update_running_stats(prev[0], prev[1], 0, implied.mean, implied.var(eps),
-                                           stats.count, momentum=momentum, convention=conv,
-                                           variance=var, warn=False)
+            new = ref.update_running_stats(
+                prev[0],
+                prev[1],
+                0,
+                implied.mean,
+                implied.var(eps),
+                stats.count,
+                momentum=momentum,
+                convention=conv,
+                variance=var,
+                warn=False,
+            )
             predictions[("forward_stats", conv, var)] = (new.running_mean, new.running_var)
     predictions["not_updated"] = prev
     # Scale: the larger of the two values each update mixes.
     unbiased = stats.var * stats.count / (stats.count - 1)
-    scales = (max(float(np.max(np.abs(prev[0]))), float(np.max(np.abs(stats.mean)))),
-              max(float(np.max(np.abs(prev[1]))), float(np.max(unbiased))))
+    scales = (
+        max(float(np.max(np.abs(prev[0]))), float(np.max(np.abs(stats.mean)))),
+        max(float(np.max(np.abs(prev[1]))), float(np.max(unbiased))),
+    )
     for key, (mean, var) in predictions.items():
         errors = out.running.setdefault(key, [0.0, 0.0])
         for i, (actual, expected) in enumerate(((cur[0], mean), (cur[1], var))):
@@ -380,14 +456,19 @@ def _run_eval(session: Session, data: CaseData, out: _Outcome, track: bool) -> N
         return
     expected = ref.batch_norm_infer(x, prev[0], prev[1], gamma, beta, axis=ax, eps=eps)
     q = out.quantity("forward(eval)")
-    q.update(rel_error(y, expected), lambda: _fit_or_explain(
-        y, expected, eval_candidates(x, prev[0], prev[1], gamma, beta, ax, eps), q.tol))
+    q.update(
+        rel_error(y, expected),
+        lambda: _fit_or_explain(
+            y, expected, eval_candidates(x, prev[0], prev[1], gamma, beta, ax, eps), q.tol
+        ),
+    )
     if track and out.running_error is None:
         after = _read_running(session, out)
         if after is not None:
             changed = max(rel_error(after[0], prev[0]), rel_error(after[1], prev[1]))
             out.quantity("eval keeps running").update(
-                changed, lambda: _named("eval_changed_running"))
+                changed, lambda: _named("eval_changed_running")
+            )
 
 
 def _momentum_keys(fitting: str, expected: str) -> tuple[str, ...]:
@@ -396,11 +477,14 @@ def _momentum_keys(fitting: str, expected: str) -> tuple[str, ...]:
     return ("momentum_old",) if fitting == "keras" else ("momentum_new",)
 
 
-def _diagnose_running(errors: dict[Any, list[float]], chosen: tuple[str, str], index: int,
-                      tol: float) -> tuple[tuple[str, ...], str]:
+def _diagnose_running(
+    errors: dict[Any, list[float]], chosen: tuple[str, str], index: int, tol: float
+) -> tuple[tuple[str, ...], str]:
     """Which other convention (or not updating at all) fits running_mean (0) / running_var (1)."""
-    others = sorted((cv for cv in _COMBOS if cv != chosen),
-                    key=lambda cv: (cv[0] != chosen[0]) + (cv[1] != chosen[1]))
+    others = sorted(
+        (cv for cv in _COMBOS if cv != chosen),
+        key=lambda cv: (cv[0] != chosen[0]) + (cv[1] != chosen[1]),
+    )
     for conv, var in others:
         if errors[(conv, var)][index] <= tol:
             keys = _momentum_keys(conv, chosen[0])
@@ -416,11 +500,15 @@ def _diagnose_running(errors: dict[Any, list[float]], chosen: tuple[str, str], i
     return (), "no known mistake fits"
 
 
-def _resolve_running(outcomes: Sequence[_Outcome], momentum_convention: str | None,
-                     running_var: str | None) -> tuple[tuple[str, str] | None, str]:
+def _resolve_running(
+    outcomes: Sequence[_Outcome], momentum_convention: str | None, running_var: str | None
+) -> tuple[tuple[str, str] | None, str]:
     """Pick the convention that decides the verdicts; returns it and a note for the report."""
-    allowed = [cv for cv in _COMBOS if momentum_convention in (None, cv[0])
-               and running_var in (None, cv[1])]
+    allowed = [
+        cv
+        for cv in _COMBOS
+        if momentum_convention in (None, cv[0]) and running_var in (None, cv[1])
+    ]
     tracked = [o for o in outcomes if o.running]
     if not tracked:
         return None, ""
@@ -436,8 +524,10 @@ def _resolve_running(outcomes: Sequence[_Outcome], momentum_convention: str | No
     how = []
     for part, declared in (("momentum", momentum_convention), ("variance", running_var)):
         how.append(f"{part} {'declared' if declared else 'inferred'}")
-    note = (f"running statistics: momentum {_MOMENTUM_MEANING[chosen[0]]}, running variance "
-            f"{chosen[1]} ({', '.join(how)}; fits {scores[best]} of {len(tracked)} cases)")
+    note = (
+        f"running statistics: momentum {_MOMENTUM_MEANING[chosen[0]]}, running variance "
+        f"{chosen[1]} ({', '.join(how)}; fits {scores[best]} of {len(tracked)} cases)"
+    )
     return chosen, note
 
 
@@ -457,15 +547,18 @@ def check(
     infers them (the convention that fits the most cases decides, and the report says which).
     """
     if momentum_convention not in (None, *MOMENTUM_CONVENTIONS):
-        raise ValueError(f"momentum_convention must be one of {MOMENTUM_CONVENTIONS} or None, "
-                         f"got {momentum_convention!r}")
+        raise ValueError(
+            f"momentum_convention must be one of {MOMENTUM_CONVENTIONS} or None, "
+            f"got {momentum_convention!r}"
+        )
     if running_var not in (None, *RUNNING_VARS):
-        raise ValueError(f"running_var must be one of {RUNNING_VARS} or None, "
-                         f"got {running_var!r}")
+        raise ValueError(f"running_var must be one of {RUNNING_VARS} or None, got {running_var!r}")
     ref.check_momentum(momentum, "torch", "unbiased")
     if momentum is None or momentum == 0.5:
-        raise ValueError("momentum must be a number other than 0.5 (at 0.5 the two momentum "
-                         f"conventions coincide), got {momentum!r}")
+        raise ValueError(
+            "momentum must be a number other than 0.5 (at 0.5 the two momentum "
+            f"conventions coincide), got {momentum!r}"
+        )
     outcomes = [_run_case(adapter, case, momentum) for case in cases]
     chosen, running_note = _resolve_running(outcomes, momentum_convention, running_var)
     report = Report(f"style {adapter.style}: {adapter.signature}", [], [], chosen)
@@ -481,15 +574,21 @@ def check(
         for c in o.checks:
             if c.verdict == "skip":
                 skipped.setdefault(c.diagnosis, []).append(c.case)
-        if (adapter.no_running is None and not o.running and o.running_error is None
-                and not any(c.verdict in ("skip", "ERROR") for c in o.checks)):
+        if (
+            adapter.no_running is None
+            and not o.running
+            and o.running_error is None
+            and not any(c.verdict in ("skip", "ERROR") for c in o.checks)
+        ):
             untracked.append(o.case.name)
         report.checks.extend(_rows(o, chosen))
     for reason, names in skipped.items():
         report.notes.append(f"skipped {len(names)} case(s), {reason}: {', '.join(names)}")
     if untracked:
-        report.notes.append("running statistics not checked (no running_mean/running_var "
-                            f"found) in {len(untracked)} case(s)")
+        report.notes.append(
+            "running statistics not checked (no running_mean/running_var "
+            f"found) in {len(untracked)} case(s)"
+        )
     return report
 
 
@@ -497,16 +596,24 @@ def _rows(o: _Outcome, chosen: tuple[str, str] | None) -> list[Check]:
     rows: dict[str, Check] = {}
     for name, q in o.quantities.items():
         verdict = "FAIL" if q.failed else "pass"
-        rows[name] = Check(o.case.name, name, verdict, q.error, q.tol,
-                           q.text if q.failed else "", q.mistakes if q.failed else ())
+        rows[name] = Check(
+            o.case.name,
+            name,
+            verdict,
+            q.error,
+            q.tol,
+            q.text if q.failed else "",
+            q.mistakes if q.failed else (),
+        )
     if o.running and chosen is not None and o.running_error is None:
         errors = o.running[chosen]
         for index, name in enumerate(("running_mean", "running_var")):
             tol = tolerance(o.case, name)
             failed = errors[index] > tol
             keys, text = _diagnose_running(o.running, chosen, index, tol) if failed else ((), "")
-            rows[name] = Check(o.case.name, name, "FAIL" if failed else "pass", errors[index],
-                               tol, text, keys)
+            rows[name] = Check(
+                o.case.name, name, "FAIL" if failed else "pass", errors[index], tol, text, keys
+            )
     ordered = [rows[q] for q in QUANTITIES if q in rows]
     if o.running_error is not None:
         ordered.append(Check(o.case.name, "running", "ERROR", diagnosis=o.running_error))

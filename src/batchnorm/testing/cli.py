@@ -59,12 +59,14 @@ def _load_file(path: str) -> Any:
     except SyntaxError as exc:
         sys.modules.pop(name, None)
         line = f"\n    {exc.text.rstrip()}" if exc.text else ""
-        raise TargetError(f"{os.path.basename(path)}, line {exc.lineno}: syntax error: "
-                          f"{exc.msg}{line}") from None
+        raise TargetError(
+            f"{os.path.basename(path)}, line {exc.lineno}: syntax error: {exc.msg}{line}"
+        ) from None
     except (Exception, SystemExit) as exc:
         sys.modules.pop(name, None)
-        raise TargetError(f"importing {os.path.basename(path)} raised "
-                          f"{describe_exception(exc)}") from None
+        raise TargetError(
+            f"importing {os.path.basename(path)} raised {describe_exception(exc)}"
+        ) from None
     finally:
         sys.path.remove(os.path.dirname(path))
     return module
@@ -88,8 +90,9 @@ def load_target(spec: str) -> list[Any]:
         for part in name.split("."):
             if not hasattr(obj, part):
                 public = sorted(n for n in vars(module) if not n.startswith("_"))
-                raise TargetError(f"{where} has no name {name!r}; it defines: "
-                                  f"{', '.join(public) or 'nothing'}")
+                raise TargetError(
+                    f"{where} has no name {name!r}; it defines: {', '.join(public) or 'nothing'}"
+                )
             obj = getattr(obj, part)
         if not callable(obj):
             raise TargetError(f"{where}:{name} is a {type(obj).__name__}, not callable")
@@ -97,8 +100,9 @@ def load_target(spec: str) -> list[Any]:
     return objects
 
 
-def make_adapter(style: str, objects: Sequence[Any], *, layout: str = "rows",
-                 device: str = "cpu") -> Any:
+def make_adapter(
+    style: str, objects: Sequence[Any], *, layout: str = "rows", device: str = "cpu"
+) -> Any:
     """The adapter of ``style`` for the loaded ``objects``; TargetError if they do not fit."""
     expected = _NAMES_PER_STYLE.get(style)
     if expected is None:
@@ -130,30 +134,50 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", help="PATH.py:NAME[,NAME] or package.module:NAME[,NAME]")
     p.add_argument("--style", choices=sorted(_NAMES_PER_STYLE), help="how TARGET is called")
     p.add_argument("--backend", help="check a batchnorm.kernels backend instead of a TARGET")
-    p.add_argument("--momentum-convention", choices=("torch", "keras", "infer"),
-                   default="infer", help="torch: momentum weighs the new batch; keras: the old "
-                   "value (cs231n's bn_param convention); infer (default): report which fits")
-    p.add_argument("--running-var", choices=("unbiased", "biased", "infer"), default="infer",
-                   help="what the running variance stores (default: infer)")
-    p.add_argument("--momentum", type=float, default=0.1,
-                   help="momentum handed to the implementation (default 0.1)")
-    p.add_argument("--layout", choices=("rows", "native"), default="rows",
-                   help="NumPy styles: every case as an (m, C) matrix (rows, default) or as "
-                   "(N, C, ...) arrays (native, for spatial implementations)")
+    p.add_argument(
+        "--momentum-convention",
+        choices=("torch", "keras", "infer"),
+        default="infer",
+        help="torch: momentum weighs the new batch; keras: the old "
+        "value (cs231n's bn_param convention); infer (default): report which fits",
+    )
+    p.add_argument(
+        "--running-var",
+        choices=("unbiased", "biased", "infer"),
+        default="infer",
+        help="what the running variance stores (default: infer)",
+    )
+    p.add_argument(
+        "--momentum",
+        type=float,
+        default=0.1,
+        help="momentum handed to the implementation (default 0.1)",
+    )
+    p.add_argument(
+        "--layout",
+        choices=("rows", "native"),
+        default="rows",
+        help="NumPy styles: every case as an (m, C) matrix (rows, default) or as "
+        "(N, C, ...) arrays (native, for spatial implementations)",
+    )
     p.add_argument("--device", default="cpu", help="torch device for torch styles (cpu)")
     p.add_argument("--cases", help="comma-separated shell patterns of case names to run")
     p.add_argument("--list-cases", action="store_true", help="print the case table and exit")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="one row per check, passes included")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="one row per check, passes included"
+    )
     return p
 
 
 def _list_cases() -> str:
-    lines = [f"{'case':<22}{'shape':<18}{'axis':>5}  {'dtype':<9}{'eps':>8}  affine  "
-             f"{'tol':>7}  what"]
+    lines = [
+        f"{'case':<22}{'shape':<18}{'axis':>5}  {'dtype':<9}{'eps':>8}  affine  {'tol':>7}  what"
+    ]
     for c in CASES:
-        lines.append(f"{c.name:<22}{str(c.shape):<18}{c.axis:>5}  {c.dtype:<9}{c.eps:>8.0e}  "
-                     f"{'yes' if c.affine else 'no':<6}  {tolerance(c, 'dx'):>7.1e}  {c.what}")
+        lines.append(
+            f"{c.name:<22}{str(c.shape):<18}{c.axis:>5}  {c.dtype:<9}{c.eps:>8.0e}  "
+            f"{'yes' if c.affine else 'no':<6}  {tolerance(c, 'dx'):>7.1e}  {c.what}"
+        )
     return "\n".join(lines)
 
 
@@ -176,20 +200,25 @@ def _run(argv: Sequence[str]) -> int:
     else:
         if args.target is None or args.style is None:
             parser.print_usage(sys.stderr)
-            print("batchnorm conform: error: TARGET and --style are required (or --backend)",
-                  file=sys.stderr)
+            print(
+                "batchnorm conform: error: TARGET and --style are required (or --backend)",
+                file=sys.stderr,
+            )
             return 2
         try:
-            adapter = make_adapter(args.style, load_target(args.target), layout=args.layout,
-                                   device=args.device)
+            adapter = make_adapter(
+                args.style, load_target(args.target), layout=args.layout, device=args.device
+            )
         except TargetError as exc:
             print(f"batchnorm conform: error: {exc}", file=sys.stderr)
             return 2
         title = args.target
     cases = select_cases(args.cases)
     if not cases:
-        print(f"batchnorm conform: error: no case matches {args.cases!r} (see --list-cases)",
-              file=sys.stderr)
+        print(
+            f"batchnorm conform: error: no case matches {args.cases!r} (see --list-cases)",
+            file=sys.stderr,
+        )
         return 2
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
@@ -197,8 +226,11 @@ def _run(argv: Sequence[str]) -> int:
             # interleave with the table; the report states what went wrong instead.
             warnings.simplefilter("ignore")
             report = check(
-                adapter, cases, momentum=args.momentum,
-                momentum_convention=None if args.momentum_convention == "infer"
+                adapter,
+                cases,
+                momentum=args.momentum,
+                momentum_convention=None
+                if args.momentum_convention == "infer"
                 else args.momentum_convention,
                 running_var=None if args.running_var == "infer" else args.running_var,
             )
@@ -217,6 +249,9 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a bug in the suite: say so in one line, not a traceback
-        print(f"batchnorm conform: internal error in the conformance suite, please report it: "
-              f"{describe_exception(exc)}", file=sys.stderr)
+        print(
+            f"batchnorm conform: internal error in the conformance suite, please report it: "
+            f"{describe_exception(exc)}",
+            file=sys.stderr,
+        )
         return 3

@@ -92,8 +92,19 @@ def _grads_with(dy, x, gamma, axis, mean, invstd, *, through_mean=True, through_
     """The compact backward evaluated at the given moments (``mean``, ``invstd``)."""
     sum_dy, sum_dy_xhat = ref.backward_reduce(dy, x, mean, invstd, axis)
     count = x.size // x.shape[axis]
-    dx = ref.backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis,
-                            through_mean=through_mean, through_var=through_var)
+    dx = ref.backward_elemt(
+        dy,
+        x,
+        mean,
+        invstd,
+        gamma,
+        sum_dy,
+        sum_dy_xhat,
+        count,
+        axis,
+        through_mean=through_mean,
+        through_var=through_var,
+    )
     return ref.Grads(dx, sum_dy_xhat, sum_dy)
 
 
@@ -109,10 +120,12 @@ def forward_candidates(x, gamma, beta, axis: int, eps: float) -> dict[str, np.nd
     """Training-forward outputs of the mistakes that change the forward."""
     stats = ref.batch_stats(x, axis)
     return {
-        "eps_outside_sqrt": _train_with(x, gamma, beta, axis, stats.mean,
-                                        _eps_outside(stats.var, eps)),
-        "unbiased_normalize": _train_with(x, gamma, beta, axis, stats.mean,
-                                          _unbiased_invstd(stats, eps)),
+        "eps_outside_sqrt": _train_with(
+            x, gamma, beta, axis, stats.mean, _eps_outside(stats.var, eps)
+        ),
+        "unbiased_normalize": _train_with(
+            x, gamma, beta, axis, stats.mean, _unbiased_invstd(stats, eps)
+        ),
     }
 
 
@@ -173,8 +186,9 @@ def one_pass_fits(case: Case, x: np.ndarray, y: np.ndarray, implied: Implied | N
     budget = 16.0 * MACHINE_EPS[case.dtype] * (stats.mean**2) * math.log2(max(case.m, 2))
     std = np.sqrt(stats.var)
     mean_ok = np.abs(implied.mean - stats.mean) <= 1e-2 * std
-    return bool(np.all(mean_ok) and np.all(var_error <= budget)
-                and np.any(var_error > 1e-3 * stats.var))
+    return bool(
+        np.all(mean_ok) and np.all(var_error <= budget) and np.any(var_error > 1e-3 * stats.var)
+    )
 
 
 def backward_candidates(
@@ -186,12 +200,15 @@ def backward_candidates(
     grads = {
         "mean_constant": _grads_with(dy, x, gamma, axis, stats.mean, invstd, through_mean=False),
         "var_constant": _grads_with(dy, x, gamma, axis, stats.mean, invstd, through_var=False),
-        "both_constant": _grads_with(dy, x, gamma, axis, stats.mean, invstd,
-                                     through_mean=False, through_var=False),
-        "eps_outside_sqrt": _grads_with(dy, x, gamma, axis, stats.mean,
-                                        _eps_outside(stats.var, eps)),
-        "unbiased_normalize": _grads_with(dy, x, gamma, axis, stats.mean,
-                                          _unbiased_invstd(stats, eps)),
+        "both_constant": _grads_with(
+            dy, x, gamma, axis, stats.mean, invstd, through_mean=False, through_var=False
+        ),
+        "eps_outside_sqrt": _grads_with(
+            dy, x, gamma, axis, stats.mean, _eps_outside(stats.var, eps)
+        ),
+        "unbiased_normalize": _grads_with(
+            dy, x, gamma, axis, stats.mean, _unbiased_invstd(stats, eps)
+        ),
     }
     if implied is not None:
         grads["forward_stats"] = _grads_with(dy, x, gamma, axis, implied.mean, implied.invstd)
@@ -201,15 +218,19 @@ def backward_candidates(
 def eval_candidates(x, running_mean, running_var, gamma, beta, axis, eps) -> dict[str, np.ndarray]:
     stats = ref.batch_stats(x, axis)
     return {
-        "eval_batch_stats": _train_with(x, gamma, beta, axis, stats.mean,
-                                        ref.inverse_std(stats.var, eps)),
-        "eval_eps_outside_sqrt": _train_with(x, gamma, beta, axis, running_mean,
-                                             _eps_outside(running_var, eps)),
+        "eval_batch_stats": _train_with(
+            x, gamma, beta, axis, stats.mean, ref.inverse_std(stats.var, eps)
+        ),
+        "eval_eps_outside_sqrt": _train_with(
+            x, gamma, beta, axis, running_mean, _eps_outside(running_var, eps)
+        ),
     }
 
 
 def first_fit(
-    actual: np.ndarray, candidates: dict[str, np.ndarray], tol: float,
+    actual: np.ndarray,
+    candidates: dict[str, np.ndarray],
+    tol: float,
     scale: float | None = None,
 ) -> str | None:
     """The first candidate (in dict order) whose value fits ``actual`` within ``tol``."""
