@@ -213,6 +213,13 @@ def _no_fit(actual: np.ndarray, expected: np.ndarray) -> tuple[tuple[str, ...], 
     )
 
 
+_FORWARD_WRONG = "forward(train) is already wrong in this case (see its row)"
+_RUNNING_INVALID = (
+    "the running statistics it normalises with are invalid (running_var < 0 or not finite; "
+    "see the running rows)"
+)
+
+
 def _named(key: str) -> tuple[tuple[str, ...], str]:
     return (key,), MISTAKES[key]
 
@@ -229,7 +236,7 @@ def _fit_or_explain(
     if key is not None:
         return _named(key)
     if forward_failed:
-        return (), "forward(train) is already wrong in this case (see its row)"
+        return (), _FORWARD_WRONG
     return _no_fit(actual, expected)
 
 
@@ -454,8 +461,11 @@ def _run_eval(session: Session, data: CaseData, out: _Outcome, track: bool) -> N
     except ImplementationError as exc:
         out.error("forward(eval)", str(exc))
         return
-    expected = ref.batch_norm_infer(x, prev[0], prev[1], gamma, beta, axis=ax, eps=eps)
     q = out.quantity("forward(eval)")
+    if not (np.all(np.isfinite(prev[0])) and np.all(np.isfinite(prev[1])) and np.all(prev[1] >= 0)):
+        q.update(math.inf, lambda: ((), _RUNNING_INVALID))
+        return
+    expected = ref.batch_norm_infer(x, prev[0], prev[1], gamma, beta, axis=ax, eps=eps)
     q.update(
         rel_error(y, expected),
         lambda: _fit_or_explain(
@@ -478,7 +488,11 @@ def _momentum_keys(fitting: str, expected: str) -> tuple[str, ...]:
 
 
 def _diagnose_running(
-    errors: dict[Any, list[float]], chosen: tuple[str, str], index: int, tol: float
+    errors: dict[Any, list[float]],
+    chosen: tuple[str, str],
+    index: int,
+    tol: float,
+    forward_failed: bool,
 ) -> tuple[tuple[str, ...], str]:
     """Which other convention (or not updating at all) fits running_mean (0) / running_var (1)."""
     others = sorted(
@@ -497,6 +511,8 @@ def _diagnose_running(
     key = ("forward_stats", *chosen)
     if key in errors and errors[key][index] <= tol:
         return _named("forward_stats")
+    if forward_failed:
+        return (), _FORWARD_WRONG
     return (), "no known mistake fits"
 
 
@@ -610,7 +626,12 @@ def _rows(o: _Outcome, chosen: tuple[str, str] | None) -> list[Check]:
         for index, name in enumerate(("running_mean", "running_var")):
             tol = tolerance(o.case, name)
             failed = errors[index] > tol
-            keys, text = _diagnose_running(o.running, chosen, index, tol) if failed else ((), "")
+            forward_failed = o.quantity("forward(train)").failed
+            keys, text = (
+                _diagnose_running(o.running, chosen, index, tol, forward_failed)
+                if failed
+                else ((), "")
+            )
             rows[name] = Check(
                 o.case.name, name, "FAIL" if failed else "pass", errors[index], tol, text, keys
             )
