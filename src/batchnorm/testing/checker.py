@@ -108,6 +108,7 @@ class Report:
         by_case: dict[str, list[Check]] = {}
         for c in self.checks:
             by_case.setdefault(c.case, []).append(c)
+        first_seen: dict[str, str] = {}  # error message -> first case that raised it
         for name, checks in by_case.items():
             if not verbose and all(c.verdict == "skip" for c in checks):
                 continue
@@ -128,9 +129,12 @@ class Report:
             for c in checks:
                 if not verbose and c.verdict in ("pass", "skip"):
                     continue
-                rows.append(
-                    (c.case, c.quantity, _num(c.error), _num(c.tol), c.verdict, c.diagnosis)
-                )
+                text = c.diagnosis
+                if c.verdict == "ERROR" and not verbose:
+                    # The same exception in every case says nothing new after the first.
+                    first = first_seen.setdefault(text, c.case)
+                    text = text if first == c.case else f"same error as {first}"
+                rows.append((c.case, c.quantity, _num(c.error), _num(c.tol), c.verdict, text))
         header = ("case", "quantity", "max error", "tol", "verdict", "diagnosis")
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
         lines = []

@@ -38,6 +38,8 @@ MISTAKES: dict[str, str] = {
     "both_constant": "dx matches the gradient with mean and variance both treated as "
     "constants (dx = gamma * dy / sqrt(var + eps))",
     "eps_outside_sqrt": "eps added outside the square root: (x - mean) / (sqrt(var) + eps)",
+    "eps_missing_backward": "dx leaves eps out of its 1/sqrt(var + eps) factor "
+    "(gamma / sqrt(var) * ...)",
     "unbiased_normalize": "normalises with the unbiased variance (divides by m - 1; "
     "torch.var's default, np.var(ddof=1)); Algorithm 1 uses the biased one",
     "one_pass": "variance loses precision at large mean: consistent with the one-pass "
@@ -210,6 +212,11 @@ def backward_candidates(
             dy, x, gamma, axis, stats.mean, _unbiased_invstd(stats, eps)
         ),
     }
+    exact = _grads_with(dy, x, gamma, axis, stats.mean, invstd)
+    # Only the leading factor loses eps; x_hat inside the bracket keeps it.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        no_eps = per_channel(np.sqrt((stats.var + eps) / stats.var), x.ndim, axis, np)
+    grads["eps_missing_backward"] = ref.Grads(exact.dx * no_eps, exact.dgamma, exact.dbeta)
     if implied is not None:
         grads["forward_stats"] = _grads_with(dy, x, gamma, axis, implied.mean, implied.invstd)
     return grads
