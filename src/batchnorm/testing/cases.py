@@ -180,11 +180,16 @@ def select_cases(patterns: str | None, cases: tuple[Case, ...] = CASES) -> tuple
     return tuple(c for c in cases if any(fnmatch.fnmatchcase(c.name, p) for p in wanted))
 
 
-def tolerance(case: Case, quantity: str) -> float:
-    """Largest accepted error of ``quantity`` in ``case`` (see the module docstring)."""
+def tolerance(case: Case, quantity: str, compute: str | None = None) -> float:
+    """Largest accepted error of ``quantity`` in ``case`` (see the module docstring).
+
+    ``compute`` overrides the compute dtype (the diagnosis asks what float32 arithmetic on
+    float64 input would be allowed).
+    """
     if quantity == "eval keeps running":
         return 0.0
-    compute = "float64" if case.dtype == "float64" else "float32"
+    if compute is None:
+        compute = "float64" if case.dtype == "float64" else "float32"
     # A mean is as well conditioned as a sum; everything computed from x - mean inherits
     # the conditioning of centring.
     condition = 1.0 if quantity == "running_mean" else _condition(case)

@@ -166,11 +166,26 @@ def _num(v: float | None) -> str:
     return "inf" if math.isinf(v) else f"{v:.1e}"
 
 
+def _precision(case: Case, quantity: str, error: float) -> tuple[tuple[str, ...], str] | None:
+    """float64 input whose error is what float32 arithmetic would leave.
+
+    Only where float32 would still be accurate to 1%: on worse-conditioned cases float32
+    leaves errors as large as those of real mistakes, so it explains nothing.
+    """
+    if case.dtype != "float64":
+        return None
+    bound = tolerance(case, quantity, compute="float32")
+    if bound < 1e-2 and error <= bound:
+        return _named("float32_compute")
+    return None
+
+
 class _Quantity:
     """Worst error of one quantity over the steps of a case, diagnosed at its first failure."""
 
-    def __init__(self, tol: float) -> None:
-        self.tol, self.error = tol, 0.0
+    def __init__(self, case: Case, name: str) -> None:
+        self.case, self.name = case, name
+        self.tol, self.error = tolerance(case, name), 0.0
         self.mistakes: tuple[str, ...] = ()
         self.text = ""
         self.failed = False
@@ -181,6 +196,11 @@ class _Quantity:
         if error > self.tol and not self.failed:
             self.failed = True
             self.mistakes, self.text = diagnose()
+            if not self.mistakes:  # no known mistake fits: is it just float32 arithmetic?
+                self.mistakes, self.text = _precision(self.case, self.name, error) or (
+                    self.mistakes,
+                    self.text,
+                )
 
 
 @dataclass
@@ -194,7 +214,7 @@ class _Outcome:
 
     def quantity(self, name: str) -> _Quantity:
         if name not in self.quantities:
-            self.quantities[name] = _Quantity(tolerance(self.case, name))
+            self.quantities[name] = _Quantity(self.case, name)
         return self.quantities[name]
 
     def error(self, quantity: str, message: str) -> None:
@@ -636,6 +656,8 @@ def _rows(o: _Outcome, chosen: tuple[str, str] | None) -> list[Check]:
                 if failed
                 else ((), "")
             )
+            if failed and not keys:
+                keys, text = _precision(o.case, name, errors[index]) or (keys, text)
             rows[name] = Check(
                 o.case.name, name, "FAIL" if failed else "pass", errors[index], tol, text, keys
             )

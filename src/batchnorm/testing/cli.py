@@ -248,6 +248,9 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         return _run(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `batchnorm conform ... | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as exc:  # a bug in the suite: say so in one line, not a traceback
         print(
             f"batchnorm conform: internal error in the conformance suite, please report it: "

@@ -42,6 +42,8 @@ MISTAKES: dict[str, str] = {
     "(gamma / sqrt(var) * ...)",
     "unbiased_normalize": "normalises with the unbiased variance (divides by m - 1; "
     "torch.var's default, np.var(ddof=1)); Algorithm 1 uses the biased one",
+    "float32_compute": "float64 input computed in float32: the error is the size of float32 "
+    "rounding",
     "one_pass": "variance loses precision at large mean: consistent with the one-pass "
     "E[x^2] - E[x]^2 formula (use the centred two-pass formula or Welford)",
     "swapped": "dgamma and dbeta are swapped",
