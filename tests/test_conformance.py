@@ -453,6 +453,14 @@ def test_conventions_are_inferred_and_reported(tmp_path):
     )
     row = report.find("rank2", "running_var")
     assert row.verdict == "FAIL" and set(row.mistakes) == {"momentum_old", "biased_running_var"}
+    # Half declared: the undeclared half is inferred, and only the declared half is blamed.
+    report = bt.check(
+        course_adapter(write(tmp_path, "cs231n.py", cs231n)),
+        momentum=0.9,
+        momentum_convention="torch",
+    )
+    assert report.running_convention == ("torch", "biased")
+    assert report.find("rank2", "running_var").mistakes == ("momentum_old",)
 
 
 TORCH_MODULE = """

@@ -130,10 +130,13 @@ class Report:
                 if not verbose and c.verdict in ("pass", "skip"):
                     continue
                 text = c.diagnosis
-                if c.verdict == "ERROR" and not verbose:
-                    # The same exception in every case says nothing new after the first.
-                    first = first_seen.setdefault(text, c.case)
-                    text = text if first == c.case else f"same error as {first}"
+                if c.verdict in ("ERROR", "FAIL") and not verbose and text:
+                    # The same exception or diagnosis in every case says nothing new after
+                    # the first; the per-case error still shows where it bites.
+                    first = first_seen.setdefault(f"{c.quantity}\0{text}", c.case)
+                    if first != c.case:
+                        text = f"same {'error' if c.verdict == 'ERROR' else 'as'} {first}"
+                        text = text.replace("same error", "same error as")
                 rows.append((c.case, c.quantity, _num(c.error), _num(c.tol), c.verdict, text))
         header = ("case", "quantity", "max error", "tol", "verdict", "diagnosis")
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
@@ -142,15 +145,31 @@ class Report:
             lines.append("  ".join(r[i].ljust(widths[i]) for i in range(5)) + "  " + r[5])
         return "\n".join(line.rstrip() for line in lines)
 
+    def diagnoses(self) -> str:
+        """Each distinct diagnosis of a failure, with the cases and quantities it covers."""
+        groups: dict[str, tuple[set[str], list[str]]] = {}
+        for c in self.failures:
+            cases, quantities = groups.setdefault(c.diagnosis, (set(), []))
+            cases.add(c.case)
+            if c.quantity not in quantities:
+                quantities.append(c.quantity)
+        if not groups:
+            return ""
+        lines = ["diagnoses:"]
+        for text, (cases, quantities) in sorted(groups.items(), key=lambda g: -len(g[1][0])):
+            lines.append(f"  {len(cases):>3} case(s), {', '.join(quantities)}: {text}")
+        return "\n".join(lines)
+
     def format(self, *, verbose: bool = False) -> str:
         parts = [
             self.signature,
             *[f"note: {n}" for n in self.notes],
             "",
             self.table(verbose=verbose),
-            "",
-            self.summary(),
         ]
+        if self.failures:
+            parts += ["", self.diagnoses()]
+        parts += ["", self.summary()]
         return "\n".join(parts)
 
 
@@ -558,8 +577,23 @@ def _resolve_running(
         em, ev = o.running[cv]
         return em <= tolerance(o.case, "running_mean") and ev <= tolerance(o.case, "running_var")
 
+    declared = (momentum_convention, running_var)
+
+    def agrees_where_inferred(a: tuple[str, str], b: tuple[str, str]) -> bool:
+        return all(d is not None or x == y for d, x, y in zip(declared, a, b, strict=True))
+
     scores = [sum(fits(o, cv) for o in tracked) for cv in allowed]
-    best = max(range(len(allowed)), key=lambda i: (scores[i], -i))
+    # When a declared part is wrong nothing allowed fits; the inferred part is then the one
+    # that fits together with *some* value of the declared part, so that the diagnosis
+    # names only what is wrong with the declaration.
+    partial = [
+        sum(
+            any(fits(o, other) for other in _COMBOS if agrees_where_inferred(cv, other))
+            for o in tracked
+        )
+        for cv in allowed
+    ]
+    best = max(range(len(allowed)), key=lambda i: (scores[i], partial[i], -i))
     chosen = allowed[best]
     how = []
     for part, declared in (("momentum", momentum_convention), ("variance", running_var)):
