@@ -170,15 +170,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _list_cases() -> str:
-    lines = [
-        f"{'case':<22}{'shape':<18}{'axis':>5}  {'dtype':<9}{'eps':>8}  affine  {'tol':>7}  what"
-    ]
+    rows = [("case", "shape", "axis", "dtype", "eps", "affine", "tol(dx)", "what")]
     for c in CASES:
-        lines.append(
-            f"{c.name:<22}{str(c.shape):<18}{c.axis:>5}  {c.dtype:<9}{c.eps:>8.0e}  "
-            f"{'yes' if c.affine else 'no':<6}  {tolerance(c, 'dx'):>7.1e}  {c.what}"
+        rows.append(
+            (
+                c.name,
+                str(c.shape),
+                str(c.axis),
+                c.dtype,
+                f"{c.eps:.0e}",
+                "yes" if c.affine else "no",
+                f"{tolerance(c, 'dx'):.1e}",
+                c.what,
+            )
         )
-    return "\n".join(lines)
+    widths = [max(len(r[i]) for r in rows) for i in range(7)]
+    return "\n".join(
+        ("  ".join(r[i].ljust(widths[i]) for i in range(7)) + "  " + r[7]).rstrip() for r in rows
+    )
 
 
 def _run(argv: Sequence[str]) -> int:
