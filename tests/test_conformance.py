@@ -146,6 +146,12 @@ MUTANTS = {
             "dgamma": "unbiased_normalize",
         },
     ),
+    "eval adds eps outside the sqrt": (
+        "out = gamma * (x - running_mean) / np.sqrt(running_var + eps) + beta",
+        "out = gamma * (x - running_mean) / (np.sqrt(running_var) + eps) + beta",
+        {},
+        {"forward(eval)": "eval_eps_outside_sqrt"},
+    ),
     "eval uses the batch statistics": (
         "out = gamma * (x - running_mean) / np.sqrt(running_var + eps) + beta",
         "out = gamma * (x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + eps) + beta",

@@ -33,7 +33,8 @@ __all__ = [
     "STYLES",
 ]
 
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Frames in here are the suite's; frames elsewhere (batchnorm.torch too) are the code tested.
+_SUITE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class ImplementationError(Exception):
@@ -43,8 +44,8 @@ class ImplementationError(Exception):
 def describe_exception(exc: BaseException) -> str:
     """``"NameError: name 'x' is not defined (impl.py, line 3, in bn_backward)"``.
 
-    The location is the innermost frame outside this package and outside installed libraries
-    (the user's own code), else the innermost frame.
+    The location is the innermost frame outside this suite and outside installed libraries:
+    the code under test.
     """
     frames = traceback.extract_tb(exc.__traceback__)
     text = f"{type(exc).__name__}: {exc}"
@@ -53,12 +54,12 @@ def describe_exception(exc: BaseException) -> str:
     own = [
         f
         for f in frames
-        if not os.path.abspath(f.filename).startswith(_PACKAGE_DIR)
+        if not os.path.abspath(f.filename).startswith(_SUITE_DIR)
         and "site-packages" not in f.filename
         and "<frozen" not in f.filename
     ]
-    frame = own[-1] if own else (frames[-1] if frames else None)
-    if frame is not None:
+    if own:  # none when the call itself failed (a wrong signature): no line to point at
+        frame = own[-1]
         text += f" ({os.path.basename(frame.filename)}, line {frame.lineno}, in {frame.name})"
     return text
 

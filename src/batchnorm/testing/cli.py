@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -263,7 +264,14 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug in the suite: say so in one line, not a traceback
         print(
             f"batchnorm conform: internal error in the conformance suite, please report it: "
-            f"{describe_exception(exc)}",
+            f"{type(exc).__name__}: {exc}{_where(exc)}",
             file=sys.stderr,
         )
         return 3
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    return f" ({os.path.basename(frames[-1].filename)}, line {frames[-1].lineno})"
