@@ -212,6 +212,20 @@ def test_case_table_covers_the_awkward_cases():
     assert len({c.name for c in cases}) == len(cases)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"shape": (1, 3)}, "m must be >= 2"),
+        ({"shape": (4, 3), "steps": 0}, "steps must be >= 1"),
+        ({"shape": (4, 3), "dtype": "int8"}, "dtype must be one of"),
+        ({"shape": (4, 3), "axis": 0}, "batch axis"),
+    ],
+)
+def test_a_case_that_cannot_train_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bt.Case("bad", **kwargs)
+
+
 def test_tolerances_follow_the_precision_of_each_dtype():
     by_name = {c.name: c for c in bt.CASES}
     tol = {

@@ -99,6 +99,8 @@ class Case:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         channel_axis(len(self.shape), self.axis)
+        if self.steps < 1:
+            raise ValueError(f"case {self.name!r}: steps must be >= 1, got {self.steps}")
         if values_per_channel(self.shape, self.channel_axis) < 2:
             raise ValueError(f"case {self.name!r}: m must be >= 2 to train, shape {self.shape}")
 
