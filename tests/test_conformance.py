@@ -172,6 +172,11 @@ MUTANTS = {
     ),
 }
 
+#: Every registered backend; Triton on CPU runs under its (slow) interpreter.
+BACKENDS = [
+    pytest.param(n, marks=pytest.mark.slow) if n == "triton" else n for n in sorted(REGISTRY)
+]
+
 #: Failures that follow from an earlier wrong quantity of the same case; the diagnosis must
 #: say so rather than name an unrelated mistake.
 CONSEQUENCE = ("forward_stats",)
@@ -366,7 +371,7 @@ def test_torch_functional_passes_with_declared_conventions():
 
 
 @needs_torch
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", BACKENDS)
 def test_every_available_backend_passes(name):
     adapter = bt.BackendStyle(name)
     reasons = {adapter.unsupported(c) for c in bt.CASES}
@@ -393,7 +398,7 @@ def test_library_torch_modules_pass():
 
 
 @needs_torch
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", BACKENDS)
 def test_library_torch_functional_passes_on_every_backend(name):
     bnt = _library_torch()
     probe = torch.zeros(4, 3)
