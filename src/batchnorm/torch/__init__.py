@@ -8,6 +8,7 @@ Importing this sub-package imports torch (``import batchnorm`` alone does not).
 * ``convert(model)`` / ``revert(model)``: swap PyTorch's layers for ours and back.
 * ``BatchNormFunction``: the autograd Function running a backend's stages and the derived
   backward (double-differentiable).
+* ``SyncBatchNorm`` / ``convert_sync``: batch statistics across torch.distributed ranks.
 * ``explain_backend(x, backend="auto")``: which backend would run on ``x`` and why.
 * ``BatchNormReLU2d`` / ``BatchNormAddReLU2d``, ``batch_norm_relu`` / ``batch_norm_add_relu``:
   batch norm fused with the ReLU (and residual add) after it (``fused.py``).
@@ -19,6 +20,7 @@ from .function import BatchNormFunction
 from .functional import batch_norm, explain_backend
 from .fused import BatchNormAddReLU2d, BatchNormReLU2d, batch_norm_add_relu, batch_norm_relu
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .sync import SyncBatchNorm, convert_sync
 
 __all__ = [
     "BackendUnavailable",
@@ -28,10 +30,12 @@ __all__ = [
     "BatchNormAddReLU2d",
     "BatchNormFunction",
     "BatchNormReLU2d",
+    "SyncBatchNorm",
     "batch_norm",
     "batch_norm_add_relu",
     "batch_norm_relu",
     "convert",
+    "convert_sync",
     "explain_backend",
     "revert",
 ]
