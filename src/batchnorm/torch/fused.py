@@ -23,16 +23,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
-
-import torch
 
 from .. import reference as ref
 from .._xp import check_same_shape
 from ..kernels import BackendUnavailable, get_backend
 from .function import AXIS, memory_format_of
-from .functional import _batch_norm
+from .functional import _batch_norm, check_call, write_running_stats
 from .modules import _check_backend_name
 
 __all__ = [
@@ -208,6 +207,7 @@ def _fused(
                 f"residual has dtype {residual.dtype} but input has dtype {input.dtype}; "
                 "they must be equal"
             )
+    update = check_call(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if not _triton_runs(input, backend):
         output, name = _batch_norm(
             input,
@@ -227,23 +227,14 @@ def _fused(
             output = output + residual
         return torch.relu(output), name
 
-    _validate(input, running_mean, running_var, weight, bias, training, momentum, eps)
     output, mean, var = FusedBatchNormReLUFunction.apply(
         input, weight, bias, residual, running_mean, running_var, bool(training), float(eps)
     )
-    if training and running_mean is not None:
-        new = ref.update_running_stats(
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            mean,
-            var,
-            input.numel() // input.shape[AXIS],
-            momentum=momentum,
+    if update:
+        count = input.numel() // input.shape[AXIS]
+        write_running_stats(
+            running_mean, running_var, mean, var, count, momentum, num_batches_tracked
         )
-        with torch.no_grad():
-            running_mean.copy_(new.running_mean)
-            running_var.copy_(new.running_var)
     return output, "triton (fused)"
 
 
@@ -260,35 +251,6 @@ def _triton_runs(input: torch.Tensor, backend: str) -> bool:
             raise
         return False
     return True
-
-
-def _validate(
-    input: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    training: bool,
-    momentum: float | None,
-    eps: float,
-) -> None:
-    """The checks of ``batchnorm.torch.batch_norm``, before anything runs or changes."""
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be given or both be None")
-    if not training and running_mean is None:
-        raise ValueError("running_mean and running_var must be given when training=False")
-    ref.check_input(
-        input,
-        AXIS,
-        eps,
-        training=bool(training),
-        gamma=weight,
-        beta=bias,
-        running_mean=running_mean,
-        running_var=running_var,
-    )
-    if training and running_mean is not None:
-        ref.check_momentum(momentum, "torch", "unbiased")
 
 
 class _FusedBatchNorm2d(_TorchBatchNorm):
