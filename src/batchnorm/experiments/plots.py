@@ -13,7 +13,7 @@ import numpy as np
 
 from .common import read_json
 
-__all__ = ["plot_explain", "PLOTTERS"]
+__all__ = ["plot_explain", "plot_ioffe", "PLOTTERS"]
 
 COLORS = {
     "bn": "#1f77b4",
@@ -106,4 +106,54 @@ def plot_explain(directory: str | Path) -> list[Path]:
     return [directory / "jacobian.png"]
 
 
-PLOTTERS: dict[str, Any] = {"explain": plot_explain}
+# -------------------------------------------------------------------------------------- ioffe
+
+
+def plot_ioffe(directory: str | Path) -> list[Path]:
+    directory = Path(directory)
+    record = read_json(directory / "records.json")
+    curves, config = record["curves"], record["config"]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(11.5, 3.4))
+    for variant, color in (("bn", COLORS["bn"]), ("plain", COLORS["plain"])):
+        c = curves[variant]
+        _band(axes[0], c["step"], c["test_accuracy"], color, record["variants"][variant])
+    axes[0].set(title="(a) test accuracy", xlabel="training step", ylabel="accuracy", ylim=(0, 1))
+    axes[0].legend(loc="lower right")
+    q = config["percentiles"]
+    first = {r["variant"]: r for r in reversed(record["runs"])}  # the first seed of each
+    shared = []
+    for ax, variant, title in (
+        (axes[1], "plain", "(b) without BN"),
+        (axes[2], "bn", "(c) with BN"),
+    ):
+        history = first[variant]["history"]
+        steps = [row["step"] for row in history]
+        low_q, mid_q, high_q = ([row[f"p{p}"] for row in history] for p in q)
+        ax.fill_between(
+            steps, _arr(low_q), _arr(high_q), color=COLORS[variant], alpha=0.18, linewidth=0
+        )
+        ax.plot(steps, _arr(mid_q), color=COLORS[variant], lw=1.6, label=f"{q[1]}th")
+        for values, label in ((low_q, f"{q[0]}th"), (high_q, f"{q[2]}th")):
+            ax.plot(steps, _arr(values), color=COLORS[variant], lw=1.0, ls="--", label=label)
+        ax.set(
+            title=f"{title}: input to one last-layer sigmoid",
+            xlabel=f"training step (seed {first[variant]['seed']})",
+        )
+        shared.append(ax)
+    values = [row[f"p{p}"] for r in first.values() for row in r["history"] for p in q]
+    low, high = np.nanmin(_arr(values)), np.nanmax(_arr(values))
+    for ax in shared:
+        ax.set_ylim(low - 0.1 * (high - low), high + 0.1 * (high - low))
+    axes[1].set_ylabel("percentiles over the test set")
+    axes[2].legend(loc="upper right", fontsize=7)
+    seeds = config["seeds"]
+    fig.suptitle(
+        f"Ioffe & Szegedy 2015, Figure 1 on {config['data']['name']}: "
+        f"accuracy: mean of {seeds} seeds, band = min..max",
+        fontsize=10,
+    )
+    return [_save(fig, directory / "ioffe.png")]
+
+
+PLOTTERS: dict[str, Any] = {"explain": plot_explain, "ioffe": plot_ioffe}
