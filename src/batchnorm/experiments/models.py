@@ -102,7 +102,8 @@ class MLP(nn.Module):
     """``Linear -> [BN] -> [noise] -> activation`` per hidden layer, then a linear head.
 
     Parameters are drawn from ``torch.Generator().manual_seed(seed)``: weights N(0, init_std^2)
-    ("small random Gaussian values", section 4.1), biases zero.
+    ("small random Gaussian values", section 4.1) or, with ``init_std="kaiming"``,
+    N(0, 2/fan_in); biases zero.
     """
 
     def __init__(
@@ -114,7 +115,7 @@ class MLP(nn.Module):
         norm: str = "none",
         through_mean: bool = True,
         through_var: bool = True,
-        init_std: float = 0.1,
+        init_std: float | str = 0.1,
         activation: str = "sigmoid",
         seed: int = 0,
         backend: str = "auto",
@@ -126,8 +127,8 @@ class MLP(nn.Module):
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if activation not in ("sigmoid", "relu"):
             raise ValueError(f"activation must be 'sigmoid' or 'relu', got {activation!r}")
-        if not init_std > 0:
-            raise ValueError(f"init_std must be > 0, got {init_std}")
+        if init_std != "kaiming" and not (isinstance(init_std, int | float) and init_std > 0):
+            raise ValueError(f"init_std must be > 0 or 'kaiming', got {init_std!r}")
         self.norm = norm
         widths = (in_features, *hidden)
         self.linears = nn.ModuleList(
@@ -156,7 +157,9 @@ class MLP(nn.Module):
         with torch.no_grad():
             for layer in (*self.linears, self.head):
                 weight = torch.randn(layer.weight.shape, generator=generator, dtype=torch.float64)
-                layer.weight.copy_(weight * init_std)
+                # "kaiming": std sqrt(2 / fan_in) (He et al. 2015), what ReLU networks use.
+                std = (2.0 / layer.in_features) ** 0.5 if init_std == "kaiming" else init_std
+                layer.weight.copy_(weight * std)
                 layer.bias.zero_()
 
     def forward(self, x: torch.Tensor, return_preactivations: bool = False) -> Any:
