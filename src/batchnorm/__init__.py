@@ -26,7 +26,20 @@ from .reference import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Grads", "RunningStats", "Saved", "__version__", "backward", "backward_elemt",
-    "backward_infer", "backward_reduce", "batch_norm_infer", "batch_norm_train", "batch_stats",
-    "fold", "jacobian", "merge_stats", "staged_backward", "update_running_stats",
+    "Grads",
+    "RunningStats",
+    "Saved",
+    "__version__",
+    "backward",
+    "backward_elemt",
+    "backward_infer",
+    "backward_reduce",
+    "batch_norm_infer",
+    "batch_norm_train",
+    "batch_stats",
+    "fold",
+    "jacobian",
+    "merge_stats",
+    "staged_backward",
+    "update_running_stats",
 ]

@@ -53,8 +53,14 @@ class Backend(Protocol):
         """Fused stats + elemt. Returns ``(y, mean, var, invstd)``; var is biased."""
 
     def forward_infer(
-        self, x: Array, running_mean: Array, running_var: Array,
-        weight: Array | None, bias: Array | None, eps: float, axis: int,
+        self,
+        x: Array,
+        running_mean: Array,
+        running_var: Array,
+        weight: Array | None,
+        bias: Array | None,
+        eps: float,
+        axis: int,
     ) -> Array: ...
 
     def backward_reduce(
@@ -63,8 +69,16 @@ class Backend(Protocol):
         """``(sum_dy, sum_dy_xhat)`` per channel."""
 
     def backward_elemt(
-        self, dy: Array, x: Array, mean: Array, invstd: Array, weight: Array | None,
-        sum_dy: Array, sum_dy_xhat: Array, count: int, axis: int,
+        self,
+        dy: Array,
+        x: Array,
+        mean: Array,
+        invstd: Array,
+        weight: Array | None,
+        sum_dy: Array,
+        sum_dy_xhat: Array,
+        count: int,
+        axis: int,
     ) -> Array: ...
 
     def backward_train(
@@ -93,9 +107,7 @@ class ReferenceBackend:
         return _ref_backward_reduce(dy, x, mean, invstd, axis)
 
     def backward_elemt(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, axis):
-        return _ref_backward_elemt(
-            dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, axis
-        )
+        return _ref_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, axis)
 
     def backward_train(self, dy, x, mean, invstd, weight, axis):
         sum_dy, sum_dy_xhat = self.backward_reduce(dy, x, mean, invstd, axis)

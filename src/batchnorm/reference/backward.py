@@ -110,8 +110,17 @@ def backward(
     check_grad_output(dy, saved.x)
     sum_dy, sum_dy_xhat = backward_reduce(dy, saved.x, saved.mean, saved.invstd, saved.axis)
     dx = backward_elemt(
-        dy, saved.x, saved.mean, saved.invstd, saved.gamma, sum_dy, sum_dy_xhat,
-        saved.count, saved.axis, through_mean=through_mean, through_var=through_var,
+        dy,
+        saved.x,
+        saved.mean,
+        saved.invstd,
+        saved.gamma,
+        sum_dy,
+        sum_dy_xhat,
+        saved.count,
+        saved.axis,
+        through_mean=through_mean,
+        through_var=through_var,
     )
     return Grads(dx, sum_dy_xhat, sum_dy)
 
@@ -126,9 +135,16 @@ def backward_infer(
     axis: int = 1,
     eps: float = 1e-5,
 ) -> Grads:
-    """Gradient of the inference forward: the moments are constants here, so dx = gamma*invstd*dy."""
-    xp, axis = check_input(x, axis, eps, training=False, gamma=gamma,
-                           running_mean=running_mean, running_var=running_var)
+    """Gradient of the inference forward: moments are constants here, dx = gamma*invstd*dy."""
+    xp, axis = check_input(
+        x,
+        axis,
+        eps,
+        training=False,
+        gamma=gamma,
+        running_mean=running_mean,
+        running_var=running_var,
+    )
     check_grad_output(dy, x)
     cdt = compute_dtype(x.dtype, xp)
     mean = xp.astype(running_mean, cdt)

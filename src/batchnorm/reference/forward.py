@@ -69,8 +69,12 @@ def check_input(
     axis = channel_axis(x.ndim, axis)
     check_eps(eps)
     channels = x.shape[axis]
-    for v, name in ((gamma, "weight (gamma)"), (beta, "bias (beta)"),
-                    (running_mean, "running_mean"), (running_var, "running_var")):
+    for v, name in (
+        (gamma, "weight (gamma)"),
+        (beta, "bias (beta)"),
+        (running_mean, "running_mean"),
+        (running_var, "running_var"),
+    ):
         check_channel_vector(v, channels, name)
         if v is not None:
             check_floating(v, xp, name)
@@ -141,8 +145,14 @@ def batch_norm_infer(
 ) -> Array:
     """Algorithm 2: normalise with population (running) estimates instead of batch moments."""
     xp, axis = check_input(
-        x, axis, eps, training=False, gamma=gamma, beta=beta,
-        running_mean=running_mean, running_var=running_var,
+        x,
+        axis,
+        eps,
+        training=False,
+        gamma=gamma,
+        beta=beta,
+        running_mean=running_mean,
+        running_var=running_var,
     )
     cdt = compute_dtype(x.dtype, xp)
     mean = xp.astype(running_mean, cdt)
@@ -167,8 +177,7 @@ def fold(
     check_eps(eps)
     channels = running_mean.shape[0] if running_mean.ndim == 1 else -1
     check_channel_vector(running_mean, channels, "running_mean")
-    for v, name in ((running_var, "running_var"), (gamma, "weight (gamma)"),
-                    (beta, "bias (beta)")):
+    for v, name in ((running_var, "running_var"), (gamma, "weight (gamma)"), (beta, "bias (beta)")):
         check_channel_vector(v, channels, name)
     scale = inverse_std(running_var, eps)
     if gamma is not None:

@@ -19,9 +19,7 @@ from .stats import batch_stats, inverse_std
 __all__ = ["jacobian"]
 
 
-def jacobian(
-    x: Array, gamma: Array | None = None, *, axis: int = 1, eps: float = 1e-5
-) -> Array:
+def jacobian(x: Array, gamma: Array | None = None, *, axis: int = 1, eps: float = 1e-5) -> Array:
     """Shape (C, m, m); row/column order is that of ``_xp.to_channel_rows``. eps >= 0."""
     xp = namespace(x)
     check_floating(x, xp)

@@ -75,8 +75,12 @@ def update_running_stats(
     xp = namespace(running_mean, running_var, batch_mean, batch_var)
     check_momentum(momentum, convention, variance)
     channels = running_mean.shape[0] if running_mean.ndim == 1 else batch_mean.shape[0]
-    for v, name in ((running_mean, "running_mean"), (running_var, "running_var"),
-                    (batch_mean, "batch mean"), (batch_var, "batch var")):
+    for v, name in (
+        (running_mean, "running_mean"),
+        (running_var, "running_var"),
+        (batch_mean, "batch mean"),
+        (batch_var, "batch var"),
+    ):
         check_channel_vector(v, channels, name)
     if variance == "unbiased" and count < 2:
         raise ValueError(f"the unbiased running variance needs count >= 2, got {count}")

@@ -82,6 +82,16 @@ def staged_backward(
     dl_dgamma = xp.sum(dyc * x_hat, axis=axes)
     dl_dbeta = xp.sum(dyc, axis=axes)
     return Staged(
-        mean, var, invstd, x_hat, dl_dxhat, dl_dvar, dl_dmean_direct, dl_dmean_vanishing,
-        dl_dmean, xp.astype(dl_dx, x.dtype), dl_dgamma, dl_dbeta,
+        mean,
+        var,
+        invstd,
+        x_hat,
+        dl_dxhat,
+        dl_dvar,
+        dl_dmean_direct,
+        dl_dmean_vanishing,
+        dl_dmean,
+        xp.astype(dl_dx, x.dtype),
+        dl_dgamma,
+        dl_dbeta,
     )

@@ -23,9 +23,13 @@ __all__ = ["BatchStats", "batch_stats", "merge_stats", "inverse_std"]
 
 
 class BatchStats(NamedTuple):
-    """Per-channel moments of a batch: ``count`` values each, biased ``var``; ``m2 = var*count``."""
+    """Per-channel moments of a batch: ``count`` values each, biased ``var``; ``m2 = var*count``.
 
-    count: int
+    ``count`` is an int from ``batch_stats`` and a 0-d array from ``merge_stats`` (reading it on
+    the host would synchronise a GPU; callers that need a Python int call ``int()``).
+    """
+
+    count: Any
     mean: Array
     var: Array
 
@@ -52,18 +56,21 @@ def merge_stats(counts: Array, means: Array, m2s: Array, xp: Any | None = None) 
     """Merge P partial statistics exactly (Chan et al. 1979).
 
     ``counts`` has shape (P,), ``means`` and ``m2s`` shape (P, C), where ``m2`` is the sum of
-    squared deviations from the part's own mean. Parts with a count of 0 are ignored.
+    squared deviations from the part's own mean. Parts with a count of 0 are ignored. The merged
+    ``count`` is a 0-d array in the dtype of ``means``.
     """
     xp = xp or namespace(means)
     counts = xp.astype(xp.asarray(counts), means.dtype)
     total = xp.sum(counts)
     n = counts[:, None]
-    mean = xp.sum(n * means, axis=0) / total
+    # Parts with n = 0 may carry a NaN mean (0/0); mask them, since 0 * NaN is NaN.
+    present = n > 0
+    zeros = xp.zeros_like(means)
+    mean = xp.sum(xp.where(present, n * means, zeros), axis=0) / total
     delta = means - mean[None, :]
-    # Parts with n = 0 may carry a NaN mean (0/0); mask them rather than multiply by 0.
-    spread = xp.where(n > 0, n * delta * delta + m2s, xp.zeros_like(m2s))
+    spread = xp.where(present, n * delta * delta + m2s, zeros)
     m2 = xp.sum(spread, axis=0)
-    return BatchStats(int(total), mean, m2 / total)
+    return BatchStats(total, mean, m2 / total)
 
 
 def inverse_std(var: Array, eps: float) -> Array:

@@ -1,0 +1,75 @@
+"""Swap ``torch.nn.BatchNorm1d/2d/3d`` for ours in a model, and back.
+
+The new module takes over the old one's *tensors* (the same ``Parameter`` and buffer objects,
+as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does), so device, dtype, values,
+``requires_grad`` and an optimizer's references to the parameters are all preserved, and so is
+the training mode. Only exact classes are swapped: subclasses of PyTorch's layers are left
+alone, since they may override ``forward``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__all__ = ["convert", "revert"]
+
+_OURS: dict[type, type] = {
+    torch.nn.BatchNorm1d: BatchNorm1d,
+    torch.nn.BatchNorm2d: BatchNorm2d,
+    torch.nn.BatchNorm3d: BatchNorm3d,
+}
+_THEIRS: dict[type, type] = {ours: theirs for theirs, ours in _OURS.items()}
+
+
+def convert(
+    model: torch.nn.Module,
+    *,
+    backend: str = "auto",
+    through_mean: bool = True,
+    through_var: bool = True,
+) -> torch.nn.Module:
+    """``model`` with every ``torch.nn.BatchNorm1d/2d/3d`` replaced by ours (in place for
+    children; a bare batch-norm ``model`` is returned as a new module)."""
+    extras = {"backend": backend, "through_mean": through_mean, "through_var": through_var}
+    return _swap(model, _OURS, extras)
+
+
+def revert(model: torch.nn.Module) -> torch.nn.Module:
+    """The inverse of ``convert``: every one of our ``BatchNorm1d/2d/3d`` back to PyTorch's."""
+    return _swap(model, _THEIRS, {})
+
+
+def _swap(module: torch.nn.Module, mapping: dict[type, type], extras: dict[str, Any]):
+    target = mapping.get(type(module))
+    if target is not None:
+        module = _rebuild(module, target, extras)
+    for name, child in module.named_children():
+        replacement = _swap(child, mapping, extras)
+        if replacement is not child:
+            setattr(module, name, replacement)
+    return module
+
+
+def _rebuild(old: torch.nn.Module, target: type, extras: dict[str, Any]) -> torch.nn.Module:
+    # Built on the meta device: every tensor is replaced by the old module's own just below.
+    new = target(
+        old.num_features,
+        old.eps,
+        old.momentum,
+        old.affine,
+        old.track_running_stats,
+        device="meta",
+        **extras,
+    )
+    for name in ("weight", "bias"):
+        setattr(new, name, getattr(old, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        setattr(new, name, getattr(old, name))
+    new.train(old.training)
+    if hasattr(old, "qconfig"):
+        new.qconfig = old.qconfig
+    return new

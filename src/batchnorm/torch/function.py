@@ -1,0 +1,184 @@
+"""The autograd ``Function``: the backend's stages forward, the library's derived backward.
+
+Forward runs ``backend.forward_train`` (fused stats + elemt) or ``backend.forward_infer``;
+backward runs the compact backward of ``batchnorm.reference.backward``::
+
+    backward_reduce:  sum_dy = sum(dy),  sum_dy_xhat = sum(dy * x_hat)   -> dbias, dweight
+    backward_elemt:   dx = weight*invstd/m * (m*dy - sum_dy - x_hat*sum_dy_xhat)
+
+never autograd over primitive ops. Only ``x``, ``weight``, ``mean`` and ``invstd`` are saved;
+x_hat is recomputed from them in the backward pass.
+
+Double backward: when the backward itself runs with grad enabled (``create_graph=True``), the
+same reference formulas are evaluated with differentiable torch ops, and ``mean``/``invstd`` are
+*recomputed from x* rather than taken from the saved (constant) tensors, because in training they
+are functions of x and the second derivative must see that. The gradient is then itself a
+differentiable function, as in Chainer, and autograd differentiates the derived formula.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import reference as ref
+from .._xp import compute_dtype, namespace, per_channel, reduce_axes, values_per_channel
+
+__all__ = ["BatchNormFunction", "memory_format_of"]
+
+#: Channel axis of every PyTorch batch-norm input, (N, C, *): also for channels_last tensors,
+#: whose *logical* layout is still (N, C, H, W).
+AXIS = 1
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The memory format PyTorch's own batch norm gives its output and grad_input for ``x``."""
+    if not x.is_contiguous():
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _detached_moments(
+    x: torch.Tensor, eps: float, through_mean: bool, through_var: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, invstd)`` of x as differentiable functions of x, for double backward.
+
+    A moment that the first backward treats as a constant (``through_mean``/``through_var`` off)
+    is detached here, so the second derivative is that of the same detached graph. With the mean
+    detached the variance is taken about that constant: var_c(x) = mean((x - c)^2), whose second
+    derivative differs from that of the batch variance even though the values agree.
+    """
+    stats = ref.batch_stats(x, AXIS)
+    mean, var = stats.mean, stats.var
+    if not through_mean:
+        xp = namespace(x)
+        mean = mean.detach()
+        centred = xp.astype(x, mean.dtype) - per_channel(mean, x.ndim, AXIS, xp)
+        var = xp.mean(centred * centred, axis=reduce_axes(x.ndim, AXIS))
+    invstd = ref.inverse_std(var, eps)
+    if not through_var:
+        invstd = invstd.detach()
+    return mean, invstd
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """``y, mean, var = BatchNormFunction.apply(x, weight, bias, running_mean, running_var,
+    training, eps, backend, through_mean, through_var)``.
+
+    ``backend`` is a resolved backend object (see ``batchnorm.kernels.select_backend``).
+    ``mean`` and ``var`` (biased) are the statistics that normalised ``x``, in the compute dtype
+    (float32, or float64 for float64 input); they are not differentiable outputs and serve the
+    running-statistics update. In eval mode they are the running statistics. Validation is the
+    caller's job (``batchnorm.torch.batch_norm`` does it before any state changes).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        training: bool,
+        eps: float,
+        backend: Any,
+        through_mean: bool = True,
+        through_var: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        fmt = memory_format_of(x)
+        if training:
+            y, mean, var, invstd = backend.forward_train(x, weight, bias, eps, AXIS)
+        else:
+            y = backend.forward_infer(x, running_mean, running_var, weight, bias, eps, AXIS)
+            cdt = compute_dtype(x.dtype, namespace(x))
+            # Copies, so the outputs never alias the caller's buffers.
+            mean = running_mean.to(cdt, copy=True)
+            var = running_var.to(cdt, copy=True)
+            invstd = ref.inverse_std(var, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.training, ctx.eps, ctx.backend = training, eps, backend
+        ctx.through_mean, ctx.through_var = through_mean, through_var
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)
+        return y.contiguous(memory_format=fmt), mean, var
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor | None, _dmean: Any, _dvar: Any) -> tuple:
+        nones = (None,) * 7
+        if dy is None:
+            return (None, None, None) + nones
+        x, weight, mean, invstd = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            dx, dweight, dbias = _differentiable_backward(ctx, dy, x, weight, mean, invstd)
+        else:
+            dx, dweight, dbias = _backend_backward(ctx, dy, x, weight, mean, invstd)
+        if dx is not None:
+            dx = dx.contiguous(memory_format=memory_format_of(x))
+        if weight is not None and dweight is not None:
+            dweight = dweight.to(weight.dtype)
+        if ctx.bias_dtype is not None and dbias is not None:
+            dbias = dbias.to(ctx.bias_dtype)
+        return (
+            dx if need_x else None,
+            dweight if need_weight else None,
+            dbias if need_bias else None,
+        ) + nones
+
+
+def _backend_backward(ctx, dy, x, weight, mean, invstd):
+    """First-order backward through the backend's stages (no graph is recorded)."""
+    backend, count = ctx.backend, values_per_channel(tuple(x.shape), AXIS)
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if getattr(backend, "name", None) != "reference":
+        # Fast kernels index dy with x's strides.
+        dy = dy.contiguous(memory_format=memory_format_of(x))
+    if ctx.training and ctx.through_mean and ctx.through_var:
+        return backend.backward_train(dy, x, mean, invstd, weight, AXIS)
+    sum_dy = sum_dy_xhat = None
+    if need_weight or need_bias or ctx.training:
+        sum_dy, sum_dy_xhat = backend.backward_reduce(dy, x, mean, invstd, AXIS)
+    dx = None
+    if need_x:
+        # In eval the moments are constants (running statistics): both switches off.
+        dx = ref.backward_elemt(
+            dy,
+            x,
+            mean,
+            invstd,
+            weight,
+            sum_dy,
+            sum_dy_xhat,
+            count,
+            AXIS,
+            through_mean=ctx.training and ctx.through_mean,
+            through_var=ctx.training and ctx.through_var,
+        )
+    return dx, sum_dy_xhat, sum_dy
+
+
+def _differentiable_backward(ctx, dy, x, weight, mean, invstd):
+    """The same formulas with torch ops that record a graph, for ``create_graph=True``."""
+    if ctx.training:
+        mean, invstd = _detached_moments(x, ctx.eps, ctx.through_mean, ctx.through_var)
+    sum_dy, sum_dy_xhat = ref.backward_reduce(dy, x, mean, invstd, AXIS)
+    dx = ref.backward_elemt(
+        dy,
+        x,
+        mean,
+        invstd,
+        weight,
+        sum_dy,
+        sum_dy_xhat,
+        values_per_channel(tuple(x.shape), AXIS),
+        AXIS,
+        through_mean=ctx.training and ctx.through_mean,
+        through_var=ctx.training and ctx.through_var,
+    )
+    return dx, sum_dy_xhat, sum_dy

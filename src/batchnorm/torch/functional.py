@@ -1,0 +1,173 @@
+"""``batch_norm``: ``torch.nn.functional.batch_norm`` with our stages, backends and switches.
+
+Order of work, so that a bad call changes nothing: validate every argument (the reference's
+``check_input``, momentum, the running-statistics pair), pick the backend, run the autograd
+``Function``, and only then write the new running statistics into the buffers, in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference as ref
+from .._xp import per_channel
+from ..kernels import BackendUnavailable, select_backend
+from .function import AXIS, BatchNormFunction
+
+__all__ = ["batch_norm", "explain_backend", "BackendUnavailable"]
+
+
+def explain_backend(input: torch.Tensor, backend: str = "auto") -> str:
+    """Which backend ``backend`` resolves to for ``input``, and why the others were passed over.
+
+    Raises ``BackendUnavailable`` if an explicitly named backend cannot run on ``input``.
+    """
+    chosen, notes = select_backend(input, backend)
+    if not notes:
+        return chosen.name
+    return f"{chosen.name} ({'; '.join(notes)})"
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+    through_mean: bool = True,
+    through_var: bool = True,
+) -> torch.Tensor:
+    """Batch normalization over the channel axis 1 of an (N, C, *) input.
+
+    Same arguments and semantics as ``torch.nn.functional.batch_norm``: in training the batch
+    statistics normalise ``input`` and, when ``running_mean``/``running_var`` are given, those
+    buffers are updated in place (momentum weights the new batch; the running variance is the
+    unbiased estimate). In eval the running statistics normalise. Differences, all additions:
+
+    * ``backend``: ``"auto"`` (the best available for this device and dtype, see
+      ``explain_backend``), ``"reference"``, or another name from ``batchnorm.kernels.REGISTRY``;
+      a named backend that cannot run raises ``BackendUnavailable``.
+    * ``through_mean=False`` / ``through_var=False``: the moments-as-constants gradients of
+      ``batchnorm.reference.backward_elemt`` (training only; the forward is unchanged).
+    * A batch whose statistics are not finite leaves those channels' running statistics
+      untouched and warns (PyTorch writes the NaN/inf into them).
+    * Bad arguments raise ``ValueError``/``TypeError`` naming the bad shape or value, before any
+      buffer changes. ``momentum=None`` (cumulative average) is for the modules, which count
+      batches; here it raises ``ValueError``.
+    """
+    if momentum is None:
+        raise ValueError(
+            "momentum=None (cumulative average) needs the number of batches seen; use the "
+            "BatchNorm modules, which track it in num_batches_tracked, or pass a float"
+        )
+    output, _ = _batch_norm(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        backend=backend,
+        through_mean=through_mean,
+        through_var=through_var,
+    )
+    return output
+
+
+def _batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    *,
+    backend: str,
+    through_mean: bool,
+    through_var: bool,
+    num_batches_tracked: int = 0,
+) -> tuple[torch.Tensor, str | None]:
+    """``batch_norm`` plus the modules' needs: returns ``(output, name of the backend used)``.
+
+    ``num_batches_tracked`` (batches seen before this one) serves ``momentum=None``.
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "running_mean and running_var must both be given or both be None, got "
+            f"running_mean={_describe(running_mean)}, running_var={_describe(running_var)}"
+        )
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var must be given when training=False")
+    # An empty batch is legal in PyTorch (it returns an empty output); only m = 1 is an error.
+    empty = input.numel() == 0
+    ref.check_input(
+        input,
+        AXIS,
+        eps,
+        training=bool(training) and not empty,
+        gamma=weight,
+        beta=bias,
+        running_mean=running_mean,
+        running_var=running_var,
+    )
+    update = bool(training) and running_mean is not None
+    if update:
+        ref.check_momentum(momentum, "torch", "unbiased")
+    if empty:
+        return _empty_batch(input, weight, bias), None
+
+    chosen, _ = select_backend(input, backend)
+    output, mean, var = BatchNormFunction.apply(
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        bool(training),
+        float(eps),
+        chosen,
+        bool(through_mean),
+        bool(through_var),
+    )
+    if update:
+        new = ref.update_running_stats(
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            mean,
+            var,
+            input.numel() // input.shape[AXIS],
+            momentum=momentum,
+        )
+        with torch.no_grad():
+            running_mean.copy_(new.running_mean)
+            running_var.copy_(new.running_var)
+    return output, chosen.name
+
+
+def _empty_batch(
+    input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """PyTorch's answer to an empty batch: an empty output still connected to weight and bias,
+    so their gradients are zeros rather than None."""
+    output = input.clone()
+    if weight is not None:
+        output = output * per_channel(weight, input.dim(), AXIS, torch)
+    if bias is not None:
+        output = output + per_channel(bias, input.dim(), AXIS, torch)
+    return output.to(input.dtype)
+
+
+def _describe(v: torch.Tensor | None) -> str:
+    return "None" if v is None else f"tensor of shape {tuple(v.shape)}"

@@ -1,0 +1,254 @@
+"""``SyncBatchNorm``: batch statistics of the *global* batch across torch.distributed processes.
+
+The stages are the reference's, with one collective between each pair (design.md)::
+
+    forward   batch_stats (local: count, mean, M2)  --all_gather-->  merge_stats (Chan et al.)
+              elemt with the global mean and invstd
+    backward  backward_reduce (local sum_dy, sum_dy_xhat)  --all_reduce-->  backward_elemt
+
+One all_gather of a packed ``[count, mean, M2]`` vector per forward and one all_reduce of
+``[sum_dy, sum_dy_xhat]`` per backward. The merge is exact for uneven per-rank batches and for
+ranks with no samples at all (their count is 0 and they contribute nothing). Every rank merges
+the same gathered numbers in the same order, so every rank holds bitwise the same statistics and
+running statistics. Works with gloo on CPU tensors (PyTorch's own SyncBatchNorm refuses CPU)
+and with NCCL on CUDA tensors.
+
+Weight and bias gradients are the *local* sums, as in ``torch.nn.SyncBatchNorm``: data-parallel
+training (DDP) then all-reduces them with every other parameter gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .. import reference as ref
+from .._xp import compute_dtype
+from .function import AXIS, memory_format_of
+from .modules import _BatchNorm, _check_backend_name
+
+__all__ = ["SyncBatchNorm", "convert_sync"]
+
+
+def _world(process_group: Any) -> tuple[int, int]:
+    """``(rank, world_size)`` in ``process_group``; ``(0, 1)`` when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    group = process_group if process_group is not None else dist.group.WORLD
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _collective(what: str, process_group: Any, fn: Any, *args: Any) -> None:
+    """Run a collective; turn a peer's crash or a timeout into an error that says so."""
+    try:
+        fn(*args, group=process_group)
+    except Exception as exc:  # gloo/NCCL raise several types (RuntimeError, DistError, ...)
+        rank, world = _world(process_group)
+        raise RuntimeError(
+            f"SyncBatchNorm: the {what} failed on rank {rank} of {world}; another rank may have "
+            f"crashed, exited or stopped calling the collective (see the process group's "
+            f"timeout): {exc}"
+        ) from exc
+
+
+def _gather_stats(x: torch.Tensor, process_group: Any, world: int) -> ref.BatchStats:
+    """Local (count, mean, M2) packed into one vector, one all_gather, exact merge."""
+    channels = x.shape[AXIS]
+    cdt = compute_dtype(x.dtype, torch)
+    count = x.numel() // channels if channels else 0
+    if count > 0:
+        local = ref.batch_stats(x, AXIS)
+        mean, m2 = local.mean, local.var * count
+    else:  # an empty shard still takes part in the collective, contributing nothing
+        mean = m2 = torch.zeros(channels, dtype=cdt, device=x.device)
+    packed = torch.cat([torch.full((1,), count, dtype=cdt, device=x.device), mean, m2])
+    gathered = torch.empty((world, packed.numel()), dtype=cdt, device=x.device)
+    _collective(
+        "all_gather of batch statistics",
+        process_group,
+        dist.all_gather,
+        list(gathered.unbind(0)),
+        packed,
+    )
+    return ref.merge_stats(
+        gathered[:, 0], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
+    )
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """``y, mean, var, count = apply(x, weight, bias, eps, process_group, world)``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, process_group, world):
+        stats = _gather_stats(x, process_group, world)
+        if x.device.type == "cpu" and float(stats.count) < 2:
+            # Checked on CPU only: on a GPU reading the count would stall the stream.
+            raise ValueError(
+                "expected more than 1 value per channel when training, got "
+                f"{int(stats.count)} value(s) per channel over all {world} ranks"
+            )
+        invstd = ref.inverse_std(stats.var, eps)
+        y = ref.elemt(x, stats.mean, invstd, weight, bias, AXIS)
+        ctx.save_for_backward(x, weight, stats.mean, invstd, stats.count)
+        ctx.process_group = process_group
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(stats.mean, stats.var, stats.count)
+        return y.contiguous(memory_format=memory_format_of(x)), stats.mean, stats.var, stats.count
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar, _dcount):
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        sum_dy, sum_dy_xhat = ref.backward_reduce(dy, x, mean, invstd, AXIS)
+        channels = sum_dy.numel()
+        combined = torch.cat([sum_dy, sum_dy_xhat])
+        _collective(
+            "all_reduce of [sum_dy, sum_dy_xhat]", ctx.process_group, dist.all_reduce, combined
+        )
+        dx = ref.backward_elemt(
+            dy, x, mean, invstd, weight, combined[:channels], combined[channels:], count, AXIS
+        )
+        dx = dx.contiguous(memory_format=memory_format_of(x))
+        dweight = None if weight is None else sum_dy_xhat.to(weight.dtype)
+        dbias = None if ctx.bias_dtype is None else sum_dy.to(ctx.bias_dtype)
+        return dx, dweight, dbias, None, None, None
+
+
+class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """Drop-in ``torch.nn.SyncBatchNorm`` that also runs on CPU tensors (gloo).
+
+    It derives from PyTorch's common batch-norm base, not from ``torch.nn.SyncBatchNorm``:
+    DistributedDataParallel refuses instances of that class on CPU ("SyncBatchNorm layers only
+    work with GPU modules"), which is the point of this one. Parameters, buffers and state-dict
+    keys are the same, so checkpoints move between the two.
+
+    Same constructor as ``torch.nn.SyncBatchNorm`` (``process_group`` included) plus
+    keyword-only ``backend``, used on the local path: in eval mode, outside torch.distributed and
+    with a world size of 1 the module is exactly our ``BatchNorm`` and communicates nothing.
+    Any input rank >= 2 is accepted, as in PyTorch.
+
+    On the first synchronised forward, the ranks compare their channel counts (one small extra
+    all_gather, once per module) and all raise ``ValueError`` listing them if they differ.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
+        self.backend = _check_backend_name(backend)
+        # What the local path (our BatchNorm's forward) reads.
+        self.through_mean = self.through_var = True
+        self.last_backend: str | None = None
+        self._channels_checked = False
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        rank, world = _world(self.process_group)
+        if not self.training or world == 1:
+            return _BatchNorm.forward(self, input)
+        # Validate everything before any collective or buffer change.
+        ref.check_input(
+            input,
+            AXIS,
+            self.eps,
+            training=False,
+            gamma=self.weight,
+            beta=self.bias,
+            running_mean=self.running_mean,
+            running_var=self.running_var,
+        )
+        tracking = self.track_running_stats and self.running_mean is not None
+        if tracking:
+            ref.check_momentum(self.momentum, "torch", "unbiased")
+        if not self._channels_checked:
+            self._check_channels(input.shape[AXIS], rank, world)
+        output, mean, var, count = _SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, float(self.eps), self.process_group, world
+        )
+        self.last_backend = "reference"
+        if tracking:
+            seen = int(self.num_batches_tracked) if self.momentum is None else 0
+            count_value = int(count) if input.device.type == "cpu" else count
+            new = ref.update_running_stats(
+                self.running_mean,
+                self.running_var,
+                seen,
+                mean,
+                var,
+                count_value,
+                momentum=self.momentum,
+            )
+            with torch.no_grad():
+                self.running_mean.copy_(new.running_mean)
+                self.running_var.copy_(new.running_var)
+                self.num_batches_tracked.add_(1)
+        return output
+
+    def _check_channels(self, channels: int, rank: int, world: int) -> None:
+        mine = torch.tensor([channels], dtype=torch.int64, device=self._device())
+        every = [torch.empty_like(mine) for _ in range(world)]
+        _collective("channel-count check", self.process_group, dist.all_gather, every, mine)
+        counts = [int(c) for c in every]
+        if len(set(counts)) > 1:
+            raise ValueError(
+                f"SyncBatchNorm: the ranks disagree on the number of channels (rank -> C: "
+                f"{dict(enumerate(counts))}); this is rank {rank}"
+            )
+        self._channels_checked = True
+
+    def _device(self) -> torch.device:
+        for t in (self.weight, self.running_mean):
+            if t is not None:
+                return t.device
+        return torch.device("cpu")
+
+
+def convert_sync(module: torch.nn.Module, process_group: Any = None) -> torch.nn.Module:
+    """Replace every batch-norm layer (PyTorch's or ours) by our ``SyncBatchNorm``.
+
+    Parameters, buffers, training mode, device and dtype are kept (the state is moved, not
+    copied). Returns ``module`` itself, or the new layer when ``module`` is a batch norm.
+    """
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
+        module, SyncBatchNorm
+    ):
+        backend = getattr(module, "backend", "auto")
+        sync = SyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            process_group,
+            backend=backend,
+        )
+        if module.affine:
+            with torch.no_grad():
+                sync.weight = module.weight
+                sync.bias = module.bias
+        sync.running_mean = module.running_mean
+        sync.running_var = module.running_var
+        sync.num_batches_tracked = module.num_batches_tracked
+        sync.train(module.training)
+        if hasattr(module, "qconfig"):
+            sync.qconfig = module.qconfig
+        return sync
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync(child, process_group))
+    return module

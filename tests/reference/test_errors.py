@@ -1,0 +1,93 @@
+"""Every bad input raises a clear ValueError/TypeError naming the offending value."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import batchnorm.reference as ref
+
+
+def test_fewer_than_two_values_per_channel(xp):
+    with pytest.raises(ValueError, match=r"more than 1 value per channel.*\(1, 3\)"):
+        ref.batch_norm_train(xp.asarray(np.ones((1, 3))))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ref.batch_norm_train(xp.asarray(np.ones((1, 3, 1, 1))))
+    # zero-size batch
+    with pytest.raises(ValueError, match=r"0 value\(s\) per channel"):
+        ref.batch_norm_train(xp.asarray(np.ones((0, 3))))
+    # inference accepts a single value per channel
+    ref.batch_norm_infer(
+        xp.asarray(np.ones((1, 3))), xp.asarray(np.zeros(3)), xp.asarray(np.ones(3))
+    )
+
+
+@pytest.mark.parametrize("name", ["gamma", "beta"])
+def test_affine_length_mismatch(xp, name):
+    x = xp.asarray(np.random.default_rng(0).normal(size=(4, 3, 2)))
+    kwargs = {name: xp.asarray(np.ones(4))}
+    with pytest.raises(ValueError, match=r"must have shape \(3,\).*got shape \(4,\)"):
+        ref.batch_norm_train(x, **kwargs)
+
+
+@pytest.mark.parametrize("which", ["running_mean", "running_var"])
+def test_running_stat_length_mismatch(xp, which):
+    x = xp.asarray(np.ones((4, 3)))
+    stats = {"running_mean": xp.asarray(np.zeros(3)), "running_var": xp.asarray(np.ones(3))}
+    stats[which] = xp.asarray(np.ones(2))
+    with pytest.raises(ValueError, match=rf"{which} must have shape \(3,\)"):
+        ref.batch_norm_infer(x, **stats)
+
+
+@pytest.mark.parametrize("axis", [3, -4, 0, -3])
+def test_axis_out_of_range(xp, axis):
+    x = xp.asarray(np.ones((4, 3, 2)))
+    with pytest.raises(ValueError, match="axis"):
+        ref.batch_norm_train(x, axis=axis)
+
+
+def test_axis_must_be_int(xp):
+    with pytest.raises(TypeError, match="axis must be an int"):
+        ref.batch_norm_train(xp.asarray(np.ones((4, 3))), axis=1.0)
+
+
+def test_rank_one_input(xp):
+    with pytest.raises(ValueError, match="rank >= 2"):
+        ref.batch_norm_train(xp.asarray(np.ones(4)))
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan"), float("inf")])
+def test_bad_eps(xp, eps):
+    with pytest.raises(ValueError, match="eps must be finite and > 0"):
+        ref.batch_norm_train(xp.asarray(np.ones((4, 3))), eps=eps)
+
+
+def test_eps_must_be_a_number(xp):
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        ref.batch_norm_train(xp.asarray(np.ones((4, 3))), eps="small")
+
+
+def test_non_floating_dtype(xp):
+    with pytest.raises(TypeError, match="floating-point dtype"):
+        ref.batch_norm_train(xp.asarray(np.ones((4, 3)), "int64"))
+
+
+def test_non_floating_gamma(xp):
+    with pytest.raises(TypeError, match=r"weight \(gamma\) must have a floating-point dtype"):
+        ref.batch_norm_train(xp.asarray(np.ones((4, 3))), xp.asarray(np.ones(3), "int64"))
+
+
+def test_dy_shape_mismatch(xp):
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    _, saved = ref.batch_norm_train(xp.asarray(x))
+    with pytest.raises(ValueError, match=r"grad_output \(dy\) has shape \(4, 2\)"):
+        ref.backward(xp.asarray(np.ones((4, 2))), saved)
+    with pytest.raises(ValueError, match="grad_output"):
+        ref.staged_backward(xp.asarray(np.ones((3, 3))), xp.asarray(x))
+
+
+def test_bad_fold_input():
+    with pytest.raises(ValueError, match=r"running_var must have shape \(3,\)"):
+        ref.fold(np.zeros(3), np.ones(2))
+    with pytest.raises(ValueError, match="eps"):
+        ref.fold(np.zeros(3), np.ones(3), eps=0)

@@ -1,0 +1,102 @@
+"""Running statistics: closed forms after k steps under every convention; non-finite batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import batchnorm.reference as ref
+
+
+def _run(xp, batches, momentum, convention, variance, start_mean, start_var):
+    rm, rv, tracked = xp.asarray(start_mean), xp.asarray(start_var), 0
+    for x in batches:
+        _, saved = ref.batch_norm_train(xp.asarray(x))
+        rm, rv, tracked = ref.update_running_stats(
+            rm,
+            rv,
+            tracked,
+            saved.mean,
+            saved.var,
+            saved.count,
+            momentum=momentum,
+            convention=convention,
+            variance=variance,
+        )
+    return xp.to_numpy(rm), xp.to_numpy(rv), tracked
+
+
+@pytest.mark.parametrize("convention", ["torch", "keras"])
+@pytest.mark.parametrize("variance", ["unbiased", "biased"])
+def test_closed_form_after_k_steps(xp, rng, convention, variance):
+    k, m, momentum = 5, 6, 0.3
+    batches = [rng.normal(size=(m, 2)) * (i + 1) + i for i in range(k)]
+    start_mean, start_var = np.zeros(2), np.ones(2)
+    rm, rv, tracked = _run(xp, batches, momentum, convention, variance, start_mean, start_var)
+    # weight of the new batch: momentum (torch) or 1 - momentum (keras)
+    w = momentum if convention == "torch" else 1 - momentum
+    ddof = 1 if variance == "unbiased" else 0
+    # closed form: r_k = (1-w)^k r_0 + sum_i w (1-w)^(k-1-i) b_i
+    exp_mean = (1 - w) ** k * start_mean
+    exp_var = (1 - w) ** k * start_var
+    for i, b in enumerate(batches):
+        exp_mean = exp_mean + w * (1 - w) ** (k - 1 - i) * b.mean(0)
+        exp_var = exp_var + w * (1 - w) ** (k - 1 - i) * b.var(0, ddof=ddof)
+    assert tracked == k
+    np.testing.assert_allclose(rm, exp_mean, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(rv, exp_var, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("convention", ["torch", "keras"])
+def test_cumulative_average(xp, rng, convention):
+    batches = [rng.normal(size=(4, 3)) + i for i in range(6)]
+    rm, rv, tracked = _run(xp, batches, None, convention, "unbiased", np.zeros(3), np.ones(3))
+    assert tracked == 6
+    np.testing.assert_allclose(rm, np.mean([b.mean(0) for b in batches], axis=0), rtol=1e-12)
+    np.testing.assert_allclose(rv, np.mean([b.var(0, ddof=1) for b in batches], axis=0), rtol=1e-12)
+
+
+def test_momentum_extremes(rng):
+    x = rng.normal(size=(5, 2))
+    _, s = ref.batch_norm_train(x)
+    rm0, rv0 = np.full(2, 3.0), np.full(2, 4.0)
+    frozen = ref.update_running_stats(rm0, rv0, 0, s.mean, s.var, s.count, momentum=0.0)
+    assert np.array_equal(frozen.running_mean, rm0) and np.array_equal(frozen.running_var, rv0)
+    replaced = ref.update_running_stats(rm0, rv0, 0, s.mean, s.var, s.count, momentum=1.0)
+    np.testing.assert_allclose(replaced.running_mean, x.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(replaced.running_var, x.var(0, ddof=1), rtol=1e-14)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_non_finite_batch_leaves_those_channels_untouched(xp, rng):
+    x = rng.normal(size=(6, 3))
+    x[2, 1] = np.inf
+    x[0, 2] = np.nan
+    _, s = ref.batch_norm_train(xp.asarray(x))
+    rm0, rv0 = np.array([1.0, 2.0, 3.0]), np.array([4.0, 5.0, 6.0])
+    with pytest.warns(RuntimeWarning, match=r"channel\(s\) \[1, 2\]"):
+        new = ref.update_running_stats(xp.asarray(rm0), xp.asarray(rv0), 7, s.mean, s.var, s.count)
+    rm, rv = xp.to_numpy(new.running_mean), xp.to_numpy(new.running_var)
+    assert rm[1:].tolist() == [2.0, 3.0] and rv[1:].tolist() == [5.0, 6.0]
+    np.testing.assert_allclose(rm[0], 0.9 * 1.0 + 0.1 * x[:, 0].mean(), rtol=1e-14)
+    assert new.num_batches_tracked == 8
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"momentum": 1.5}, ValueError, r"momentum must be in \[0, 1\]"),
+        ({"momentum": -0.1}, ValueError, "momentum"),
+        ({"momentum": "0.1"}, TypeError, "momentum"),
+        ({"convention": "tf"}, ValueError, "convention must be"),
+        ({"variance": "sample"}, ValueError, "variance must be"),
+    ],
+)
+def test_bad_running_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ref.update_running_stats(np.zeros(2), np.ones(2), 0, np.zeros(2), np.ones(2), 4, **kwargs)
+
+
+def test_running_shape_mismatch():
+    with pytest.raises(ValueError, match=r"running_var must have shape \(2,\)"):
+        ref.update_running_stats(np.zeros(2), np.ones(3), 0, np.zeros(2), np.ones(2), 4)

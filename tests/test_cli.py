@@ -1,0 +1,56 @@
+"""`batchnorm verify` and the command dispatcher."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import batchnorm.reference as ref
+from batchnorm import cli, verify
+
+
+def test_verify_passes_and_prints_table(capsys):
+    assert verify.main(["--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "dx vs finite differences" in out and "FAIL" not in out
+    assert "checks passed" in out
+
+
+def test_verify_fails_on_a_wrong_backward(monkeypatch, capsys):
+    """A backward that ignores the mean's gradient must turn the table red and exit 1."""
+    original = ref.backward
+
+    def no_mean_grad(dy, saved, **kwargs):
+        return original(dy, saved, through_mean=False)
+
+    monkeypatch.setattr(verify.ref, "backward", no_mean_grad)
+    assert verify.main(["--seed", "3"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out
+
+
+def test_dispatcher_help_and_unknown(capsys):
+    assert cli.main([]) == 0
+    assert "verify" in capsys.readouterr().out
+    assert cli.main(["nonsense"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+
+
+def test_python_dash_m_works():
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchnorm", "verify", "--seed", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "checks passed" in proc.stdout
+
+
+def test_import_batchnorm_imports_no_heavy_framework():
+    code = (
+        "import sys, batchnorm, batchnorm.kernels; "
+        "print([m for m in ('torch', 'numba', 'triton') if m in sys.modules])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr

@@ -1,0 +1,229 @@
+"""Gradients of the autograd Function: float64 finite differences (gradcheck, gradgradcheck),
+the moments-as-constants switches against autograd over a primitive-op graph with the moment
+detached, and proof that the backward runs the backend's stages, not autograd."""
+
+from __future__ import annotations
+
+import pytest
+from torch_cases import make_input, require
+
+import batchnorm.torch as bt
+import torch
+from batchnorm.kernels import ReferenceBackend, register
+
+SHAPES = [(4, 3), (2, 2, 3), (2, 3, 2, 2), (2, 2, 2, 1, 2)]
+
+
+def _args(shape, affine, gen, layout="contiguous"):
+    _, x = make_input(shape, torch.float64, layout, gen)
+    c = shape[1]
+    w = (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).requires_grad_(affine)
+    b = torch.randn(c, generator=gen, dtype=torch.float64).requires_grad_(affine)
+    return x.detach().requires_grad_(True), (w if affine else None), (b if affine else None)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gradcheck_and_gradgradcheck(backend, shape, training, affine):
+    gen = torch.Generator().manual_seed(len(shape))
+    x, w, b = _args(shape, affine, gen)
+    require(backend, x)
+    c = shape[1]
+    running_mean = torch.randn(c, generator=gen, dtype=torch.float64)
+    running_var = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+
+    def f(x, *params):
+        weight, bias = params if affine else (None, None)
+        # Fresh copies: the training forward updates the running statistics in place.
+        return bt.batch_norm(
+            x,
+            running_mean.clone(),
+            running_var.clone(),
+            weight,
+            bias,
+            training,
+            backend=backend,
+        )
+
+    inputs = (x, w, b) if affine else (x,)
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+def test_gradgradcheck_channels_last(backend):
+    gen = torch.Generator().manual_seed(7)
+    x, w, b = _args((2, 3, 2, 2), True, gen, layout="channels_last")
+    x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    require(backend, x)
+
+    def f(x, w, b):
+        return bt.batch_norm(x, None, None, w, b, True, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+def _detached_graph(x, w, b, eps, through_mean, through_var):
+    """Batch norm on primitive ops with a moment computed from the batch but then a constant.
+
+    With the mean detached the variance is taken about that constant mean, as in the reference
+    oracle ``tests/reference/oracles.py::bn_numpy``.
+    """
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean = x.mean(dims, keepdim=True)
+    if not through_mean:
+        mean = mean.detach()
+    var = ((x - mean) ** 2).mean(dims, keepdim=True)
+    if not through_var:
+        var = var.detach()
+    return (x - mean) / torch.sqrt(var + eps) * w.view(shape) + b.view(shape)
+
+
+@pytest.mark.parametrize(
+    ("through_mean", "through_var"), [(False, True), (True, False), (False, False), (True, True)]
+)
+@pytest.mark.parametrize("shape", [(5, 3), (2, 3, 2, 2)], ids=str)
+def test_switches_first_and_second_derivatives(backend, shape, through_mean, through_var):
+    """Both orders of derivative equal autograd's on the graph with the moment detached."""
+    gen = torch.Generator().manual_seed(3)
+    x, w, b = _args(shape, True, gen)
+    require(backend, x)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    ours = bt.batch_norm(
+        x,
+        None,
+        None,
+        w,
+        b,
+        True,
+        backend=backend,
+        through_mean=through_mean,
+        through_var=through_var,
+    )
+    oracle = _detached_graph(x, w, b, 1e-5, through_mean, through_var)
+    torch.testing.assert_close(ours, oracle)
+
+    first_ours = torch.autograd.grad(ours, (x, w, b), dy, create_graph=True)
+    first_oracle = torch.autograd.grad(oracle, (x, w, b), dy, create_graph=True)
+    for a, e in zip(first_ours, first_oracle, strict=True):
+        torch.testing.assert_close(a, e)
+    # Without create_graph the backend's first-order path runs instead: same numbers.
+    plain = torch.autograd.grad(
+        bt.batch_norm(
+            x,
+            None,
+            None,
+            w,
+            b,
+            True,
+            backend=backend,
+            through_mean=through_mean,
+            through_var=through_var,
+        ),
+        (x, w, b),
+        dy,
+    )
+    for a, e in zip(plain, first_oracle, strict=True):
+        torch.testing.assert_close(a, e)
+
+    v = torch.randn(shape, generator=gen, dtype=torch.float64)
+    wrt = (x, w, dy)
+    # With the variance detached dx no longer depends on x: unused inputs get zeros.
+    second_ours = torch.autograd.grad((first_ours[0] * v).sum(), wrt, materialize_grads=True)
+    second_oracle = torch.autograd.grad((first_oracle[0] * v).sum(), wrt, materialize_grads=True)
+    for a, e in zip(second_ours, second_oracle, strict=True):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize(("through_mean", "through_var"), [(False, True), (True, False)])
+def test_module_switches_reach_the_backward(backend, through_mean, through_var):
+    gen = torch.Generator().manual_seed(5)
+    x, _, _ = _args((4, 3, 2, 2), False, gen)
+    require(backend, x)
+    module = bt.BatchNorm2d(
+        3, dtype=torch.float64, backend=backend, through_mean=through_mean, through_var=through_var
+    )
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    dx = torch.autograd.grad(module(x), x, dy)[0]
+    oracle = _detached_graph(x, module.weight, module.bias, module.eps, through_mean, through_var)
+    torch.testing.assert_close(dx, torch.autograd.grad(oracle, x, dy)[0])
+    full = _detached_graph(x, module.weight, module.bias, module.eps, True, True)
+    assert not torch.allclose(dx, torch.autograd.grad(full, x, dy)[0])
+
+
+class SpyBackend(ReferenceBackend):
+    """The reference backend, recording which stages ran."""
+
+    name = "spy"
+    calls: list[str] = []
+
+    def forward_train(self, *args):
+        self.calls.append("forward_train")
+        return super().forward_train(*args)
+
+    def forward_infer(self, *args):
+        self.calls.append("forward_infer")
+        return super().forward_infer(*args)
+
+    def backward_reduce(self, *args):
+        self.calls.append("backward_reduce")
+        return super().backward_reduce(*args)
+
+    def backward_train(self, *args):
+        self.calls.append("backward_train")
+        return super().backward_train(*args)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    from batchnorm import kernels
+
+    monkeypatch.setitem(kernels.REGISTRY, "spy", f"{__name__}:SpyBackend")
+    monkeypatch.setattr(kernels, "_instances", dict(kernels._instances))
+    SpyBackend.calls = []
+    return SpyBackend.calls
+
+
+@pytest.mark.parametrize(
+    ("training", "through_mean", "expected"),
+    [
+        (True, True, ["forward_train", "backward_train"]),
+        (True, False, ["forward_train", "backward_reduce"]),
+        (False, True, ["forward_infer", "backward_reduce"]),
+    ],
+)
+def test_backward_runs_the_backend_stages(spy, training, through_mean, expected):
+    x = torch.randn(4, 3, 2, requires_grad=True)
+    w = torch.ones(3, requires_grad=True)
+    y = bt.batch_norm(
+        x,
+        torch.zeros(3),
+        torch.ones(3),
+        w,
+        None,
+        training,
+        backend="spy",
+        through_mean=through_mean,
+    )
+    # Only x, weight, mean and invstd are kept for the backward.
+    saved = y.grad_fn.saved_tensors
+    assert [tuple(t.shape) for t in saved] == [(4, 3, 2), (3,), (3,), (3,)]
+    assert saved[0] is x and saved[1] is w
+    y.backward(torch.randn_like(y))
+    # (The reference's fused backward_train itself calls backward_reduce: only the first two.)
+    assert spy[:2] == expected
+    assert bt.explain_backend(x, "spy") == "spy"
+
+
+def test_register_adds_to_auto_order(monkeypatch):
+    from batchnorm import kernels
+
+    monkeypatch.setattr(kernels, "REGISTRY", dict(kernels.REGISTRY))
+    monkeypatch.setattr(kernels, "AUTO_ORDER", dict(kernels.AUTO_ORDER))
+    monkeypatch.setattr(kernels, "_instances", dict(kernels._instances))
+    register("spy", f"{__name__}:SpyBackend", auto={"cpu": 0})
+    module = bt.BatchNorm1d(3)
+    module(torch.randn(4, 3))
+    assert module.last_backend == "spy"

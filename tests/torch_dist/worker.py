@@ -1,0 +1,141 @@
+"""One rank of a multi-process SyncBatchNorm test; run by test_sync.py, results to an .npz file.
+
+usage: worker.py MODE RANK WORLD INIT_FILE OUT_FILE [options as key=value]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from batchnorm.torch import SyncBatchNorm, convert_sync
+
+CHANNELS = 3
+
+
+def global_batch(sizes, dtype, seed=0):
+    """Every rank builds the same global batch and takes its own slice."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    x = torch.randn(n, CHANNELS, 4, 5, generator=g, dtype=torch.float64) * 2 + 0.5
+    dy = torch.randn(n, CHANNELS, 4, 5, generator=g, dtype=torch.float64)
+    return x.to(dtype), dy.to(dtype)
+
+
+def small_cnn(dtype):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    ).to(dtype)
+
+
+def run_bn(rank, world, opts, out):
+    sizes = [int(s) for s in opts["sizes"].split(",")]
+    dtype = getattr(torch, opts.get("dtype", "float64"))
+    channels_last = opts.get("channels_last") == "1"
+    bn = SyncBatchNorm(CHANNELS, momentum=0.3).to(dtype)
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 1.5, CHANNELS))
+        bn.bias.copy_(torch.linspace(-1, 1, CHANNELS))
+    results = {}
+    for step in range(2):
+        x_all, dy_all = global_batch(sizes, dtype, seed=step)
+        start = sum(sizes[:rank])
+        x = x_all[start : start + sizes[rank]].clone()
+        dy = dy_all[start : start + sizes[rank]]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        bn.zero_grad()
+        y = bn(x)
+        (y * dy).sum().backward()
+        results[f"y{step}"] = y.detach().double().numpy()
+        results[f"dx{step}"] = x.grad.double().numpy()
+        results[f"dweight{step}"] = bn.weight.grad.double().numpy()
+        results[f"dbias{step}"] = bn.bias.grad.double().numpy()
+        results[f"channels_last{step}"] = np.array(
+            y.is_contiguous(memory_format=torch.channels_last)
+        )
+    results["running_mean"] = bn.running_mean.double().numpy()
+    results["running_var"] = bn.running_var.double().numpy()
+    results["num_batches_tracked"] = bn.num_batches_tracked.numpy()
+    np.savez(out, **results)
+
+
+def run_ddp(rank, world, opts, out):
+    steps, n = int(opts.get("steps", 20)), int(opts.get("n", 12))
+    model = convert_sync(small_cnn(torch.float64))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(n, 1, 6, 6, generator=g, dtype=torch.float64)
+        target = torch.randint(0, 3, (n,), generator=g)
+        shard = slice(rank * n // world, (rank + 1) * n // world)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(ddp(x[shard]), target[shard])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    state = {k: v.double().numpy() for k, v in model.state_dict().items()}
+    np.savez(out, losses=np.array(losses), **{f"state.{k}": v for k, v in state.items()})
+
+
+def run_die(rank, world, opts, out):
+    if rank == 1:
+        os._exit(3)  # a rank that disappears without a word
+    bn = SyncBatchNorm(CHANNELS)
+    start = time.monotonic()
+    try:
+        bn(torch.randn(4, CHANNELS, 2, 2))
+        message = "no error"
+    except Exception as exc:  # the test reads the type and message
+        message = f"{type(exc).__name__}: {exc}"
+    np.savez(out, message=np.array(message), elapsed=np.array(time.monotonic() - start))
+
+
+def run_mismatch(rank, world, opts, out):
+    bn = SyncBatchNorm(CHANNELS + rank)
+    try:
+        bn(torch.randn(4, CHANNELS + rank, 2, 2))
+        message = "no error"
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}"
+    np.savez(out, message=np.array(message))
+
+
+def main(argv):
+    mode, rank, world, init_file, out = argv[:5]
+    opts = dict(a.split("=", 1) for a in argv[5:])
+    rank, world = int(rank), int(world)
+    timeout = timedelta(seconds=float(opts.get("timeout", 60)))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout
+    )
+    {"bn": run_bn, "ddp": run_ddp, "die": run_die, "mismatch": run_mismatch}[mode](
+        rank, world, opts, out
+    )
+    if mode != "die":
+        dist.barrier()
+        dist.destroy_process_group()
+    else:
+        os._exit(0)  # the group is broken; skip the teardown handshake
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
