@@ -7,6 +7,7 @@ only those files, so a figure can be redrawn without re-running anything.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -28,7 +29,7 @@ __all__ = [
     "read_csv",
     "progress",
     "Timer",
-    "configure_torch",
+    "torch_threads",
     "mean_and_spread",
 ]
 
@@ -120,12 +121,21 @@ class Timer:
         self.seconds = time.perf_counter() - self._start
 
 
-def configure_torch(threads: int | None = 1) -> None:
-    """Small models on shared cores run fastest on one thread (and do not starve neighbours)."""
+@contextlib.contextmanager
+def torch_threads(threads: int | None = 1) -> Iterator[None]:
+    """Run the block on ``threads`` torch threads, then restore the caller's setting.
+
+    Small models on shared cores run fastest on one thread (and do not starve neighbours).
+    """
     import torch
 
+    previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def mean_and_spread(runs: Sequence[Sequence[float | None]]) -> dict[str, list[float | None]]:

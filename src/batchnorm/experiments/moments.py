@@ -79,7 +79,14 @@ def minimal_case(steps: int = 25, *, m: int = 8, lr: float = 0.1, seed: int = 0)
         x_hat = (x - x.mean()) / (std.detach() if detach else std)
         return ((x_hat - t) ** 2).mean()
 
-    result: dict[str, Any] = {"m": m, "lr": lr, "steps": steps, "seed": seed}
+    result: dict[str, Any] = {
+        "m": m,
+        "lr": lr,
+        "steps": steps,
+        "seed": seed,
+        "inputs": u.numpy(),
+        "targets": t.numpy(),
+    }
     for name, loss_fn, start in (("shift", shift_loss, 0.0), ("scale", scale_loss, 1.0)):
         for variant, detach in (("true gradient", False), ("moment as constant", True)):
             param = torch.tensor(start, dtype=torch.float64, requires_grad=True)

@@ -236,7 +236,11 @@ def plot_moments(directory: str | Path) -> list[Path]:
     variants = list(record["variants"])
     errors = [check["overall_rel_error"][v] for v in variants]
     fig, ax = plt.subplots(figsize=(5.2, 3.0))
-    ax.bar(variants, errors, color=[COLORS[v] for v in variants])
+    ax.bar(
+        [v.replace(" grad", "\ngrad") for v in variants],
+        errors,
+        color=[COLORS[v] for v in variants],
+    )
     ax.set_yscale("log")
     for i, value in enumerate(errors):
         ax.text(i, value, f"{value:.1e}", ha="center", va="bottom", fontsize=8)
@@ -325,7 +329,9 @@ def plot_reparam(directory: str | Path) -> list[Path]:
     variants = record["orthogonality"]["variants"]
     names = list(variants)
     values = [max(variants[n]["max_abs_cosine_w_grad"], 1e-17) for n in names]
-    axes[1].bar(names, values, color=[COLORS[n] for n in names])
+    axes[1].bar(
+        [n.replace(" grad", "\ngrad") for n in names], values, color=[COLORS[n] for n in names]
+    )
     axes[1].set_yscale("log")
     axes[1].set(title="|cos(w, ∂l/∂w)|: scale invariance in the gradient", ylabel="max over units")
     for i, value in enumerate(values):
