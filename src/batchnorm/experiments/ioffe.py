@@ -21,7 +21,7 @@ from .common import Timer, mean_and_spread, write_csv, write_json
 
 __all__ = ["run", "DEFAULTS", "QUICK"]
 
-DEFAULTS = {"steps": 5000, "eval_every": 100, "seeds": 3, "population_batches": 20}
+DEFAULTS = {"steps": 5000, "eval_every": 100, "seeds": 5, "population_batches": 20}
 QUICK = {"steps": 1500, "eval_every": 150, "seeds": 3, "population_batches": 10}
 PERCENTILES = (15, 50, 85)
 VARIANTS = {"bn": "with batch norm", "plain": "without batch norm"}

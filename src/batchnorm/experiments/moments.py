@@ -40,7 +40,7 @@ VARIANTS = {
 DEFAULTS = {
     "steps": 3000,
     "eval_every": 100,
-    "seeds": 2,
+    "seeds": 3,
     "population_batches": 20,
     "fd_coordinates": 12,
 }

@@ -276,9 +276,7 @@ def plot_landscape(directory: str | Path) -> list[Path]:
                 label=label,
             )
             ax.plot(steps, _arr(c[high]["mean"]), color=color, lw=0.8)
-        axes[2].plot(
-            steps, np.fmax.accumulate(_arr(c["beta"]["mean"])), color=color, label=label, lw=1.6
-        )
+        axes[2].plot(steps, _arr(c["beta"]["mean"]), color=color, label=label, lw=1.0)
         _band(axes[3], c["eval_step"], c["test_accuracy"], color, label)
     lo, hi = record["config"]["eta_range"]
     axes[0].set(
@@ -294,10 +292,10 @@ def plot_landscape(directory: str | Path) -> list[Path]:
     axes[2].set(
         title="(c) effective β-smoothness",
         xlabel="training step",
-        ylabel="max so far of ‖Δ∇l‖ / ‖Δθ‖",
+        ylabel="max over η of ‖Δ∇l‖ / ‖Δθ‖",
     )
     axes[3].set(title="test accuracy", xlabel="training step", ylim=(0, 1))
-    for ax in axes[:3]:
+    for ax in axes[:2]:
         ax.set_yscale("log")
     axes[0].legend()
     fig.suptitle(

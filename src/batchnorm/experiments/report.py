@@ -72,8 +72,27 @@ def _stage_verify(out: Path, options: dict[str, Any]) -> dict[str, Any]:
     return {"rows": rows, "passed": passed, "total": len(rows)}
 
 
-#: Functions of ``batchnorm.bench`` the report knows how to call, in order of preference.
-BENCH_ENTRY_POINTS = ("run_quick", "run_benchmarks", "run_bench", "run")
+def _bench_rows(record: Any) -> list[dict[str, Any]]:
+    """One row per (shape, peer, op) from ``batchnorm.bench.run``'s record."""
+    if not isinstance(record, dict):
+        return _rows(record)
+    rows = []
+    for entry in record.get("results", []):
+        shape = "x".join(str(s) for s in entry.get("shape", []))
+        for t in entry.get("timings", []):
+            median = t.get("median_s")
+            rows.append(
+                {
+                    "shape": shape,
+                    "layout": entry.get("layout"),
+                    "op": t.get("op"),
+                    "peer": t.get("peer"),
+                    "median_ms": None if median is None else 1e3 * median,
+                    "speedup": t.get("speedup"),
+                    "x_copy": t.get("x_copy"),
+                }
+            )
+    return rows
 
 
 def _stage_bench(out: Path, options: dict[str, Any]) -> dict[str, Any]:
@@ -81,19 +100,25 @@ def _stage_bench(out: Path, options: dict[str, Any]) -> dict[str, Any]:
         bench = importlib.import_module("batchnorm.bench")
     except ImportError as exc:
         raise Skipped(f"batchnorm.bench is not available ({exc})") from exc
-    for name in BENCH_ENTRY_POINTS:
-        function = getattr(bench, name, None)
-        if callable(function):
-            break
-    else:
-        raise Skipped(f"batchnorm.bench has none of {list(BENCH_ENTRY_POINTS)}")
-    parameters = inspect.signature(function).parameters
-    kwargs = {"quick": True} if "quick" in parameters else {}
-    result = function(**kwargs)
-    rows = _rows(result.get("rows", []) if isinstance(result, dict) else result)
-    write_json(out / "bench.json", {"entry_point": name, "rows": rows})
+    run = getattr(bench, "run", None)
+    if not callable(run):
+        raise Skipped("batchnorm.bench has no run()")
+    parameters = inspect.signature(run).parameters
+    args = [bench.QUICK_SHAPES] if "shapes" in parameters and hasattr(bench, "QUICK_SHAPES") else []
+    wanted = {"quick": True, "progress": options["progress"]}
+    if options["quick"]:
+        wanted.update(repeats=5, warmup=1)
+    record = run(*args, **{k: v for k, v in wanted.items() if k in parameters})
+    rows = _bench_rows(record)
+    write_json(out / "bench.json", record)
     write_csv(out / "bench.csv", rows)
-    return {"rows": rows, "entry_point": name}
+    text = getattr(bench, "format_table", None)
+    if callable(text) and isinstance(record, dict):
+        (out / "bench.txt").write_text(text(record) + "\n")
+    draw = getattr(bench, "plot", None)
+    if callable(draw) and isinstance(record, dict):
+        draw(record, out / "bench.png")
+    return {"rows": rows}
 
 
 def _stage_explain(out: Path, options: dict[str, Any]) -> dict[str, Any]:
@@ -629,15 +654,37 @@ def _verify_body(out: Path) -> str:
 
 def _bench_body(out: Path) -> str:
     be = _load(out, "bench", "bench.json")
-    if not be or not be.get("rows"):
+    if not be:
         return ""
-    columns: list[str] = []
-    for row in be["rows"]:
-        columns += [k for k in row if k not in columns and not isinstance(row[k], dict | list)]
+    rows = _bench_rows(be)
+    order = {"forward": 0, "backward": 1, "fwd+bwd": 2, "inference": 3}
+    rows.sort(key=lambda r: (str(r["shape"]), order.get(str(r["op"]), 9), str(r["peer"])))
+    figure = (
+        _figure(
+            out,
+            "bench/bench.png",
+            "Speed-up over PyTorch eager (top) and time as a "
+            "multiple of one copy of the tensor (bottom), per shape and operation.",
+        )
+        if (out / "bench" / "bench.png").exists()
+        else ""
+    )
     return (
-        _table(be["rows"], [(k, k, ".3g") for k in columns])
-        + '<p class="files">Quick settings on a shared CPU: read the ratios, not the '
-        "absolute times.</p>"
+        figure
+        + _table(
+            rows,
+            [
+                ("shape", "shape", ""),
+                ("layout", "layout", ""),
+                ("op", "op", ""),
+                ("peer", "peer", ""),
+                ("median_ms", "median ms", ".3g"),
+                ("speedup", "speed-up vs eager", ".2f"),
+                ("x_copy", "× copy time", ".2f"),
+            ],
+        )
+        + '<p class="files">Quick shapes on a shared CPU: read the ratios, not the absolute '
+        "times; <code>batchnorm bench</code> runs the real shapes.</p>"
     )
 
 
@@ -705,7 +752,7 @@ def render_html(out: str | Path, status: dict[str, Any]) -> str:
             "verify",
             "The reference against its oracles",
             "<code>batchnorm verify</code>: finite differences, the staged derivation, the "
-            "closed-form Jacobian and PyTorch's own batch norm, on fresh random data.",
+            "closed-form Jacobian and PyTorch's own batch norm, on seeded random data.",
             _verify_body(out),
             status,
             out,
