@@ -86,3 +86,36 @@ def test_experiment_cli(tmp_path, capsys):
     assert (tmp_path / "reparam.png").exists()
     with pytest.raises(SystemExit):
         cli.main(["experiment", "nosuch"])
+
+
+def test_report_calls_bench_and_skips_a_missing_verify(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = {}
+    fake = types.ModuleType("batchnorm.bench")
+    fake.QUICK_SHAPES = [((4, 3), "nc")]
+
+    def run(shapes, *, repeats=15, warmup=3, progress=True):
+        calls.update(shapes=shapes, repeats=repeats)
+        timing = {"op": "fwd+bwd", "median_s": 2e-3, "speedup": 1.7, "x_copy": 4.0}
+        return {
+            "results": [{"shape": [4, 3], "layout": "nc", "timings": [{"peer": "numba", **timing}]}]
+        }
+
+    def plot(record, path):
+        path.write_bytes(b"\x89PNG fake")
+        return path
+
+    fake.run, fake.plot = run, plot
+    fake.format_table = lambda record: "a table"
+    monkeypatch.setitem(sys.modules, "batchnorm.bench", fake)
+    monkeypatch.setitem(sys.modules, "batchnorm.verify", None)  # import raises ImportError
+    skip = ["explain", "ioffe", "moments", "landscape", "reparam"]
+    status = report.build_report(tmp_path, quick=True, progress=False, skip=skip)
+    assert status["stages"]["bench"]["state"] == "ok"
+    assert calls == {"shapes": fake.QUICK_SHAPES, "repeats": 5}
+    assert status["stages"]["verify"]["state"] == "skipped"
+    page = (tmp_path / "index.html").read_text()
+    assert "verify was skipped" in page and "<td>numba</td>" in page and "<td>1.70</td>" in page
+    assert 'src="bench/bench.png"' in page and (tmp_path / "bench" / "bench.csv").exists()
