@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 import torch
+
 from batchnorm.kernels import available_backends
 
 

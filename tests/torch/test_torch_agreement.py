@@ -10,10 +10,10 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 from torch_cases import assert_close, make_input, randomize_affine, require
 
 import batchnorm.torch as bt
-import torch
 
 CLASSES = {
     1: (bt.BatchNorm1d, torch.nn.BatchNorm1d),

@@ -7,9 +7,9 @@ import re
 import warnings
 
 import pytest
+import torch
 
 import batchnorm.torch as bt
-import torch
 from batchnorm import kernels
 
 

@@ -5,10 +5,10 @@ detached, and proof that the backward runs the backend's stages, not autograd.""
 from __future__ import annotations
 
 import pytest
+import torch
 from torch_cases import make_input, require
 
 import batchnorm.torch as bt
-import torch
 from batchnorm.kernels import ReferenceBackend, register
 
 SHAPES = [(4, 3), (2, 2, 3), (2, 3, 2, 2), (2, 2, 2, 1, 2)]

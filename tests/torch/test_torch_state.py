@@ -6,9 +6,9 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 
 import batchnorm.torch as bt
-import torch
 
 PAIRS = [
     (bt.BatchNorm1d, torch.nn.BatchNorm1d, (6, 3, 4)),

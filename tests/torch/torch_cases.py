@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-
 import torch
+
 from batchnorm.kernels import BackendUnavailable, get_backend
 
 
