@@ -34,7 +34,7 @@ from ..reference import (
     jacobian,
     staged_backward,
 )
-from .common import read_json, write_json
+from .common import write_json
 
 __all__ = [
     "staged_example",
@@ -419,7 +419,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "note" in files:
             print(files["note"], file=sys.stderr)
     return 0
-
-
-def load(out: str | Path) -> dict[str, Any]:
-    return read_json(Path(out) / "explain.json")

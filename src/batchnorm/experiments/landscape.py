@@ -119,8 +119,8 @@ def run(
     settings = dict(QUICK if quick else DEFAULTS)
     if steps is not None:
         settings["steps"] = int(steps)
-        settings["probe_every"] = max(1, int(steps) // 20)
-        settings["eval_every"] = max(1, int(steps) // 5)
+        settings["probe_every"] = max(1, min(settings["probe_every"], int(steps) // 20))
+        settings["eval_every"] = max(1, min(settings["eval_every"], int(steps) // 5))
     if seeds is not None:
         settings["seeds"] = int(seeds)
     etas = np.linspace(*ETA_RANGE, settings["etas"])

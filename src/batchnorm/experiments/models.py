@@ -17,7 +17,7 @@ training mini-batches processed by the training-mode network (``population_stati
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -274,7 +274,6 @@ class TrainConfig:
     eval_every: int = 100
     population_batches: int = 20
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def train(

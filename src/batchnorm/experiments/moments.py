@@ -263,7 +263,7 @@ def run(
     settings = dict(QUICK if quick else DEFAULTS)
     if steps is not None:
         settings["steps"] = int(steps)
-        settings["eval_every"] = max(1, min(100, int(steps) // 10))
+        settings["eval_every"] = max(1, min(settings["eval_every"], int(steps) // 10))
     if seeds is not None:
         settings["seeds"] = int(seeds)
     dataset = load_dataset(data)
