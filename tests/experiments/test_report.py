@@ -119,3 +119,30 @@ def test_report_calls_bench_and_skips_a_missing_verify(tmp_path, monkeypatch):
     page = (tmp_path / "index.html").read_text()
     assert "verify was skipped" in page and "<td>numba</td>" in page and "<td>1.70</td>" in page
     assert 'src="bench/bench.png"' in page and (tmp_path / "bench" / "bench.csv").exists()
+
+
+def test_importing_the_experiments_imports_no_heavy_package():
+    import subprocess
+    import sys
+
+    modules = ", ".join(
+        f"batchnorm.experiments.{m}"
+        for m in (
+            "data",
+            "explain",
+            "report",
+            "cli",
+            "reparam",
+            "moments",
+            "ioffe",
+            "landscape",
+            "plots",
+        )
+    )
+    code = (
+        f"import sys, {modules}; "
+        "print([m for m in ('torch', 'matplotlib', 'tqdm', 'mnist1d', 'sklearn') "
+        "if m in sys.modules])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
