@@ -367,9 +367,10 @@ def _cards(out: Path) -> str:
     ex = _load(out, "explain", "explain.json")
     if ex:
         steps = ex["two_sample"]["batch_norm"]["steps"]
+        true_dx = ", ".join(f"{abs(v):.0f}" for v in steps["true"]["dl_dx"])
         cards.append(
             (
-                f"dx = {_fmt(float(steps['true']['dl_dx'][0]), '.0f')}",
+                f"dx = ({true_dx})",
                 "the true input gradient in the two-sample example of seeds/000 "
                 f"(mean as a constant: {steps['mean constant']['dl_dx'][0]:.2f} each)",
             )
