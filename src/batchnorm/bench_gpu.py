@@ -283,9 +283,8 @@ class _Problem:
 
 def _functions(peer: str) -> dict[str, Callable[..., Any]]:
     """The four functions timed for a peer: train(x, w, b), infer(p, x), relu, add_relu."""
-    import torch.nn.functional as F
-
     import torch
+    import torch.nn.functional as F
 
     if peer in ("eager", "compile"):
 
