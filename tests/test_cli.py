@@ -54,3 +54,25 @@ def test_import_batchnorm_imports_no_heavy_framework():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_failed_backend_import_is_remembered(monkeypatch):
+    from batchnorm import kernels
+
+    monkeypatch.setitem(kernels.REGISTRY, "ghost", "batchnorm.no_such_module:Ghost")
+    calls = []
+    real_import = kernels.importlib.import_module
+
+    def counting_import(name):
+        calls.append(name)
+        return real_import(name)
+
+    monkeypatch.setattr(kernels.importlib, "import_module", counting_import)
+    kernels._import_errors.pop("ghost", None)
+    for _ in range(3):
+        try:
+            kernels.get_backend("ghost", object())
+        except kernels.BackendUnavailable as exc:
+            assert "cannot be imported" in str(exc)
+    assert calls.count("batchnorm.no_such_module") == 1
+    kernels._import_errors.pop("ghost", None)

@@ -100,3 +100,19 @@ def test_bad_running_arguments(kwargs, error, match):
 def test_running_shape_mismatch():
     with pytest.raises(ValueError, match=r"running_var must have shape \(2,\)"):
         ref.update_running_stats(np.zeros(2), np.ones(3), 0, np.zeros(2), np.ones(2), 4)
+
+
+def test_non_finite_guard_applies_without_warning(rng):
+    x = rng.normal(size=(6, 2))
+    x[0, 0] = np.nan
+    with np.errstate(invalid="ignore"):
+        _, s = ref.batch_norm_train(x)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning may be raised with warn=False
+        new = ref.update_running_stats(
+            np.zeros(2), np.ones(2), 0, s.mean, s.var, s.count, warn=False
+        )
+    assert new.running_mean[0] == 0.0 and new.running_var[0] == 1.0
+    assert np.isfinite(new.running_mean[1]) and new.running_mean[1] != 0.0

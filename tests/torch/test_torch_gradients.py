@@ -15,14 +15,19 @@ SHAPES = [(4, 3), (2, 2, 3), (2, 3, 2, 2), (2, 2, 2, 1, 2)]
 
 
 def _args(shape, affine, gen, layout="contiguous"):
+    """``(x, weight, bias)`` in float64; ``affine`` is "both", "weight", "bias" or "none"."""
     _, x = make_input(shape, torch.float64, layout, gen)
     c = shape[1]
-    w = (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).requires_grad_(affine)
-    b = torch.randn(c, generator=gen, dtype=torch.float64).requires_grad_(affine)
-    return x.detach().requires_grad_(True), (w if affine else None), (b if affine else None)
+    w = (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).requires_grad_(True)
+    b = torch.randn(c, generator=gen, dtype=torch.float64).requires_grad_(True)
+    return (
+        x.detach().requires_grad_(True),
+        w if affine in ("both", "weight") else None,
+        b if affine in ("both", "bias") else None,
+    )
 
 
-@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_gradcheck_and_gradgradcheck(backend, shape, training, affine):
@@ -32,9 +37,12 @@ def test_gradcheck_and_gradgradcheck(backend, shape, training, affine):
     c = shape[1]
     running_mean = torch.randn(c, generator=gen, dtype=torch.float64)
     running_var = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+    params = [p for p in (w, b) if p is not None]
 
-    def f(x, *params):
-        weight, bias = params if affine else (None, None)
+    def f(x, *args):
+        given = iter(args)
+        weight = None if w is None else next(given)
+        bias = None if b is None else next(given)
         # Fresh copies: the training forward updates the running statistics in place.
         return bt.batch_norm(
             x,
@@ -46,14 +54,25 @@ def test_gradcheck_and_gradgradcheck(backend, shape, training, affine):
             backend=backend,
         )
 
-    inputs = (x, w, b) if affine else (x,)
+    inputs = (x, *params)
     assert torch.autograd.gradcheck(f, inputs)
     assert torch.autograd.gradgradcheck(f, inputs)
 
 
+def test_gradients_of_parameters_only(backend):
+    """An input that needs no gradient (a first layer): weight/bias gradients still right."""
+    gen = torch.Generator().manual_seed(2)
+    x, w, b = _args((4, 3, 2), "both", gen)
+    x = x.detach()
+    require(backend, x)
+    assert torch.autograd.gradcheck(
+        lambda w, b: bt.batch_norm(x, None, None, w, b, True, backend=backend), (w, b)
+    )
+
+
 def test_gradgradcheck_channels_last(backend):
     gen = torch.Generator().manual_seed(7)
-    x, w, b = _args((2, 3, 2, 2), True, gen, layout="channels_last")
+    x, w, b = _args((2, 3, 2, 2), "both", gen, layout="channels_last")
     x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     require(backend, x)
 
@@ -88,7 +107,7 @@ def _detached_graph(x, w, b, eps, through_mean, through_var):
 def test_switches_first_and_second_derivatives(backend, shape, through_mean, through_var):
     """Both orders of derivative equal autograd's on the graph with the moment detached."""
     gen = torch.Generator().manual_seed(3)
-    x, w, b = _args(shape, True, gen)
+    x, w, b = _args(shape, "both", gen)
     require(backend, x)
     dy = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
     ours = bt.batch_norm(
@@ -140,7 +159,7 @@ def test_switches_first_and_second_derivatives(backend, shape, through_mean, thr
 @pytest.mark.parametrize(("through_mean", "through_var"), [(False, True), (True, False)])
 def test_module_switches_reach_the_backward(backend, through_mean, through_var):
     gen = torch.Generator().manual_seed(5)
-    x, _, _ = _args((4, 3, 2, 2), False, gen)
+    x, _, _ = _args((4, 3, 2, 2), "none", gen)
     require(backend, x)
     module = bt.BatchNorm2d(
         3, dtype=torch.float64, backend=backend, through_mean=through_mean, through_var=through_var

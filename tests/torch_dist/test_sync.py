@@ -207,8 +207,8 @@ def test_ddp_example_runs_under_torchrun(tmp_path):
     proc = subprocess.run(
         [
             str(torchrun),
+            "--standalone",
             "--nproc_per_node=2",
-            "--master_port=0",
             "-m",
             "batchnorm.examples.ddp",
             "--steps",

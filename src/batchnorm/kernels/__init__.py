@@ -130,12 +130,14 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 }
 
 _instances: dict[str, Any] = {}
+_import_errors: dict[str, str] = {}
 
 
 def register(name: str, target: str, *, auto: dict[str, int] | None = None) -> None:
     """Register a backend ``"module:attr"`` under ``name``; ``auto`` maps device -> position."""
     REGISTRY[name] = target
     _instances.pop(name, None)
+    _import_errors.pop(name, None)
     for device, position in (auto or {}).items():
         order = [n for n in AUTO_ORDER.get(device, ()) if n != name]
         order.insert(position, name)
@@ -145,12 +147,16 @@ def register(name: str, target: str, *, auto: dict[str, int] | None = None) -> N
 def _load(name: str) -> Any:
     if name not in REGISTRY:
         raise ValueError(f"unknown backend {name!r}; known: {sorted(REGISTRY)} or 'auto'")
+    if name in _import_errors:
+        raise BackendUnavailable(_import_errors[name])
     if name not in _instances:
         module_name, attr = REGISTRY[name].split(":")
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            raise BackendUnavailable(f"backend {name!r} cannot be imported: {exc}") from exc
+            # Remembered: "auto" asks on every call, and a failed import is slow to repeat.
+            _import_errors[name] = f"backend {name!r} cannot be imported: {exc}"
+            raise BackendUnavailable(_import_errors[name]) from exc
         _instances[name] = getattr(module, attr)()
     return _instances[name]
 

@@ -11,7 +11,8 @@ Frameworks disagree on two things (see ``docs/conventions.md`` for the table):
   ``variance="biased"``). The batch is always *normalised* with the biased variance.
 
 A batch whose mean or variance is not finite is never written: those channels keep their old
-values and a ``RuntimeWarning`` names them. This is a pure function; modules mutate buffers.
+values and a ``RuntimeWarning`` names them (``warn=False`` skips the warning and with it the one
+host read of a flag, which matters on a GPU). This is a pure function; modules mutate buffers.
 """
 
 from __future__ import annotations
@@ -100,16 +101,15 @@ def update_running_stats(
     new_var = (1.0 - weight_new) * running_var + weight_new * var_cast
 
     finite = xp.isfinite(batch_mean) & xp.isfinite(batch_var)
-    if not bool(xp.all(finite)):
+    # Applied unconditionally: choosing on the host whether to apply it would stall a GPU.
+    new_mean = xp.where(finite, new_mean, running_mean)
+    new_var = xp.where(finite, new_var, running_var)
+    if warn and not bool(xp.all(finite)):  # the warning alone reads one flag on the host
         bad = [i for i in range(channels) if not bool(finite[i])]
-        if warn:
-            warnings.warn(
-                f"batch statistics are not finite for channel(s) {bad[:10]}"
-                f"{' ...' if len(bad) > 10 else ''}; their running statistics were left "
-                "unchanged",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        new_mean = xp.where(finite, new_mean, running_mean)
-        new_var = xp.where(finite, new_var, running_var)
+        warnings.warn(
+            f"batch statistics are not finite for channel(s) {bad[:10]}"
+            f"{' ...' if len(bad) > 10 else ''}; their running statistics were left unchanged",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return RunningStats(new_mean, new_var, tracked)

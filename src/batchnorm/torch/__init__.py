@@ -10,12 +10,15 @@ Importing this sub-package imports torch (``import batchnorm`` alone does not).
   backward (double-differentiable).
 * ``SyncBatchNorm`` / ``convert_sync``: batch statistics across torch.distributed ranks.
 * ``explain_backend(x, backend="auto")``: which backend would run on ``x`` and why.
+* ``BatchNormReLU2d`` / ``BatchNormAddReLU2d``, ``batch_norm_relu`` / ``batch_norm_add_relu``:
+  batch norm fused with the ReLU (and residual add) after it (``fused.py``).
 """
 
 from ..kernels import BackendUnavailable
 from .convert import convert, revert
 from .function import BatchNormFunction
 from .functional import batch_norm, explain_backend
+from .fused import BatchNormAddReLU2d, BatchNormReLU2d, batch_norm_add_relu, batch_norm_relu
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .sync import SyncBatchNorm, convert_sync
 
@@ -24,9 +27,13 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAddReLU2d",
     "BatchNormFunction",
+    "BatchNormReLU2d",
     "SyncBatchNorm",
     "batch_norm",
+    "batch_norm_add_relu",
+    "batch_norm_relu",
     "convert",
     "convert_sync",
     "explain_backend",

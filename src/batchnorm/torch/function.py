@@ -139,10 +139,10 @@ def _backend_backward(ctx, dy, x, weight, mean, invstd):
     if getattr(backend, "name", None) != "reference":
         # Fast kernels index dy with x's strides.
         dy = dy.contiguous(memory_format=memory_format_of(x))
-    if ctx.training and ctx.through_mean and ctx.through_var:
+    if need_x and ctx.training and ctx.through_mean and ctx.through_var:
         return backend.backward_train(dy, x, mean, invstd, weight, AXIS)
     sum_dy = sum_dy_xhat = None
-    if need_weight or need_bias or ctx.training:
+    if need_weight or need_bias or (need_x and ctx.training):
         sum_dy, sum_dy_xhat = backend.backward_reduce(dy, x, mean, invstd, AXIS)
     dx = None
     if need_x:

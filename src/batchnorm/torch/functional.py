@@ -100,31 +100,8 @@ def _batch_norm(
 
     ``num_batches_tracked`` (batches seen before this one) serves ``momentum=None``.
     """
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(
-            "running_mean and running_var must both be given or both be None, got "
-            f"running_mean={_describe(running_mean)}, running_var={_describe(running_var)}"
-        )
-    if not training and running_mean is None:
-        raise ValueError("running_mean and running_var must be given when training=False")
-    # An empty batch is legal in PyTorch (it returns an empty output); only m = 1 is an error.
-    empty = input.numel() == 0
-    ref.check_input(
-        input,
-        AXIS,
-        eps,
-        training=bool(training) and not empty,
-        gamma=weight,
-        beta=bias,
-        running_mean=running_mean,
-        running_var=running_var,
-    )
-    update = bool(training) and running_mean is not None
-    if update:
-        ref.check_momentum(momentum, "torch", "unbiased")
-    if empty:
+    update = check_call(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if input.numel() == 0:
         return _empty_batch(input, weight, bias), None
 
     chosen, _ = select_backend(input, backend)
@@ -141,19 +118,72 @@ def _batch_norm(
         bool(through_var),
     )
     if update:
-        new = ref.update_running_stats(
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            mean,
-            var,
-            input.numel() // input.shape[AXIS],
-            momentum=momentum,
+        count = input.numel() // input.shape[AXIS]
+        write_running_stats(
+            running_mean, running_var, mean, var, count, momentum, num_batches_tracked
         )
-        with torch.no_grad():
-            running_mean.copy_(new.running_mean)
-            running_var.copy_(new.running_var)
     return output, chosen.name
+
+
+def check_call(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+) -> bool:
+    """Validate a ``batch_norm`` call completely, before any work or state change.
+
+    Returns whether the running statistics are to be updated. Shared with the other layers
+    built on this one (SyncBatchNorm), so every entry point rejects the same inputs.
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "running_mean and running_var must both be given or both be None, got "
+            f"running_mean={_describe(running_mean)}, running_var={_describe(running_var)}"
+        )
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var must be given when training=False")
+    # An empty batch is legal in PyTorch (it returns an empty output); only m = 1 is an error.
+    ref.check_input(
+        input,
+        AXIS,
+        eps,
+        training=bool(training) and input.numel() > 0,
+        gamma=weight,
+        beta=bias,
+        running_mean=running_mean,
+        running_var=running_var,
+    )
+    update = bool(training) and running_mean is not None
+    if update:
+        ref.check_momentum(momentum, "torch", "unbiased")
+    return update
+
+
+def write_running_stats(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: int,
+    momentum: float | None,
+    num_batches_tracked: int = 0,
+) -> None:
+    """Fold one batch's ``mean`` and biased ``var`` (over ``count`` values per channel) into the
+    buffers, in place: ``reference.update_running_stats`` decides the values (PyTorch's momentum
+    convention, unbiased running variance, non-finite channels kept and warned about)."""
+    new = ref.update_running_stats(
+        running_mean, running_var, num_batches_tracked, mean, var, count, momentum=momentum
+    )
+    with torch.no_grad():
+        running_mean.copy_(new.running_mean)
+        running_var.copy_(new.running_var)
 
 
 def _empty_batch(

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from .. import reference as ref
 from .._xp import compute_dtype
 from .function import AXIS, memory_format_of
+from .functional import write_running_stats
 from .modules import _BatchNorm, _check_backend_name
 
 __all__ = ["SyncBatchNorm", "convert_sync"]
@@ -185,18 +186,10 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         if tracking:
             seen = int(self.num_batches_tracked) if self.momentum is None else 0
             count_value = int(count) if input.device.type == "cpu" else count
-            new = ref.update_running_stats(
-                self.running_mean,
-                self.running_var,
-                seen,
-                mean,
-                var,
-                count_value,
-                momentum=self.momentum,
+            write_running_stats(
+                self.running_mean, self.running_var, mean, var, count_value, self.momentum, seen
             )
             with torch.no_grad():
-                self.running_mean.copy_(new.running_mean)
-                self.running_var.copy_(new.running_var)
                 self.num_batches_tracked.add_(1)
         return output
 

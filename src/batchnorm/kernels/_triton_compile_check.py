@@ -1,0 +1,114 @@
+"""Compile every Triton kernel variant for a GPU target without a GPU (triton ships ptxas).
+
+``python -m batchnorm.kernels._triton_compile_check [ARCH]`` (default 90, Hopper) exits 0 when
+every variant lowers to a cubin, 3 when triton or its NVIDIA backend is missing, 1 on a compile
+error. Must run without ``TRITON_INTERPRET=1`` (the interpreter patches ``triton.language``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+
+def _pointers(dtype: str, *names: str) -> dict[str, str]:
+    return {name: f"*{dtype}" for name in names}
+
+
+def _compile(fn: Any, arch: int, pointers: dict, constexprs: dict, scalars: dict) -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {
+        name: "constexpr" if name in constexprs else pointers.get(name, scalars.get(name, "i32"))
+        for name in fn.arg_names
+    }
+    source = ASTSource(fn, signature, constexprs=constexprs)
+    triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+
+
+def variants() -> list[tuple[str, dict, dict, dict]]:
+    """(kernel name, pointer types, constexprs, scalar types) covering every code path."""
+    out = []
+    for blocks in (
+        {"BLOCK_O": 2, "BLOCK_C": 1, "BLOCK_I": 1024, "INDEX_64": False},  # NCHW-style
+        {"BLOCK_O": 32, "BLOCK_C": 64, "BLOCK_I": 1, "INDEX_64": True},  # channels-last
+    ):
+        pack = {"PACK_I": blocks["BLOCK_I"] >= 8}
+        stats_parts = ("part_count_ptr", "part_mean_ptr", "part_m2_ptr")
+        out.append(
+            (
+                "_stats_partial_kernel",
+                _pointers("bf16", "x_ptr") | _pointers("fp32", *stats_parts),
+                blocks,
+                {},
+            )
+        )
+        for flag in (True, False):
+            flags = {"HAS_WEIGHT": flag, "HAS_BIAS": flag, "HAS_RESIDUAL": flag, "RELU": flag}
+            out.append(
+                (
+                    "_forward_elemt_kernel",
+                    _pointers("bf16", "x_ptr", "y_ptr", "residual_ptr")
+                    | _pointers("fp32", "mean_ptr", "invstd_ptr", "weight_ptr", "bias_ptr")
+                    | _pointers("u8", "mask_ptr"),
+                    blocks | flags | pack | {"FROM_VAR": flag},
+                    {"eps": "fp32"},
+                )
+            )
+            out.append(
+                (
+                    "_backward_reduce_partial_kernel",
+                    _pointers("fp16", "dy_ptr", "x_ptr")
+                    | _pointers("fp32", "mean_ptr", "part_sum_dy_ptr", "part_sum_dy_xc_ptr")
+                    | _pointers("u8", "mask_ptr"),
+                    blocks | pack | {"HAS_MASK": flag},
+                    {},
+                )
+            )
+            sums = ("mean_ptr", "invstd_ptr", "weight_ptr", "sum_dy_ptr", "sum_dy_xhat_ptr")
+            out.append(
+                (
+                    "_backward_elemt_kernel",
+                    _pointers("fp32", "dy_ptr", "x_ptr", "dx_ptr", "dresidual_ptr", *sums)
+                    | _pointers("u8", "mask_ptr"),
+                    blocks
+                    | pack
+                    | {"HAS_WEIGHT": flag, "HAS_MASK": flag, "WRITE_DRESIDUAL": flag}
+                    | {"THROUGH_MEAN": flag, "THROUGH_VAR": not flag},
+                    {"count": "fp32"},
+                )
+            )
+    stats = ("part_count_ptr", "part_mean_ptr", "part_m2_ptr", "mean_ptr", "var_ptr", "invstd_ptr")
+    out.append(
+        ("_stats_combine_kernel", _pointers("fp32", *stats), {"BLOCK_C": 256}, {"eps": "fp32"})
+    )
+    sums = ("part_sum_dy_ptr", "part_sum_dy_xc_ptr", "invstd_ptr", "sum_dy_ptr", "sum_dy_xhat_ptr")
+    out.append(("_backward_combine_kernel", _pointers("fp32", *sums), {"BLOCK_C": 256}, {}))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    arch = int(args[0]) if args else 90
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
+        return 3
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+
+        from . import _triton_kernels as kernels
+    except ImportError as exc:
+        print(f"triton with its NVIDIA backend is not installed: {exc}")
+        return 3
+    todo = variants()
+    for name, pointers, constexprs, scalars in todo:
+        _compile(getattr(kernels, name), arch, pointers, constexprs, scalars)
+    print(f"compiled {len(todo)} kernel variants for sm_{arch}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""Batch norm fused with the ReLU (and the residual add) that follow it in almost every CNN.
+
+    batch_norm_relu:      y = relu(bn(x))
+    batch_norm_add_relu:  y = relu(bn(x) + residual)      (the tail of a ResNet block)
+
+On the Triton backend the whole tail is one elementwise pass after the statistics, and instead of
+the activation the forward keeps a 1-bit-per-element mask of where the ReLU passed its input.
+Backward multiplies dy by the mask (the gradient reaching batch norm's output, which is also the
+residual's gradient) and runs the batch-norm backward on it, again in two passes. PyTorch's
+unfused sequence writes and re-reads the intermediate ``bn(x)`` (and ``bn(x) + residual``) and
+keeps the activation for the ReLU's backward.
+
+Everywhere else (CPU without ``TRITON_INTERPRET=1``, float64, an explicitly named other backend)
+the same result comes from ``batchnorm.torch.batch_norm`` followed by torch's add and ReLU, with
+autograd, so the modules run on any device.
+
+Semantics are those of ``batchnorm.torch.batch_norm`` (PyTorch's ``F.batch_norm``): running
+statistics are updated in place in training (momentum weights the new batch, unbiased running
+variance); bad arguments raise before any buffer changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+
+from .. import reference as ref
+from .._xp import check_same_shape
+from ..kernels import BackendUnavailable, get_backend
+from .function import AXIS, memory_format_of
+from .functional import _batch_norm, check_call, write_running_stats
+from .modules import _check_backend_name
+
+__all__ = [
+    "BatchNormAddReLU2d",
+    "BatchNormReLU2d",
+    "FusedBatchNormReLUFunction",
+    "batch_norm_add_relu",
+    "batch_norm_relu",
+]
+
+
+class FusedBatchNormReLUFunction(torch.autograd.Function):
+    """``y, mean, var = apply(x, weight, bias, residual, running_mean, running_var, training,
+    eps)`` on the Triton kernels; ``residual`` may be None (BN+ReLU).
+
+    ``mean``/``var`` (float32, var biased) normalised ``x`` and serve the running-statistics
+    update; in eval they are copies of the running statistics. Only ``x``, ``weight``, ``mean``,
+    ``invstd`` and the bit mask are saved. Validation is the caller's job.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        training: bool,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from ..kernels import triton_gpu
+
+        if training:
+            y, mean, var, invstd, mask = triton_gpu.forward_train(
+                x, weight, bias, eps, AXIS, residual=residual, relu=True
+            )
+        else:
+            # Copies, so the outputs never alias the caller's buffers.
+            mean = running_mean.to(torch.float32, copy=True)
+            var = running_var.to(torch.float32, copy=True)
+            invstd = ref.inverse_std(var, eps)
+            y, mask = triton_gpu.elemt(
+                x, mean, invstd, weight, bias, AXIS, residual=residual, relu=True
+            )
+        ctx.save_for_backward(x, weight, mean, invstd, mask)
+        ctx.training = training
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)
+        return y.contiguous(memory_format=memory_format_of(x)), mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor | None, _dmean: Any, _dvar: Any) -> tuple:
+        from ..kernels import triton_gpu
+
+        nones = (None,) * 4
+        if dy is None:
+            return (None,) * 4 + nones
+        x, weight, mean, invstd, mask = ctx.saved_tensors
+        need_x, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
+        # In eval the moments are the running statistics, constants: both paths off.
+        dx, dweight, dbias, dresidual = triton_gpu.backward_train(
+            dy,
+            x,
+            mean,
+            invstd,
+            weight,
+            AXIS,
+            mask=mask,
+            through_mean=ctx.training,
+            through_var=ctx.training,
+            residual_grad=need_residual,
+        )
+        fmt = memory_format_of(x)
+        return (
+            dx.contiguous(memory_format=fmt) if need_x else None,
+            dweight.to(weight.dtype) if need_weight else None,
+            dbias.to(ctx.bias_dtype) if need_bias else None,
+            dresidual.contiguous(memory_format=fmt) if need_residual else None,
+        ) + nones
+
+
+def batch_norm_relu(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``relu(batch_norm(input, ...))``; arguments as ``batchnorm.torch.batch_norm``.
+
+    ``backend="auto"`` runs the fused Triton kernels when they can run on ``input`` and falls
+    back to the unfused sequence otherwise; ``"triton"`` raises ``BackendUnavailable`` instead
+    of falling back; any other backend name runs the unfused sequence on that backend.
+    """
+    return _fused(
+        input,
+        None,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        backend=backend,
+    )[0]
+
+
+def batch_norm_add_relu(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``relu(batch_norm(input, ...) + residual)``; ``residual`` has ``input``'s shape and dtype.
+
+    Arguments and backends as :func:`batch_norm_relu`.
+    """
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__}")
+    return _fused(
+        input,
+        residual,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        backend=backend,
+    )[0]
+
+
+def _fused(
+    input: torch.Tensor,
+    residual: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    *,
+    backend: str,
+    num_batches_tracked: int = 0,
+) -> tuple[torch.Tensor, str | None]:
+    """Returns ``(output, name of what ran)``: ``"triton (fused)"`` or the unfused backend's."""
+    _check_backend_name(backend)
+    if residual is not None:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        check_same_shape(residual, input, "residual", "input")
+        if residual.dtype != input.dtype:
+            raise TypeError(
+                f"residual has dtype {residual.dtype} but input has dtype {input.dtype}; "
+                "they must be equal"
+            )
+    update = check_call(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if not _triton_runs(input, backend):
+        output, name = _batch_norm(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            backend=backend,
+            through_mean=True,
+            through_var=True,
+            num_batches_tracked=num_batches_tracked,
+        )
+        if residual is not None:
+            output = output + residual
+        return torch.relu(output), name
+
+    output, mean, var = FusedBatchNormReLUFunction.apply(
+        input, weight, bias, residual, running_mean, running_var, bool(training), float(eps)
+    )
+    if update:
+        count = input.numel() // input.shape[AXIS]
+        write_running_stats(
+            running_mean, running_var, mean, var, count, momentum, num_batches_tracked
+        )
+    return output, "triton (fused)"
+
+
+def _triton_runs(input: torch.Tensor, backend: str) -> bool:
+    """Whether the fused kernels take this call; ``backend="triton"`` raises if they cannot."""
+    if backend not in ("auto", "triton"):
+        return False
+    if isinstance(input, torch.Tensor) and input.numel() == 0:
+        return False  # the unfused path answers an empty batch as PyTorch does
+    try:
+        get_backend("triton", input)
+    except BackendUnavailable:
+        if backend == "triton":
+            raise
+        return False
+    return True
+
+
+class _FusedBatchNorm2d(_TorchBatchNorm):
+    """PyTorch's ``_BatchNorm`` buffers and ``state_dict`` (those of ``BatchNorm2d``), our forward.
+
+    Deliberately not a subclass of ``torch.nn.BatchNorm2d``: code that fuses or folds
+    "every BatchNorm2d" (conv-bn folding) would silently drop the ReLU.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.backend: str = _check_backend_name(backend)
+        #: What the latest forward ran: "triton (fused)" or the unfused backend's name.
+        self.last_backend: str | None = None
+
+    @classmethod
+    def from_batch_norm(cls, bn: torch.nn.modules.batchnorm._BatchNorm, **kwargs: Any) -> Any:
+        """A fused module taking over ``bn``'s parameters and buffers (the same tensors)."""
+        module = cls(
+            bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **kwargs
+        )
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(module, name, getattr(bn, name))
+        module.train(bn.training)
+        return module
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (N, C, H, W), got {input.dim()}D input")
+
+    def _run(self, input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        self._check_input_dim(input)
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        counting = (
+            self.training and self.track_running_stats and self.num_batches_tracked is not None
+        )
+        seen = int(self.num_batches_tracked) if counting and self.momentum is None else 0
+        output, self.last_backend = _fused(
+            input,
+            residual,
+            self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None,
+            self.weight,
+            self.bias,
+            use_batch,
+            self.momentum,
+            self.eps,
+            backend=self.backend,
+            num_batches_tracked=seen,
+        )
+        if counting:  # after the forward succeeded, so a rejected batch changes no buffer
+            self.num_batches_tracked.add_(1)
+        return output
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text if self.backend == "auto" else f"{text}, backend={self.backend!r}"
+
+
+class BatchNormReLU2d(_FusedBatchNorm2d):
+    """``relu(BatchNorm2d(x))`` in one module; arguments as ``batchnorm.torch.BatchNorm2d``
+    (without the moments-as-constants switches). ``state_dict`` is ``BatchNorm2d``'s."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._run(input, None)
+
+
+class BatchNormAddReLU2d(_FusedBatchNorm2d):
+    """``relu(BatchNorm2d(x) + residual)``: ``forward(input, residual)``; arguments as
+    :class:`BatchNormReLU2d`."""
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__}")
+        return self._run(input, residual)

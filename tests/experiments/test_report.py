@@ -1,0 +1,148 @@
+"""``batchnorm report --quick`` and ``batchnorm experiment``: the files the page promises exist."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+
+pytest.importorskip("torch")
+
+from batchnorm import cli  # noqa: E402
+from batchnorm.experiments import report  # noqa: E402
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images: list[str] = []
+        self.links: list[str] = []
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "img":
+            self.images.append(attrs["src"])
+        if tag == "a" and attrs.get("href"):
+            self.links.append(attrs["href"])
+
+
+@pytest.mark.slow
+def test_report_quick_writes_a_page_whose_every_file_exists(tmp_path):
+    out = tmp_path / "report"
+    assert cli.main(["report", "--out", str(out), "--quick", "--no-progress"]) == 0
+    page = (out / "index.html").read_text()
+    parser = _Links()
+    parser.feed(page)
+    # explain: graph (if dot) + jacobian; moments 3; ioffe 1; landscape 1; reparam 1
+    assert len(parser.images) >= 7
+    for reference in parser.images + parser.links:
+        parsed = urlparse(reference)
+        if parsed.scheme or reference.startswith("#"):
+            if reference.startswith("#"):
+                assert reference[1:] in parser.ids, reference
+            continue
+        assert not Path(parsed.path).is_absolute(), f"{reference} must be relative"
+        target = out / unquote(parsed.path)
+        assert target.is_file() and target.stat().st_size > 0, f"{reference} is missing"
+    status = json.loads((out / "report.json").read_text())
+    for stage in ("explain", "ioffe", "moments", "landscape", "reparam"):
+        assert status["stages"][stage]["state"] == "ok", (stage, status["stages"][stage])
+    assert status["stages"]["verify"]["state"] in ("ok", "skipped")
+    for section in ("explain", "moments", "ioffe", "landscape", "reparam", "verify", "bench"):
+        assert f'id="{section}"' in page
+
+
+def test_report_survives_a_failing_stage_and_says_so(tmp_path, monkeypatch):
+    def broken(out, options):
+        raise RuntimeError("deliberately broken")
+
+    monkeypatch.setitem(report.RUNNERS, "reparam", broken)
+    skip = ["verify", "bench", "ioffe", "moments", "landscape"]
+    argv = ["--out", str(tmp_path), "--no-progress"] + [f"--skip={s}" for s in skip]
+    assert report.main(argv) == 1
+    page = (tmp_path / "index.html").read_text()
+    assert "reparam failed: RuntimeError: deliberately broken" in page
+    assert (tmp_path / "explain" / "explain.json").exists()  # the other stage still ran
+    for s in skip:
+        assert json.loads((tmp_path / "report.json").read_text())["stages"][s]["state"] == "skipped"
+
+
+def test_experiment_cli(tmp_path, capsys):
+    assert cli.main(["experiment", "list"]) == 0
+    assert "moments" in capsys.readouterr().out
+    assert cli.main(["experiment", "reparam", "--lr", "0.1", "--out", str(tmp_path)]) == 2
+    assert "does not take --lr" in capsys.readouterr().err
+    assert cli.main(["experiment", "reparam", "--replot", "--out", str(tmp_path / "x")]) == 2
+    assert cli.main(["experiment", "reparam", "--quick", "--out", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["passed"] is True
+    (tmp_path / "reparam.png").unlink()
+    assert cli.main(["experiment", "reparam", "--replot", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "reparam.png").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["experiment", "nosuch"])
+
+
+def test_report_calls_bench_and_skips_a_missing_verify(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = {}
+    fake = types.ModuleType("batchnorm.bench")
+    fake.QUICK_SHAPES = [((4, 3), "nc")]
+
+    def run(shapes, *, repeats=15, warmup=3, progress=True):
+        calls.update(shapes=shapes, repeats=repeats)
+        timing = {"op": "fwd+bwd", "median_s": 2e-3, "speedup": 1.7, "x_copy": 4.0}
+        return {
+            "results": [{"shape": [4, 3], "layout": "nc", "timings": [{"peer": "numba", **timing}]}]
+        }
+
+    def plot(record, path):
+        path.write_bytes(b"\x89PNG fake")
+        return path
+
+    fake.run, fake.plot = run, plot
+    fake.format_table = lambda record: "a table"
+    monkeypatch.setitem(sys.modules, "batchnorm.bench", fake)
+    monkeypatch.setitem(sys.modules, "batchnorm.verify", None)  # import raises ImportError
+    skip = ["explain", "ioffe", "moments", "landscape", "reparam"]
+    status = report.build_report(tmp_path, quick=True, progress=False, skip=skip)
+    assert status["stages"]["bench"]["state"] == "ok"
+    assert calls == {"shapes": fake.QUICK_SHAPES, "repeats": 5}
+    assert status["stages"]["verify"]["state"] == "skipped"
+    page = (tmp_path / "index.html").read_text()
+    assert "verify was skipped" in page and "<td>numba</td>" in page and "<td>1.70</td>" in page
+    assert 'src="bench/bench.png"' in page and (tmp_path / "bench" / "bench.csv").exists()
+
+
+def test_importing_the_experiments_imports_no_heavy_package():
+    import subprocess
+    import sys
+
+    modules = ", ".join(
+        f"batchnorm.experiments.{m}"
+        for m in (
+            "data",
+            "explain",
+            "report",
+            "cli",
+            "reparam",
+            "moments",
+            "ioffe",
+            "landscape",
+            "plots",
+        )
+    )
+    code = (
+        f"import sys, {modules}; "
+        "print([m for m in ('torch', 'matplotlib', 'tqdm', 'mnist1d', 'sklearn') "
+        "if m in sys.modules])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr

@@ -1,0 +1,747 @@
+"""The Triton kernels against the float64 reference and PyTorch, on small shapes.
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter: ``TRITON_INTERPRET=1`` must
+be set before triton is first imported (``scripts/test.sh`` exports it; this module sets it when
+no GPU is present). Tiny tiles (``tuning(tile_elems=32, programs=8)``) make the small shapes take
+the paths large tensors take on a GPU: several tiles per split, several splits per channel, the
+fixed-order combine, masked tile edges and channel tails.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("triton")
+
+import batchnorm  # noqa: E402
+from batchnorm import reference as ref  # noqa: E402
+from batchnorm.kernels import (  # noqa: E402
+    BackendUnavailable,
+    ReferenceBackend,
+    get_backend,
+)
+from batchnorm.kernels import triton_gpu as tg  # noqa: E402
+
+if not tg.is_interpreter() and not torch.cuda.is_available():
+    pytest.skip(
+        "triton was imported before TRITON_INTERPRET=1 was set and there is no GPU; run with "
+        "TRITON_INTERPRET=1 (scripts/test.sh does)",
+        allow_module_level=True,
+    )
+
+DEVICE = "cpu" if tg.is_interpreter() else "cuda"
+EPS = 1e-5
+SMALL_TILES = {"tile_elems": 32, "programs": 8}
+
+#: Output tolerances: float32 arithmetic, then rounding to the output dtype (half an ulp is
+#: 2^-11 relative for float16, 2^-8 for bfloat16).
+TOL = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.float16: {"rtol": 1e-3, "atol": 1e-3},
+    torch.bfloat16: {"rtol": 8e-3, "atol": 8e-3},
+}
+#: float32 statistics and sums of the (exactly representable) low-precision inputs.
+STATS_TOL = {"rtol": 1e-5, "atol": 1e-5}
+DTYPES = [
+    pytest.param(torch.float32, id="f32"),
+    pytest.param(torch.float16, id="f16"),
+    pytest.param(torch.bfloat16, id="bf16"),
+]
+
+
+def _contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.to(memory_format=torch.channels_last)
+
+
+def _channels_last_3d(x: torch.Tensor) -> torch.Tensor:
+    return x.to(memory_format=torch.channels_last_3d)
+
+
+def _strided(x: torch.Tensor) -> torch.Tensor:
+    return x[..., ::2]  # not dense: the launchers copy it
+
+
+#: name -> (shape, channel axis, make layout). Shapes are chosen so that SMALL_TILES gives
+#: several tiles per channel and several splits (see test_small_tiles_split_channels).
+LAYOUTS = {
+    "nchw": ((5, 3, 7, 6), 1, _contiguous),
+    "channels_last": ((5, 3, 7, 6), 1, _channels_last),
+    "ncl_inner5": ((20, 3, 5), 1, _contiguous),  # inner < 8: the mask packs along N
+    "nc": ((21, 5), 1, _contiguous),
+    "ncdhw": ((3, 2, 3, 4, 5), 1, _contiguous),
+    "channels_last_3d": ((3, 2, 3, 4, 5), 1, _channels_last_3d),
+    "axis_last": ((4, 3, 2, 6), 3, _contiguous),  # (N, ..., C) with axis=-1
+    "strided": ((5, 3, 7, 12), 1, _strided),
+}
+AXIS1_LAYOUTS = [name for name, (_, axis, _) in LAYOUTS.items() if axis == 1]
+
+
+def _input(layout: str, dtype: torch.dtype, seed: int = 0, scale: float = 2.0, shift: float = 1.5):
+    shape, axis, make = LAYOUTS[layout]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift
+    return make(x.to(dtype).to(DEVICE)), axis
+
+
+def _like(x: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype).to(DEVICE)
+    out = torch.empty_like(x)
+    out.copy_(values)
+    return out
+
+
+def _params(channels: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.rand(channels, generator=g) + 0.5
+    bias = torch.randn(channels, generator=g) * 0.5
+    return weight.to(DEVICE), bias.to(DEVICE)
+
+
+def _f64(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [None if t is None else t.detach().to("cpu", torch.float64) for t in tensors]
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, **tol) -> None:
+    torch.testing.assert_close(actual.detach().cpu().double(), expected.double(), **tol)
+
+
+def _memory_rows(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """``t`` as the kernels see it: (outer, C, inner) in memory order (independent of them)."""
+    if t.is_contiguous():
+        return t.reshape(math.prod(t.shape[:axis]), t.shape[axis], -1)
+    return t.movedim(axis, -1).reshape(-1, t.shape[axis], 1)
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+@pytest.mark.parametrize(
+    "outer, channels, inner",
+    [
+        (256, 64, 3136),  # ResNet (256, 64, 56, 56)
+        (256, 2048, 49),  # (256, 2048, 7, 7)
+        (64, 32, 16384),  # (64, 32, 128, 128)
+        (20, 6, 65536),  # few channels
+        (256 * 3136, 64, 1),  # the same, channels-last
+        (20 * 65536, 6, 1),
+        (7, 3, 5),
+        (1, 1, 1),
+        (2**20, 3, 2**12),  # 2^33 elements: 64-bit offsets
+    ],
+)
+def test_plan_invariants(outer, channels, inner):
+    plan = tg.make_plan(outer, channels, inner, tile_elems=2048, programs=132 * 8)
+    for block in (plan.block_o, plan.block_c, plan.block_i):
+        assert block & (block - 1) == 0
+    assert plan.block_o * plan.block_c * plan.block_i <= 2048
+    if plan.pack_i:
+        assert plan.block_i % 8 == 0
+    else:
+        assert plan.block_o % 8 == 0
+    # Every tile belongs to exactly one split and no split is empty.
+    assert plan.splits * plan.tiles_per_split >= plan.tiles
+    assert (plan.splits - 1) * plan.tiles_per_split < plan.tiles
+    assert plan.splits <= 65535
+    assert math.ceil(plan.tiles / plan.elemt_tiles_per_program) <= 65535
+    assert plan.index_64 == (outer * channels * inner > 2**31 - 1)
+    if inner == 1:  # channels-last: contiguous along channels
+        assert plan.block_i == 1 and plan.block_c > 1 or channels == 1
+    else:
+        assert plan.block_c == 1
+
+
+def test_plan_spreads_few_channels_over_many_programs():
+    # The point of the 2-D grid: 6 channels still fill a GPU with reduction programs.
+    plan = tg.make_plan(20, 6, 65536, tile_elems=2048, programs=1056)
+    assert plan.channel_blocks * plan.splits >= 900
+    plan = tg.make_plan(256, 2048, 49, tile_elems=2048, programs=1056)
+    assert plan.splits == 1  # enough channels already: no partials to combine
+
+
+@pytest.mark.parametrize("inner, block", [(49, 64), (196, 32), (3136, 512), (16384, 1024), (5, 8)])
+def test_block_i_limits_padding(inner, block):
+    assert tg._pick_block_i(inner, 1024) == block
+
+
+def test_small_tiles_split_channels():
+    """The test shapes really exercise multi-tile splits and multi-split combines."""
+    with tg.tuning(**SMALL_TILES):
+        for layout in ("nchw", "channels_last", "ncdhw", "channels_last_3d"):
+            x, axis = _input(layout, torch.float32)
+            plan = tg._view(x, axis).plan
+            assert plan.splits > 1 and plan.tiles_per_split > 1, (layout, plan)
+        x, axis = _input("axis_last", torch.float32)
+        assert tg._view(x, axis).plan.channel_blocks > 1
+
+
+def test_bad_plan_arguments():
+    with pytest.raises(ValueError, match="power of two"):
+        tg.make_plan(4, 4, 4, tile_elems=48)
+    with pytest.raises(ValueError, match="programs"):
+        tg.make_plan(4, 4, 4, programs=0)
+
+
+# ----------------------------------------------------------------------------- training stages
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_training_stages_match_reference(layout, dtype):
+    x, axis = _input(layout, dtype)
+    dy = _like(x, seed=2)
+    weight, bias = _params(x.shape[axis])
+    x64, dy64, w64, b64 = _f64(x, dy, weight, bias)
+    with tg.tuning(**SMALL_TILES):
+        y, mean, var, invstd, mask = tg.forward_train(x, weight, bias, EPS, axis)
+        sum_dy, sum_dy_xhat = tg.backward_reduce(dy, x, mean, invstd, axis)
+        count = x.numel() // x.shape[axis]
+        dx, _ = tg.backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, axis)
+    assert mask is None
+    assert y.dtype == dx.dtype == dtype
+    for v in (mean, var, invstd, sum_dy, sum_dy_xhat):
+        assert v.dtype == torch.float32 and v.shape == (x.shape[axis],)
+    if x.is_contiguous() or x.movedim(axis, -1).is_contiguous():  # dense: layout kept
+        assert y.stride() == x.stride() and dx.stride() == x.stride()
+
+    # Forward, end to end, against the float64 reference.
+    y_ref, saved = ref.batch_norm_train(x64, w64, b64, axis=axis, eps=EPS)
+    _close(mean, saved.mean, **STATS_TOL)
+    _close(var, saved.var, **STATS_TOL)
+    _close(invstd, saved.invstd, **STATS_TOL)
+    _close(y, y_ref, **TOL[dtype])
+    # Each backward stage against the reference stage fed the same inputs.
+    mean64, invstd64 = _f64(mean, invstd)
+    sums_ref = ref.backward_reduce(dy64, x64, mean64, invstd64, axis)
+    _close(sum_dy, sums_ref[0], **STATS_TOL)
+    _close(sum_dy_xhat, sums_ref[1], **STATS_TOL)
+    sum_dy64, sum_dy_xhat64 = _f64(sum_dy, sum_dy_xhat)
+    dx_ref = ref.backward_elemt(
+        dy64, x64, mean64, invstd64, w64, sum_dy64, sum_dy_xhat64, count, axis
+    )
+    _close(dx, dx_ref, **TOL[dtype])
+    # And the whole backward against the reference's.
+    _close(dx, ref.backward(dy64, saved).dx, **TOL[dtype])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nc", "axis_last"])
+def test_backend_protocol_matches_reference_backend(layout):
+    """TritonBackend and ReferenceBackend answer every protocol method alike (float32)."""
+    x, axis = _input(layout, torch.float32)
+    dy = _like(x, seed=3)
+    weight, bias = _params(x.shape[axis])
+    running_mean, running_var = _params(x.shape[axis], seed=4)
+    running_var = running_var.abs() + 0.5
+    ours, theirs = get_backend("triton", x), ReferenceBackend()
+    x64, dy64, w64, b64, rm64, rv64 = _f64(x, dy, weight, bias, running_mean, running_var)
+    with tg.tuning(**SMALL_TILES):
+        fwd = ours.forward_train(x, weight, bias, EPS, axis)
+        fwd_ref = theirs.forward_train(x64, w64, b64, EPS, axis)
+        for a, b in zip(fwd, fwd_ref, strict=True):
+            _close(a, b, **STATS_TOL)
+        mean, invstd = fwd[1], fwd[3]
+        mean64, invstd64 = _f64(mean, invstd)
+        _close(
+            ours.forward_infer(x, running_mean, running_var, weight, bias, EPS, axis),
+            theirs.forward_infer(x64, rm64, rv64, w64, b64, EPS, axis),
+            **TOL[torch.float32],
+        )
+        sums = ours.backward_reduce(dy, x, mean, invstd, axis)
+        sums_ref = theirs.backward_reduce(dy64, x64, mean64, invstd64, axis)
+        for a, b in zip(sums, sums_ref, strict=True):
+            _close(a, b, **STATS_TOL)
+        count = x.numel() // x.shape[axis]
+        sums64 = _f64(*sums)
+        _close(
+            ours.backward_elemt(dy, x, mean, invstd, weight, *sums, count, axis),
+            theirs.backward_elemt(dy64, x64, mean64, invstd64, w64, *sums64, count, axis),
+            **TOL[torch.float32],
+        )
+        grads = ours.backward_train(dy, x, mean, invstd, weight, axis)
+        grads_ref = theirs.backward_train(dy64, x64, mean64, invstd64, w64, axis)
+        for a, b in zip(grads, grads_ref, strict=True):
+            _close(a, b, **STATS_TOL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "ncl_inner5"])
+def test_forward_infer_matches_reference(layout, dtype):
+    x, axis = _input(layout, dtype)
+    weight, bias = _params(x.shape[axis])
+    running_mean, running_var = _params(x.shape[axis], seed=5)
+    running_var = running_var.abs() + 0.5
+    if dtype != torch.float32:  # running statistics kept in the module's (low) dtype
+        running_mean, running_var = running_mean.to(dtype), running_var.to(dtype)
+    with tg.tuning(**SMALL_TILES):
+        y, mask = tg.forward_infer(x, running_mean, running_var, weight, bias, EPS, axis)
+    assert mask is None and y.dtype == dtype
+    x64, w64, b64, rm64, rv64 = _f64(x, weight, bias, running_mean, running_var)
+    _close(y, ref.batch_norm_infer(x64, rm64, rv64, w64, b64, axis=axis, eps=EPS), **TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "through_mean, through_var", [(False, True), (True, False), (False, False)]
+)
+def test_moments_as_constants_switches(through_mean, through_var):
+    x, axis = _input("channels_last", torch.float32)
+    dy = _like(x, seed=6)
+    weight, _ = _params(x.shape[axis])
+    with tg.tuning(**SMALL_TILES):
+        _, mean, _, invstd, _ = tg.forward_train(x, weight, None, EPS, axis)
+        sums = tg.backward_reduce(dy, x, mean, invstd, axis)
+        count = x.numel() // x.shape[axis]
+        dx, _ = tg.backward_elemt(
+            dy, x, mean, invstd, weight, *sums, count, axis,
+            through_mean=through_mean, through_var=through_var,
+        )  # fmt: skip
+    args = _f64(dy, x, mean, invstd, weight, *sums)
+    dx_ref = ref.backward_elemt(
+        *args, count, axis, through_mean=through_mean, through_var=through_var
+    )
+    _close(dx, dx_ref, **TOL[torch.float32])
+
+
+def test_no_affine():
+    x, axis = _input("nchw", torch.float32)
+    dy = _like(x, seed=7)
+    with tg.tuning(**SMALL_TILES):
+        y, mean, _, invstd, _ = tg.forward_train(x, None, None, EPS, axis)
+        dx, dweight, dbias, _ = tg.backward_train(dy, x, mean, invstd, None, axis)
+    x64, dy64 = _f64(x, dy)
+    y_ref, saved = ref.batch_norm_train(x64, axis=axis, eps=EPS)
+    grads = ref.backward(dy64, saved)
+    _close(y, y_ref, **TOL[torch.float32])
+    _close(dx, grads.dx, **TOL[torch.float32])
+    _close(dweight, grads.dgamma, **STATS_TOL)
+    _close(dbias, grads.dbeta, **STATS_TOL)
+
+
+def test_gradient_in_another_layout_is_accepted():
+    x, axis = _input("channels_last", torch.float32)
+    dy = _like(x, seed=8).contiguous()  # NCHW gradient for an NHWC input
+    assert not dy.is_contiguous(memory_format=torch.channels_last)
+    weight, _ = _params(x.shape[axis])
+    _, mean, _, invstd, _ = tg.forward_train(x, weight, None, EPS, axis)
+    dx = tg.backward_train(dy, x, mean, invstd, weight, axis)[0]
+    dx_same = tg.backward_train(
+        dy.to(memory_format=torch.channels_last), x, mean, invstd, weight, axis
+    )[0]
+    assert torch.equal(dx, dx_same)
+
+
+def test_large_mean_small_variance():
+    """x = 1e4 + N(0, 1) in float32: the centred moments keep the variance; E[x^2] - E[x]^2
+    (shown here to fail) would lose all of it."""
+    g = torch.Generator().manual_seed(9)
+    x = (1e4 + torch.randn(64, 3, 8, 8, generator=g)).to(DEVICE)
+    with tg.tuning(tile_elems=256, programs=8):  # 16 tiles of 256 per channel, 3 splits
+        _, mean, var, _, _ = tg.forward_train(x, None, None, EPS, 1)
+    saved = ref.batch_norm_train(*_f64(x), axis=1, eps=EPS)[1]
+    _close(var, saved.var, rtol=1e-4, atol=0)
+    _close(mean, saved.mean, rtol=1e-7, atol=0)
+    xc = x.cpu()
+    one_pass = (xc * xc).mean(dim=(0, 2, 3)) - xc.mean(dim=(0, 2, 3)) ** 2
+    assert ((one_pass.double() - saved.var).abs() / saved.var).max() > 0.1
+
+
+def test_empty_batch():
+    x = torch.empty(0, 3, 4, device=DEVICE)
+    y, mean, var, invstd, _ = tg.forward_train(x, None, None, EPS, 1)
+    assert y.shape == x.shape
+    assert torch.isnan(mean).all() and torch.isnan(var).all()
+    dx, dweight, dbias, _ = tg.backward_train(x, x, mean, invstd, None, 1)
+    assert dx.shape == x.shape and (dweight == 0).all() and (dbias == 0).all()
+    y, _, _, _, _ = tg.forward_train(torch.empty(4, 0, device=DEVICE), None, None, EPS, 1)
+    assert y.shape == (4, 0)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bitwise_deterministic(layout):
+    x, axis = _input(layout, torch.bfloat16)
+    dy, residual = _like(x, seed=10), _like(x, seed=11)
+    weight, bias = _params(x.shape[axis])
+
+    def run():
+        y, mean, var, invstd, mask = tg.forward_train(
+            x, weight, bias, EPS, axis, residual=residual, relu=True
+        )
+        grads = tg.backward_train(dy, x, mean, invstd, weight, axis, mask=mask, residual_grad=True)
+        return (y, mean, var, invstd, mask, *grads)
+
+    with tg.tuning(**SMALL_TILES):
+        first, second = run(), run()
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- fused variants
+
+
+def _fused_reference(x, weight, bias, residual, dy, *, training, running=None):
+    """relu(batch_norm(x) [+ residual]) and its gradients, by PyTorch in float64 (autograd)."""
+    x64, w64, b64, r64, dy64 = (
+        None if t is None else t.requires_grad_() for t in _f64(x, weight, bias, residual, dy)
+    )
+    rm64, rv64 = _f64(*running) if running is not None else (None, None)
+    z = F.batch_norm(x64, rm64, rv64, w64, b64, training=training, eps=EPS)
+    pre = z if r64 is None else z + r64
+    y = torch.relu(pre)
+    inputs = [t for t in (x64, w64, b64, r64) if t is not None]
+    grads = torch.autograd.grad(y, inputs, dy64)
+    return y.detach(), pre.detach(), grads
+
+
+def _unpack_mask(mask: torch.Tensor, outer: int, channels: int, inner: int) -> torch.Tensor:
+    """The documented bit layout, decoded with torch ops: (outer, C, inner) booleans."""
+    bit = torch.arange(8, device=mask.device)
+    if inner >= 8:  # packed along inner: bytes (outer, C, ceil(inner / 8)), bit i % 8
+        bits = (mask.reshape(outer, channels, -1, 1).long() >> bit) & 1
+        return bits.reshape(outer, channels, -1)[..., :inner].bool()
+    bytes_ = mask.reshape(-1, 1, channels, inner).long()  # bytes (ceil(outer/8), C, inner)
+    bits = (bytes_ >> bit.reshape(1, 8, 1, 1)) & 1
+    return bits.reshape(-1, channels, inner)[:outer].bool()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "ncl_inner5", "nc"])
+@pytest.mark.parametrize("add", [False, True], ids=["relu", "add_relu"])
+def test_fused_train_matches_torch(layout, dtype, add):
+    x, axis = _input(layout, dtype, shift=0.3)
+    dy = _like(x, seed=12)
+    residual = _like(x, seed=13) if add else None
+    weight, bias = _params(x.shape[axis])
+    with tg.tuning(**SMALL_TILES):
+        y, mean, var, invstd, mask = tg.forward_train(
+            x, weight, bias, EPS, axis, residual=residual, relu=True
+        )
+        dx, dweight, dbias, dresidual = tg.backward_train(
+            dy, x, mean, invstd, weight, axis, mask=mask, residual_grad=add
+        )
+    y_ref, pre_ref, grads = _fused_reference(x, weight, bias, residual, dy, training=True)
+    _close(y, y_ref, **TOL[dtype])
+    _close(dx, grads[0], **TOL[dtype])
+    _close(dweight, grads[1], **STATS_TOL)
+    _close(dbias, grads[2], **STATS_TOL)
+    if add:
+        _close(dresidual, grads[3], **TOL[dtype])
+    else:
+        assert dresidual is None
+    # The mask: one bit per element (plus padding to whole bytes), set where the ReLU passed.
+    outer, channels, inner = _memory_rows(x, axis).shape
+    assert mask.dtype == torch.uint8
+    assert mask.numel() <= math.ceil(outer / 8) * channels * inner + outer * channels
+    passed = _unpack_mask(mask, outer, channels, inner).cpu()
+    assert torch.equal(passed, _memory_rows(pre_ref > 0, axis))
+
+
+@pytest.mark.parametrize("add", [False, True], ids=["relu", "add_relu"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fused_eval_matches_torch(layout, add):
+    """Eval mode: the moments are the running statistics, constants for the gradient."""
+    x, axis = _input(layout, torch.float32, shift=0.3)
+    dy = _like(x, seed=14)
+    residual = _like(x, seed=15) if add else None
+    weight, bias = _params(x.shape[axis])
+    running_mean, running_var = _params(x.shape[axis], seed=16)
+    running_var = running_var.abs() + 0.5
+    invstd = ref.inverse_std(running_var, EPS)
+    with tg.tuning(**SMALL_TILES):
+        y, mask = tg.elemt(
+            x, running_mean, invstd, weight, bias, axis, residual=residual, relu=True
+        )
+        dx, dweight, dbias, dresidual = tg.backward_train(
+            dy, x, running_mean, invstd, weight, axis, mask=mask,
+            through_mean=False, through_var=False, residual_grad=add,
+        )  # fmt: skip
+    y_ref, _, grads = _fused_reference(
+        x, weight, bias, residual, dy, training=False, running=(running_mean, running_var)
+    )
+    _close(y, y_ref, **TOL[torch.float32])
+    _close(dx, grads[0], **TOL[torch.float32])
+    _close(dweight, grads[1], **STATS_TOL)
+    _close(dbias, grads[2], **STATS_TOL)
+    if add:
+        _close(dresidual, grads[3], **TOL[torch.float32])
+
+
+def test_relu_propagates_nan_like_torch():
+    x, axis = _input("nchw", torch.float32)
+    residual = torch.zeros_like(x)
+    residual[0, 0, 0, 0] = float("nan")
+    y, mean, _, invstd, mask = tg.forward_train(
+        x, None, None, EPS, axis, residual=residual, relu=True
+    )
+    assert torch.isnan(y[0, 0, 0, 0]) and not torch.isnan(y[0, 0, 0, 1:]).any()
+    zeros = torch.zeros_like(mean)
+    dresidual = tg.backward_elemt(
+        torch.ones_like(x), x, mean, invstd, None, zeros, zeros, 1, axis,
+        mask=mask, residual_grad=True,
+    )[1]  # fmt: skip
+    assert dresidual[0, 0, 0, 0] == 1  # torch.relu's backward passes the gradient at NaN
+
+
+# ----------------------------------------------------------------------------- availability
+
+
+def test_unavailable_reasons():
+    backend = tg.TritonBackend()
+    assert backend.unavailable_reason(torch.zeros(2, 3, device=DEVICE)) is None
+    assert "float64" in backend.unavailable_reason(torch.zeros(2, 3, dtype=torch.float64))
+    assert "torch tensors" in backend.unavailable_reason(torch.zeros(2, 3).numpy())
+    with pytest.raises(BackendUnavailable, match="float64"):
+        get_backend("triton", torch.zeros(2, 3, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- GPU compile
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_gpu():
+    """Every kernel variant lowers to an sm_90 cubin with triton's own ptxas, no GPU needed:
+    catches what the interpreter accepts but the compiler does not. In a fresh process, because
+    the interpreter patches ``triton.language`` in this one."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = str(Path(batchnorm.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "batchnorm.kernels._triton_compile_check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode == 3:
+        pytest.skip(done.stdout.strip())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "compiled" in done.stdout
+
+
+# ----------------------------------------------------------------------------- fused modules
+
+from batchnorm.torch.fused import (  # noqa: E402
+    BatchNormAddReLU2d,
+    BatchNormReLU2d,
+    batch_norm_add_relu,
+    batch_norm_relu,
+)
+
+MODULE_SHAPE = (4, 3, 5, 6)
+
+
+def _module_pair(cls, backend="auto", **kwargs):
+    """Ours on the test device, and PyTorch's BatchNorm2d in float64 with the same parameters."""
+    ours = cls(3, backend=backend, **kwargs).to(DEVICE)
+    theirs = torch.nn.BatchNorm2d(3, **kwargs).double()
+    if ours.affine:
+        weight, bias = _params(3, seed=20)
+        with torch.no_grad():
+            ours.weight.copy_(weight)
+            ours.bias.copy_(bias)
+            theirs.weight.copy_(weight.double())
+            theirs.bias.copy_(bias.double())
+    return ours, theirs
+
+
+def _module_inputs(dtype, memory_format, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(MODULE_SHAPE, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    residual = torch.randn(MODULE_SHAPE, generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(MODULE_SHAPE, generator=g, dtype=torch.float64).to(dtype)
+    return [t.to(DEVICE).contiguous(memory_format=memory_format) for t in (x, residual, dy)]
+
+
+def _step(ours, theirs, add, dtype, memory_format, seed, expect_backend="triton (fused)"):
+    """One forward + backward of both modules; compares outputs, gradients and buffers."""
+    x, residual, dy = _module_inputs(dtype, memory_format, seed)
+    x.requires_grad_()
+    residual.requires_grad_()
+    x64, r64 = (t.detach().cpu().double().requires_grad_() for t in (x, residual))
+    y = ours(x, residual) if add else ours(x)
+    z = theirs(x64)
+    y_ref = torch.relu(z + r64 if add else z)
+    y.backward(dy)
+    y_ref.backward(dy.cpu().double())
+    assert ours.last_backend == expect_backend
+    assert y.dtype == dtype
+    assert y.is_contiguous(memory_format=memory_format)
+    tol = TOL[dtype]
+    _close(y, y_ref, **tol)
+    _close(x.grad, x64.grad, **tol)
+    if add:
+        _close(residual.grad, r64.grad, **tol)
+    else:
+        assert residual.grad is None
+    if ours.affine:
+        _close(ours.weight.grad, theirs.weight.grad, **STATS_TOL)
+        _close(ours.bias.grad, theirs.bias.grad, **STATS_TOL)
+        ours.zero_grad()
+        theirs.zero_grad()
+    if ours.track_running_stats:
+        _close(ours.running_mean, theirs.running_mean, **STATS_TOL)
+        _close(ours.running_var, theirs.running_var, **STATS_TOL)
+        assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
+
+
+@pytest.mark.parametrize(
+    "memory_format",
+    [torch.contiguous_format, torch.channels_last],
+    ids=["nchw", "channels_last"],
+)
+@pytest.mark.parametrize("cls", [BatchNormReLU2d, BatchNormAddReLU2d])
+def test_fused_module_matches_torch(cls, memory_format):
+    add = cls is BatchNormAddReLU2d
+    ours, theirs = _module_pair(cls)
+    for seed in (30, 31):  # two training steps: the running statistics accumulate
+        _step(ours, theirs, add, torch.float32, memory_format, seed)
+    ours.eval()
+    theirs.eval()
+    _step(ours, theirs, add, torch.float32, memory_format, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_fused_module_low_precision_input(dtype):
+    """Autocast-style: float32 parameters and buffers, float16/bfloat16 activations."""
+    ours, theirs = _module_pair(BatchNormAddReLU2d)
+    _step(ours, theirs, True, dtype, torch.contiguous_format, 33)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"momentum": None}, {"affine": False}, {"track_running_stats": False}],
+    ids=["cumulative", "no_affine", "no_running_stats"],
+)
+def test_fused_module_options(kwargs):
+    ours, theirs = _module_pair(BatchNormReLU2d, **kwargs)
+    for seed in (34, 35):
+        _step(ours, theirs, False, torch.float32, torch.contiguous_format, seed)
+    ours.eval()
+    theirs.eval()
+    _step(ours, theirs, False, torch.float32, torch.contiguous_format, 36)
+
+
+def test_fused_module_falls_back_where_triton_cannot_run():
+    """float64 is not a Triton dtype: the unfused sequence runs, with autograd, and agrees."""
+    ours, theirs = _module_pair(BatchNormAddReLU2d)
+    ours.double()
+    x, residual, dy = (
+        t.double() for t in _module_inputs(torch.float32, torch.contiguous_format, 37)
+    )
+    x.requires_grad_()
+    y = ours(x, residual)
+    assert ours.last_backend != "triton (fused)"
+    x64 = x.detach().cpu().requires_grad_()
+    y_ref = torch.relu(theirs(x64) + residual.cpu())
+    y.backward(dy)
+    y_ref.backward(dy.cpu())
+    _close(y, y_ref, rtol=1e-10, atol=1e-10)
+    _close(x.grad, x64.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_module_named_backends():
+    ours, theirs = _module_pair(BatchNormReLU2d, backend="reference")
+    _step(
+        ours, theirs, False, torch.float32, torch.contiguous_format, 38, expect_backend="reference"
+    )
+    strict = BatchNormReLU2d(3, backend="triton").double()
+    x = torch.randn(MODULE_SHAPE, dtype=torch.float64)
+    with pytest.raises(BackendUnavailable, match="float64"):
+        strict(x)
+    assert int(strict.num_batches_tracked) == 0
+    assert torch.equal(strict.running_mean, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown backend"):
+        BatchNormReLU2d(3, backend="cudnn")
+
+
+def test_fused_bad_arguments_change_nothing():
+    module = BatchNormAddReLU2d(3).to(DEVICE)
+    x, residual, _ = _module_inputs(torch.float32, torch.contiguous_format, 39)
+    with pytest.raises(ValueError, match=r"residual has shape \(4, 3, 5, 5\)"):
+        module(x, residual[..., :5])
+    with pytest.raises(TypeError, match="residual has dtype torch.float16"):
+        module(x, residual.half())
+    with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
+        module(x, 1.0)
+    with pytest.raises(ValueError, match="expected 4D input"):
+        module(x[0], residual[0])
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        module(x[:1, :, :1, :1], residual[:1, :, :1, :1])
+    with pytest.raises(ValueError, match=r"weight \(gamma\) must have shape \(3,\)"):
+        batch_norm_relu(x, None, None, torch.ones(4, device=DEVICE), training=True)
+    assert int(module.num_batches_tracked) == 0
+    assert torch.equal(module.running_mean.cpu(), torch.zeros(3))
+    assert torch.equal(module.running_var.cpu(), torch.ones(3))
+
+
+def test_fused_functional_updates_buffers_in_place():
+    x, residual, _ = _module_inputs(torch.float32, torch.contiguous_format, 40)
+    running_mean, running_var = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    rm_ref, rv_ref = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    y = batch_norm_add_relu(x, residual, running_mean, running_var, training=True, momentum=0.3)
+    x64, r64 = _f64(x, residual)
+    y_ref = torch.relu(F.batch_norm(x64, rm_ref, rv_ref, training=True, momentum=0.3) + r64)
+    _close(y, y_ref, **TOL[torch.float32])
+    _close(running_mean, rm_ref, **STATS_TOL)
+    _close(running_var, rv_ref, **STATS_TOL)
+    y = batch_norm_relu(x, running_mean, running_var)  # eval: the running statistics normalise
+    _close(y, torch.relu(F.batch_norm(x64, rm_ref, rv_ref)), **TOL[torch.float32])
+
+
+def test_fused_saves_a_bit_mask_not_the_activation():
+    """What autograd keeps between forward and backward: x, per-channel vectors and the mask;
+    PyTorch's unfused sequence also keeps the ReLU's output."""
+
+    def saved_bytes(fn):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(sizes)
+
+    module = BatchNormReLU2d(16).to(DEVICE)
+    x = torch.randn(8, 16, 8, 8, device=DEVICE, requires_grad=True)
+    ours = saved_bytes(lambda: module(x))
+    assert module.last_backend == "triton (fused)"
+    x_bytes = x.numel() * x.element_size()
+    assert ours <= x_bytes + x.numel() // 8 + 64 * 16
+    torch_bn = torch.nn.BatchNorm2d(16).to(DEVICE)
+    assert saved_bytes(lambda: torch.relu(torch_bn(x))) >= 2 * x_bytes
+
+
+def test_fused_module_is_batch_norm_but_not_batch_norm_2d():
+    bn = torch.nn.BatchNorm2d(3)
+    bn(torch.randn(MODULE_SHAPE))
+    fused = BatchNormReLU2d.from_batch_norm(bn)
+    assert fused.weight is bn.weight and fused.running_mean is bn.running_mean
+    assert isinstance(fused, torch.nn.modules.batchnorm._BatchNorm)
+    # conv-bn folding code matches BatchNorm2d: it must not fold away the ReLU.
+    assert not isinstance(fused, torch.nn.BatchNorm2d)
+    fresh = BatchNormReLU2d(3)
+    fresh.load_state_dict(bn.state_dict())
+    fresh.eval()
+    bn.eval()
+    x = torch.randn(MODULE_SHAPE)
+    _close(fresh(x.to(DEVICE)), torch.relu(bn(x)), **TOL[torch.float32])
