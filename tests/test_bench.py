@@ -95,3 +95,14 @@ def _prod(shape):
     for s in shape:
         out *= s
     return out
+
+
+def test_device_cuda_is_routed_to_the_gpu_bench(monkeypatch):
+    import torch
+
+    bench_gpu = pytest.importorskip("batchnorm.bench_gpu")
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_gpu, "main", lambda argv: seen.append(argv) or 0)
+    assert bench.main(["--device", "cuda", "--quick", "--no-progress", "--no-plot"]) == 0
+    assert seen == [["--device", "cuda", "--quick"]]

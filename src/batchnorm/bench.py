@@ -341,7 +341,9 @@ class NumpyReferencePeer(Peer):
         }
 
 
-#: Every peer, in report order. A new fast backend is one more ``BackendPeer`` line.
+#: Every peer, in report order. A new fast backend is one more ``BackendPeer`` line. (With
+#: ``--device cuda``, ``batchnorm.bench_gpu`` runs instead when installed: CUDA-event timing and
+#: the fused BN+ReLU tails; these generic peers are the fallback.)
 PEERS: list[Peer] = [
     BackendPeer("numba", devices=("cpu",)),
     BackendPeer("triton", devices=("cuda",)),
@@ -788,18 +790,37 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _gpu_main(argv: list[str]) -> int | None:
+    """``--device cuda`` goes to ``batchnorm.bench_gpu`` (CUDA-event timing, fused tails) when
+    it is installed; None when it is not, and the generic peers below run on the GPU instead."""
+    try:
+        from . import bench_gpu
+    except ImportError:
+        return None
+    cpu_only = {"--no-progress", "--no-plot"}
+    return int(bench_gpu.main([a for a in argv if a not in cpu_only]) or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_known_args(argv)[0]
     try:
         import torch
     except ImportError:
         print("batchnorm bench: needs torch (the baseline is PyTorch eager)", file=sys.stderr)
         return 2
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            print(
+                "batchnorm bench: --device cuda asked for but no CUDA device is available",
+                file=sys.stderr,
+            )
+            return 2
+        code = _gpu_main(argv)
+        if code is not None:
+            return code
+    args = _parser().parse_args(argv)
     device = args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("batchnorm bench: --device cuda asked for but no CUDA device is available",
-              file=sys.stderr)  # fmt: skip
-        return 2
     if device != "cpu" and not device.startswith("cuda"):
         print(f"batchnorm bench: unknown device {device!r} (cpu or cuda)", file=sys.stderr)
         return 2
@@ -818,7 +839,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shapes, dtype=args.dtype, device=device, repeats=repeats, warmup=warmup, peers=peers,
         compile=args.compile, progress=not args.no_progress,
     )  # fmt: skip
-    record["command"] = "batchnorm bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    record["command"] = "batchnorm bench " + " ".join(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{device.split(':')[0]}-{args.dtype}" + ("-quick" if args.quick else "")
     json_path = args.out / f"{stem}.json"
