@@ -1,13 +1,14 @@
 """Numba kernels of the batch-norm stages. Imported only by ``numba_cpu`` (numba is optional).
 
 Every kernel works on one of two *physical* views of a dense array, chosen by the launcher
-(``numba_cpu._Layout``) from the strides, so no transposing copy is ever made:
+(``numba_cpu._Prepared``) from the strides, so no transposing copy is ever made:
 
 * ``rows`` (outer, C, inner), inner >= ``ROWS_MIN_INNER``: each (n, c) row of ``inner`` values is
   contiguous (NCHW, NCL, NCDHW). Work items are (channel, range of n); the inner loops run over a
   row and are reductions, vectorised with ``fastmath`` reassociation (a sum in 16 SIMD lanes is
   *more* accurate than a sequential one, and the centring that protects the variance is explicit
-  arithmetic that no flag removes).
+  arithmetic that no flag removes). The fused kernels give a thread a group of channels to
+  reduce and then normalise while they are still in its cache.
 * ``cols`` (outer, W) with W = C * inner, inner small: channels-last (NHWC, NDHWC: inner = 1),
   (N, C), and NC(L) with tiny L. Each of the W columns gets its own accumulator and the inner
   loops run along a contiguous row of columns: vectorised without any reduction in the loop.
@@ -16,9 +17,10 @@ Every kernel works on one of two *physical* views of a dense array, chosen by th
 Numerical policy (``batchnorm.reference.stats``), per work item:
 
 * A *block* (up to ``BLOCK`` values of one row, or a chunk of rows of one column) is reduced
-  two-pass and centred in the compute dtype: ``mean_b = K + sum(x - K) / n_b`` with K the block's
-  first value (so x = 1e4 + N(0, 1) sums O(1) numbers, not O(1e4) ones), then
-  ``m2_b = sum((x - mean_b)**2)``. The block is in L1 for the second pass.
+  two-pass and centred in the compute dtype: ``total = sum(x - K)`` with K the block's first
+  value (so x = 1e4 + N(0, 1) sums O(1) numbers, not O(1e4) ones), then
+  ``m2_b = sum((x - mean_b)**2)``; the block mean ``K + total / n_b`` is kept in float64. The
+  block is in L1 (rows) or L2 (cols) for the second pass.
 * Blocks merge into float64 (count, mean, m2) with Chan et al.'s exact formula, in a fixed order.
   Per-item partials then merge per channel in item order. The split into items depends only on
   the shape, never on the thread count or scheduling, so results are bitwise identical run to run.
