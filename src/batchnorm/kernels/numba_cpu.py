@@ -192,6 +192,22 @@ class OutputPool:
 POOL = OutputPool(int(float(os.environ.get("BATCHNORM_NUMBA_POOL_MB", "512")) * (1 << 20)))
 
 
+_scratch_arrays = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A work array kept between calls (per thread, never handed to a caller): the kernels'
+    partial results are overwritten each call, and a fresh allocation of them would cost page
+    faults every call."""
+    arrays = getattr(_scratch_arrays, "arrays", None)
+    if arrays is None:
+        arrays = _scratch_arrays.arrays = {}
+    arr = arrays.get(name)
+    if arr is None or arr.shape != shape or arr.dtype != dtype:
+        arr = arrays[name] = np.empty(shape, dtype)
+    return arr
+
+
 def _compute_dtype(storage: np.ndarray) -> type:
     return np.float64 if storage.dtype == np.float64 else np.float32
 
@@ -294,6 +310,11 @@ class _Prepared:
         channel_bytes = max(1, self.count * self.phys.itemsize * arrays)
         return max(1, min(k.ROWS_GROUP_BYTES // channel_bytes, self.channels // 16))
 
+    def cols_partials_shape(self) -> tuple[int, int]:
+        """Cols layout: (chunks, columns) of the per-chunk partials (the kernels' own plan)."""
+        width = self.channels * self.inner
+        return (_k().cols_plan(self.outer, width)[1], width)
+
     def parts(self) -> int:
         """Rows layout: how many n-ranges each channel's reduction is split into (shape only)."""
         k = _k()
@@ -314,7 +335,11 @@ def _stats(prep: _Prepared, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndar
     elif prep.rows:
         _k().rows_stats(prep.view(prep.phys), prep.parts(), eps, mean, var, invstd)
     else:
-        _k().cols_stats(prep.view(prep.phys), prep.inner, eps, mean, var, invstd)
+        shape = prep.cols_partials_shape()
+        _k().cols_stats(
+            prep.view(prep.phys), prep.inner, eps, mean, var, invstd,
+            _scratch("means", shape, np.float64), _scratch("m2s", shape, np.float64),
+        )  # fmt: skip
     return mean, var, invstd
 
 
@@ -366,15 +391,12 @@ def _backward_reduce(prep: _Prepared, dy: np.ndarray, mean: np.ndarray, invstd: 
             prep.view(dy), prep.view(prep.phys), mean, invstd, prep.parts(), sum_dy, sum_dy_xhat
         )
     else:
+        shape = prep.cols_partials_shape()
         _k().cols_backward_reduce(
-            prep.view(dy),
-            prep.view(prep.phys),
-            prep.columns(mean),
-            prep.inner,
-            invstd,
-            sum_dy,
-            sum_dy_xhat,
-        )
+            prep.view(dy), prep.view(prep.phys), prep.columns(mean), prep.inner, invstd,
+            sum_dy, sum_dy_xhat, _scratch("sums_dy", shape, prep.cdt),
+            _scratch("sums_dy_xc", shape, prep.cdt),
+        )  # fmt: skip
     return sum_dy, sum_dy_xhat
 
 
