@@ -45,18 +45,19 @@ CASES = {
     "nc": ((16, 5), 1, "contiguous"),
     "nc_m2": ((2, 4), 1, "contiguous"),
     "ncl_cols": ((4, 3, 6), 1, "contiguous"),
-    "ncl_rows_split": ((6, 3, 40), 1, "contiguous"),
+    "ncl_rows_split": ((6, 3, 130), 1, "contiguous"),
     "ncl_n1_m2": ((1, 3, 2), 1, "contiguous"),
-    "nchw_rows": ((3, 40, 6, 7), 1, "contiguous"),
-    "nchw_n1": ((1, 3, 8, 8), 1, "contiguous"),
+    "nchw_rows": ((3, 40, 8, 16), 1, "contiguous"),
+    "nchw_n1": ((1, 3, 12, 12), 1, "contiguous"),
+    "nchw_cols": ((5, 4, 6, 7), 1, "contiguous"),
     "nchw_long_rows": ((2, 2, 3, 1500), 1, "contiguous"),
-    "ncdhw": ((2, 3, 4, 5, 6), 1, "contiguous"),
+    "ncdhw": ((2, 3, 4, 6, 6), 1, "contiguous"),
     "nhwc": ((4, 3, 6, 7), 1, "nhwc"),
     "ndhwc": ((2, 3, 4, 5, 6), 1, "nhwc"),
     "nc_wide": ((40, 1500), 1, "contiguous"),
     "nhwc_chunks": ((5, 24, 13, 11), 1, "nhwc"),
-    "nchw_permuted": ((3, 4, 8, 9), 1, "permuted"),
-    "nchw_strided": ((3, 4, 8, 10), 1, "strided"),
+    "nchw_permuted": ((3, 4, 12, 11), 1, "permuted"),
+    "nchw_strided": ((3, 4, 8, 20), 1, "strided"),
 }
 
 KINDS = ["numpy"] + (["torch"] if torch is not None else [])
@@ -304,8 +305,8 @@ def _bits(a) -> bytes:
 @pytest.mark.parametrize(
     "shape,axis",
     [
-        ((64, 3, 50), 1),  # rows, split over n (few channels)
-        ((4, 40, 70), 1),  # rows, one item per channel
+        ((64, 3, 130), 1),  # rows, split over n (few channels)
+        ((4, 40, 130), 1),  # rows, one item per channel
         ((2, 2, 5000), 1),  # rows, several blocks per row
         ((3000, 24), 1),  # cols, several row chunks
         ((20, 2100), 1),  # cols, several column blocks
