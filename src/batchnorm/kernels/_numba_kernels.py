@@ -419,18 +419,19 @@ def rows_backward_train(dy, x, mean, invstd, weight, parts, group, dx, sum_dy_ou
         rows_backward_reduce(dy, x, mean, invstd, parts, sum_dy_out, sum_dy_xhat_out)
         rows_backward_elemt(dy, x, mean, invstd, weight, sum_dy_out, sum_dy_xhat_out, count, dx)
         return
+    k_dy, k_xc, k_0 = np.empty_like(mean), np.empty_like(mean), np.empty_like(mean)
     for g in prange((channels + group - 1) // group):
         c0, c1 = g * group, min(channels, (g + 1) * group)
         for c in range(c0, c1):
             s_dy, s_dy_xc = _rows_channel_grad_sums(dy, x, c, 0, outer, mean[c])
             sum_dy_out[c] = s_dy
             sum_dy_xhat_out[c] = s_dy_xc * invstd[c]
+            k_dy[c], k_xc[c], k_0[c] = _grad_coefficients(
+                invstd[c], weight[c], sum_dy_out[c], sum_dy_xhat_out[c], count
+            )
         for n in range(outer):
             for c in range(c0, c1):
-                k_dy, k_xc, k_0 = _grad_coefficients(
-                    invstd[c], weight[c], sum_dy_out[c], sum_dy_xhat_out[c], count
-                )
-                _grad(dy[n, c], x[n, c], dx[n, c], mean[c], k_dy, k_xc, k_0)
+                _grad(dy[n, c], x[n, c], dx[n, c], mean[c], k_dy[c], k_xc[c], k_0[c])
 
 
 # ---------------------------------------------------------------------------------------------
