@@ -698,13 +698,14 @@ def plot(record: dict[str, Any], path: Path) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except ImportError:
         return None
     entries = record["results"]
     peers = [p for p in record["settings"]["peers"] if any(
         t["peer"] == p for e in entries for t in e["timings"])]  # fmt: skip
     labels = [f"{_shape_str(e['shape'])}\n{e['layout']}" for e in entries]
-    fig, axes = plt.subplots(2, len(OPS), figsize=(4.2 * len(OPS), 7.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(OPS), figsize=(4.8 * len(OPS), 7.5), squeeze=False)
     width = 0.8 / max(len(peers), 1)
     for col, op in enumerate(OPS):
         for row, metric in enumerate(("speedup", "x_copy")):
@@ -720,8 +721,12 @@ def plot(record: dict[str, Any], path: Path) -> Path | None:
                 xs = [j + (i - (len(peers) - 1) / 2) * width for j in range(len(entries))]
                 ax.bar(xs, values, width, label=peer)
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+            ax.tick_params(axis="y", which="both", labelsize=7)
             ax.set_xticks(range(len(entries)))
-            ax.set_xticklabels(labels, fontsize=7)
+            ax.set_xticklabels(labels, fontsize=6)
             if metric == "speedup":
                 ax.axhline(1.0, color="black", lw=0.8)
                 ax.set_title(f"{op}: speed-up over PyTorch eager", fontsize=9)
