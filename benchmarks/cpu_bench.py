@@ -5,6 +5,8 @@ Same as ``batchnorm bench --out benchmarks/results ...``, then copies the JSON a
 """
 
 import datetime
+import json
+import os
 import shutil
 import sys
 import tempfile
@@ -25,5 +27,13 @@ if __name__ == "__main__":
         stem = f"{stem}{f'-{n}' if n else ''}"
         for path in Path(tmp).iterdir():
             target = results / f"{stem}{path.suffix}"
-            shutil.copy(path, target)
+            if path.suffix == ".json":
+                # Record the command that was run, not the temporary --out it used.
+                record = json.loads(path.read_text())
+                thp = os.environ.get("THP_MEM_ALLOC_ENABLE")
+                env = f"THP_MEM_ALLOC_ENABLE={thp} " if thp else ""
+                record["command"] = f"{env}python benchmarks/cpu_bench.py {' '.join(sys.argv[1:])}"
+                target.write_text(json.dumps(record, indent=1) + "\n")
+            else:
+                shutil.copy(path, target)
             print(f"kept {target}")

@@ -437,6 +437,27 @@ def _jit_cache_report(backend: str) -> dict[str, Any]:
     return {"jit_cache_hits": hits, "jit_cache_misses": misses}
 
 
+def _caches_and_memory() -> dict[str, Any]:
+    """Per-core cache sizes and total memory, where Linux says (empty elsewhere)."""
+    info: dict[str, Any] = {}
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for index in sorted(base.glob("index*")):
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            if kind != "Instruction":
+                info[f"L{level}_cache"] = (index / "size").read_text().strip()
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            kib = int(fh.readline().split()[1])
+        info["memory_GB"] = round(kib / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return info
+
+
 def _machine(device: str) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -451,6 +472,8 @@ def _machine(device: str) -> dict[str, Any]:
         # PyTorch's CPU allocator asks for huge pages only with this set; where page faults are
         # expensive it changes the eager peer's times a lot (docs/bench.md).
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        # The numba backend's output pool (docs/kernels.md); "0" turns it off.
+        "BATCHNORM_NUMBA_POOL_MB": os.environ.get("BATCHNORM_NUMBA_POOL_MB"),
     }
     try:
         with open("/proc/cpuinfo") as fh:
@@ -460,6 +483,7 @@ def _machine(device: str) -> dict[str, Any]:
                     break
     except OSError:
         info["cpu"] = platform.processor()
+    info.update(_caches_and_memory())
     try:
         info["loadavg_start"] = list(os.getloadavg())
     except OSError:
