@@ -16,7 +16,7 @@ training mini-batches processed by the training-mode network (``population_stati
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -274,6 +274,20 @@ class TrainConfig:
     eval_every: int = 100
     population_batches: int = 20
     seed: int = 0
+
+    @classmethod
+    def from_settings(
+        cls, settings: Mapping[str, Any], *, lr: float, batch_size: int, seed: int
+    ) -> TrainConfig:
+        """The config of one run from an experiment's resolved settings."""
+        return cls(
+            steps=settings["steps"],
+            lr=lr,
+            batch_size=batch_size,
+            eval_every=settings["eval_every"],
+            population_batches=settings["population_batches"],
+            seed=seed,
+        )
 
 
 def train(
