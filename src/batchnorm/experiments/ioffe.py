@@ -51,12 +51,10 @@ def run(
 ) -> dict[str, Any]:
     import torch
 
-    from .data import load_dataset
-    from .models import MLP, TrainConfig, to_tensors, train
+    from .models import MLP, TrainConfig, load_tensors, train
 
     settings = resolve_settings(DEFAULTS, QUICK, quick=quick, steps=steps, seeds=seeds)
-    dataset = load_dataset(data)
-    tensors = to_tensors(dataset)
+    dataset, tensors = load_tensors(data)
     if not 0 <= unit < 100:
         raise ValueError(f"unit must be in [0, 100), got {unit}")
     x_test = tensors["x_test"]

@@ -120,8 +120,7 @@ def run(
     progress: bool = True,
     plot: bool = True,
 ) -> dict[str, Any]:
-    from .data import load_dataset
-    from .models import MLP, TrainConfig, to_tensors, train
+    from .models import MLP, TrainConfig, load_tensors, train
 
     settings = resolve_settings(
         DEFAULTS,
@@ -132,8 +131,7 @@ def run(
         intervals={"probe_every": 20, "eval_every": 5},
     )
     etas = np.linspace(*ETA_RANGE, settings["etas"])
-    dataset = load_dataset(data)
-    tensors = to_tensors(dataset)
+    dataset, tensors = load_tensors(data)
     runs, rows = [], []
     with Timer() as timer:
         for variant, _, run_seed in seed_runs(VARIANTS, settings["seeds"], seed):

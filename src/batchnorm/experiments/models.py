@@ -36,6 +36,7 @@ __all__ = [
     "TrainConfig",
     "train",
     "to_tensors",
+    "load_tensors",
 ]
 
 NORMS = ("none", "bn", "noisy-bn")
@@ -198,6 +199,14 @@ def to_tensors(dataset: Any, dtype: Any = None) -> dict[str, Any]:
         "x_test": torch.as_tensor(dataset.x_test, dtype=dtype),
         "y_test": torch.as_tensor(dataset.y_test, dtype=torch.int64),
     }
+
+
+def load_tensors(data: str) -> tuple[Any, dict[str, Any]]:
+    """``(dataset, tensors)``: the data set ``load_dataset(data)`` names and its tensors."""
+    from .data import load_dataset
+
+    dataset = load_dataset(data)
+    return dataset, to_tensors(dataset)
 
 
 def batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:

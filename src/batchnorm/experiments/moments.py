@@ -263,12 +263,10 @@ def run(
 ) -> dict[str, Any]:
     import torch
 
-    from .data import load_dataset
-    from .models import MLP, TrainConfig, to_tensors, train
+    from .models import MLP, TrainConfig, load_tensors, train
 
     settings = resolve_settings(DEFAULTS, QUICK, quick=quick, steps=steps, seeds=seeds)
-    dataset = load_dataset(data)
-    tensors = to_tensors(dataset)
+    dataset, tensors = load_tensors(data)
     with Timer() as timer:
         minimal = minimal_case(seed=seed)
         runs, rows = [], []
