@@ -1,0 +1,485 @@
+"""The Numba backend against the float64 reference, stage by stage and fused.
+
+Oracle: ``batchnorm.reference`` evaluated in float64 on the same (upcast) values. Errors are
+measured as ``max|ours - ref| / max|ref|`` (max-norm relative) with one tolerance per dtype:
+float64 1e-12; float32 1e-5 (the issue's target); float16 2**-10 and bfloat16 2**-7 for tensors
+stored in that dtype (twice the half-ulp of the output rounding), 1e-5 for their float32 stats.
+
+The case table covers both kernel layouts ("rows": a contiguous run per (n, c); "cols": channels
+contiguous), several work-item splits, m = 2, N = 1, channels-last (torch memory format and
+NumPy ``axis=-1``), dense permutations used in place and non-dense inputs copied first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from batchnorm import reference as ref  # noqa: E402
+from batchnorm.kernels import (  # noqa: E402
+    BackendUnavailable,
+    available_backends,
+    get_backend,
+    select_backend,
+)
+from batchnorm.kernels import _numba_kernels as kern  # noqa: E402
+from batchnorm.kernels import numba_cpu as nb  # noqa: E402
+
+try:
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None
+
+# Compile once per worker: every numba test shares the same jitted signatures.
+pytestmark = pytest.mark.xdist_group("numba")
+
+TOL = {"float64": 1e-12, "float32": 1e-5, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+STATS_TOL = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-5, "bfloat16": 1e-5}
+
+#: id -> (logical shape, channel axis, layout). "nhwc": NumPy data stored channels-last and
+#: passed with axis=-1, or a torch tensor in channels_last memory format (logical NCHW, axis 1).
+#: "permuted": a dense transpose (used in place); "strided": every other element (copied).
+CASES = {
+    "nc": ((16, 5), 1, "contiguous"),
+    "nc_m2": ((2, 4), 1, "contiguous"),
+    "ncl_cols": ((4, 3, 6), 1, "contiguous"),
+    "ncl_rows_split": ((6, 3, 130), 1, "contiguous"),
+    "ncl_n1_m2": ((1, 3, 2), 1, "contiguous"),
+    "nchw_rows": ((3, 40, 8, 16), 1, "contiguous"),
+    "nchw_n1": ((1, 3, 12, 12), 1, "contiguous"),
+    "nchw_cols": ((5, 4, 6, 7), 1, "contiguous"),
+    "nchw_long_rows": ((2, 2, 3, 1500), 1, "contiguous"),
+    "ncdhw": ((2, 3, 4, 6, 6), 1, "contiguous"),
+    "nhwc": ((4, 3, 6, 7), 1, "nhwc"),
+    "ndhwc": ((2, 3, 4, 5, 6), 1, "nhwc"),
+    "nc_wide": ((40, 1500), 1, "contiguous"),
+    "nhwc_chunks": ((5, 24, 13, 11), 1, "nhwc"),
+    "nchw_permuted": ((3, 4, 12, 11), 1, "permuted"),
+    "nchw_strided": ((3, 4, 8, 20), 1, "strided"),
+}
+
+KINDS = ["numpy"] + (["torch"] if torch is not None else [])
+DTYPES = ["float64", "float32", "float16", "bfloat16"]
+
+
+def _rel(ours, want, scale=None) -> float:
+    """max|ours - want| / max|want| (or / ``scale``)."""
+    ours = np.asarray(_np(ours), dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert ours.shape == want.shape
+    if not want.size:
+        return 0.0
+    scale = np.max(np.abs(want)) if scale is None else scale
+    return float(np.max(np.abs(ours - want)) / max(scale, 1e-30))
+
+
+def _dx_scale(dy, invstd, gamma, axis) -> float:
+    """The size of the largest term of dx = gamma*invstd*(dy - ...): dx itself can cancel to
+    ~0 (exactly 0 when m = 2), so its error is measured against the terms it is made of."""
+    dy = _np(dy)
+    k = _np(invstd) * (1.0 if gamma is None else _np(gamma))
+    return float(np.max(np.abs(dy)) * np.max(np.abs(k)))
+
+
+def _np(a):
+    if torch is not None and isinstance(a, torch.Tensor):
+        return a.detach().to(torch.float64).numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def _rounded(values: np.ndarray, dtype: str) -> np.ndarray:
+    """``values`` rounded to ``dtype`` and back to float64 (the input the kernels really see)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(values).to(torch.bfloat16).to(torch.float64).numpy()
+    return values.astype(dtype).astype(np.float64)
+
+
+def _make(values: np.ndarray, dtype: str, kind: str, layout: str, axis: int):
+    """``values`` (float64, logical NC... order) as the kernels' input; returns (x, axis)."""
+    if kind == "numpy":
+        if layout == "nhwc":
+            # Data stored channels-last, passed as such with axis=-1.
+            return np.ascontiguousarray(np.moveaxis(values, axis, -1)).astype(dtype), -1
+        x = values.astype(dtype)
+    else:
+        x = torch.from_numpy(values).to(getattr(torch, dtype))
+        if layout == "nhwc":
+            fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+            return x.contiguous(memory_format=fmt), axis
+    if layout == "permuted":
+        # Memory order N, C, W, H: a dense permutation, used without a copy.
+        base = np.ascontiguousarray(np.swapaxes(_np(x), -1, -2))
+        x = (
+            np.swapaxes(base.astype(dtype), -1, -2)
+            if kind == "numpy"
+            else torch.from_numpy(base).to(getattr(torch, dtype)).transpose(-1, -2)
+        )
+    elif layout == "strided":
+        wide = np.concatenate([values, values * 0 + 7.0], axis=-1)
+        wide = wide.reshape(values.shape[:-1] + (2, values.shape[-1])).swapaxes(-1, -2)
+        wide = np.ascontiguousarray(wide).reshape(values.shape[:-1] + (2 * values.shape[-1],))
+        x = (
+            wide.astype(dtype)[..., ::2]
+            if kind == "numpy"
+            else torch.from_numpy(wide).to(getattr(torch, dtype))[..., ::2]
+        )
+    return x, axis
+
+
+def _inputs(shape, axis, rng):
+    """Ordinary data: per-channel offsets and scales so every statistic is O(1)."""
+    c = shape[axis]
+    bshape = [1] * len(shape)
+    bshape[axis] = c
+    offset = rng.uniform(-2, 2, c).reshape(bshape)
+    scale = rng.uniform(0.5, 2, c).reshape(bshape)
+    x = rng.standard_normal(shape) * scale + offset
+    dy = rng.standard_normal(shape)
+    gamma = rng.uniform(0.5, 1.5, c)
+    beta = rng.uniform(-1, 1, c)
+    return x, dy, gamma, beta
+
+
+def _skip_unsupported(kind, dtype):
+    if kind == "numpy" and dtype == "bfloat16":
+        pytest.skip("NumPy has no bfloat16")
+
+
+def _vec(v, kind, dtype="float32"):
+    if v is None:
+        return None
+    return (
+        np.asarray(v, dtype=dtype)
+        if kind == "numpy"
+        else torch.tensor(v, dtype=getattr(torch, dtype))
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_and_stages_match_reference(case, dtype, kind):
+    _skip_unsupported(kind, dtype)
+    shape, axis, layout = CASES[case]
+    rng = np.random.default_rng(abs(hash(case)) % 2**32)
+    values, dy_values, gamma, beta = _inputs(shape, axis, rng)
+    values, dy_values = _rounded(values, dtype), _rounded(dy_values, dtype)
+    x, ax = _make(values, dtype, kind, layout, axis)
+    dy, _ = _make(dy_values, dtype, kind, layout, axis)
+    # The oracle sees exactly the values the kernel sees, in the kernel's axis convention.
+    x64, dy64 = _np(x), _np(dy)
+    pdt = "float64" if dtype == "float64" else "float32"
+    g, b = _vec(gamma, kind, pdt), _vec(beta, kind, pdt)
+    g64, b64 = _np(g), _np(b)
+    tol, stol = TOL[dtype], STATS_TOL[dtype]
+    cax = ax % x64.ndim
+
+    # Fused training forward.
+    y_ref, saved_ref = ref.batch_norm_train(x64, g64, b64, axis=ax, eps=1e-5)
+    y, saved = nb.batch_norm_train(x, g, b, axis=ax, eps=1e-5)
+    assert _np(y).shape == x64.shape and str(y.dtype).endswith(dtype)
+    assert _rel(y, y_ref) <= tol
+    for name in ("mean", "var", "invstd"):
+        ours = getattr(saved, name)
+        assert str(ours.dtype).endswith(pdt), name
+        assert _rel(ours, getattr(saved_ref, name)) <= stol, name
+
+    # Fused backward, against the reference backward at *our* saved statistics (so the
+    # tolerance measures the backward kernel, not the forward's rounding of mean/invstd).
+    mean64, invstd64 = _np(saved.mean), _np(saved.invstd)
+    grads_ref = ref.backward(
+        dy64, ref.Saved(x64, mean64, _np(saved.var), invstd64, g64, cax, 1e-5, saved_ref.count)
+    )
+    grads = nb.backward(dy, saved)
+    dx_scale = _dx_scale(dy, saved.invstd, g, cax)
+    assert _rel(grads.dx, grads_ref.dx, dx_scale) <= tol
+    assert _rel(grads.dgamma, grads_ref.dgamma) <= stol
+    assert _rel(grads.dbeta, grads_ref.dbeta) <= stol
+
+    # Stages one by one.
+    stats = nb.batch_stats(x, ax)
+    assert stats.count == saved_ref.count
+    assert _rel(stats.mean, saved_ref.mean) <= stol and _rel(stats.var, saved_ref.var) <= stol
+    y_elemt = nb.elemt(x, saved.mean, saved.invstd, g, b, ax)
+    assert _rel(y_elemt, ref.elemt(x64, mean64, invstd64, g64, b64, cax)) <= tol
+    sum_dy, sum_dy_xhat = nb.backward_reduce(dy, x, saved.mean, saved.invstd, ax)
+    want_dy, want_dy_xhat = ref.backward_reduce(dy64, x64, mean64, invstd64, cax)
+    assert _rel(sum_dy, want_dy) <= stol and _rel(sum_dy_xhat, want_dy_xhat) <= stol
+    dx = nb.backward_elemt(dy, x, saved.mean, saved.invstd, g, sum_dy, sum_dy_xhat, saved.count, ax)
+    want_dx = ref.backward_elemt(
+        dy64, x64, mean64, invstd64, g64, _np(sum_dy), _np(sum_dy_xhat), saved.count, cax
+    )
+    assert _rel(dx, want_dx, dx_scale) <= tol
+
+    # Inference forward with running statistics.
+    running_mean, running_var = _vec(beta * 0.5, kind, pdt), _vec(gamma * 2.0, kind, pdt)
+    y_inf = nb.batch_norm_infer(x, running_mean, running_var, g, b, axis=ax, eps=1e-3)
+    want = ref.batch_norm_infer(
+        x64, _np(running_mean), _np(running_var), g64, b64, axis=ax, eps=1e-3
+    )
+    assert _rel(y_inf, want) <= tol
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", ["nchw_rows", "ncl_rows_split", "nhwc", "ncl_cols"])
+def test_no_affine_and_moment_switches(case, kind):
+    shape, axis, layout = CASES[case]
+    rng = np.random.default_rng(7)
+    values, dy_values, _, _ = _inputs(shape, axis, rng)
+    x, ax = _make(values, "float64", kind, layout, axis)
+    dy, _ = _make(dy_values, "float64", kind, layout, axis)
+    x64, dy64 = _np(x), _np(dy)
+    y, saved = nb.batch_norm_train(x, axis=ax)
+    y_ref, saved_ref = ref.batch_norm_train(x64, axis=ax)
+    assert _rel(y, y_ref) <= 1e-12
+    for through_mean, through_var in [(False, True), (True, False), (False, False)]:
+        want = ref.backward(dy64, saved_ref, through_mean=through_mean, through_var=through_var)
+        got = nb.backward(dy, saved, through_mean=through_mean, through_var=through_var)
+        scale = _dx_scale(dy, saved.invstd, None, saved.axis)
+        assert _rel(got.dx, want.dx, scale) <= 1e-12, (through_mean, through_var)
+        assert _rel(got.dgamma, want.dgamma) <= 1e-12
+
+
+@pytest.mark.parametrize("case", ["nchw_rows", "ncl_rows_split", "nhwc_chunks", "nc"])
+def test_large_offset_float32(case):
+    """x = 1e4 + N(0, 1) in float32: the variance keeps its digits (no E[x^2] - E[x]^2).
+
+    The saved mean is float32 by policy, so it carries up to half an ulp at 1e4 (4.9e-4) of
+    rounding; we ask for the correctly rounded mean within one ulp, the variance within 1e-5,
+    and y/dx within 1e-5 of the float64 formulas evaluated at the saved statistics.
+    """
+    shape, axis, layout = CASES[case]
+    rng = np.random.default_rng(11)
+    values = _rounded(1e4 + rng.standard_normal(shape), "float32")
+    dy_values = _rounded(rng.standard_normal(shape), "float32")
+    x, ax = _make(values, "float32", "numpy", layout, axis)
+    dy, _ = _make(dy_values, "float32", "numpy", layout, axis)
+    x64, dy64 = _np(x), _np(dy)
+    _, saved_ref = ref.batch_norm_train(x64, axis=ax)
+    y, saved = nb.batch_norm_train(x, axis=ax)
+    ulp = np.spacing(np.float32(1e4))
+    assert np.max(np.abs(_np(saved.mean) - saved_ref.mean)) <= ulp
+    assert _rel(saved.var, saved_ref.var) <= 1e-5
+    # The one-pass formula fails this very check (so the check can fail).
+    one_pass = (
+        np.mean(x * x, axis=tuple(i for i in range(x.ndim) if i != ax % x.ndim), dtype=np.float32)
+        - saved.mean.astype(np.float32) ** 2
+    )
+    assert _rel(one_pass, saved_ref.var) > 1e-2
+    mean, invstd = _np(saved.mean), _np(saved.invstd)
+    cax = ax % x.ndim
+    assert _rel(y, ref.elemt(x64, mean, invstd, None, None, cax)) <= 1e-5
+    grads = nb.backward(dy, saved)
+    want = ref.backward(
+        dy64, ref.Saved(x64, mean, _np(saved.var), invstd, None, cax, 1e-5, saved_ref.count)
+    )
+    assert _rel(grads.dx, want.dx) <= 1e-5
+
+
+def test_float32_within_1e5_of_float64_reference_on_ordinary_data():
+    """The issue's accuracy target, end to end (stats rounding included), on a bigger tensor
+    than the case table: both layouts, forward and backward."""
+    rng = np.random.default_rng(3)
+    for shape, axis in [((8, 16, 24, 24), 1), ((8, 24, 24, 16), -1)]:
+        values, dy_values, gamma, beta = _inputs(shape, axis, rng)
+        x, dy = values.astype(np.float32), dy_values.astype(np.float32)
+        g, b = gamma.astype(np.float32), beta.astype(np.float32)
+        y_ref, saved_ref = ref.batch_norm_train(
+            x.astype(np.float64), g.astype(np.float64), b.astype(np.float64), axis=axis
+        )
+        grads_ref = ref.backward(dy.astype(np.float64), saved_ref)
+        y, saved = nb.batch_norm_train(x, g, b, axis=axis)
+        grads = nb.backward(dy, saved)
+        assert _rel(y, y_ref) <= 1e-5
+        assert _rel(grads.dx, grads_ref.dx) <= 1e-5
+        assert _rel(grads.dgamma, grads_ref.dgamma) <= 1e-5
+        assert _rel(grads.dbeta, grads_ref.dbeta) <= 1e-5
+
+
+def _bits(a) -> bytes:
+    return np.ascontiguousarray(_np(a) if not isinstance(a, np.ndarray) else a).tobytes()
+
+
+@pytest.mark.parametrize(
+    "shape,axis",
+    [
+        ((64, 3, 130), 1),  # rows, split over n (few channels)
+        ((4, 40, 130), 1),  # rows, one item per channel
+        ((2, 2, 5000), 1),  # rows, several blocks per row
+        ((3000, 24), 1),  # cols, several row chunks
+        ((20, 2100), 1),  # cols, several column blocks
+    ],
+)
+def test_bitwise_deterministic_across_runs_and_thread_counts(shape, axis):
+    import numba
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+
+    def run():
+        y, saved = nb.batch_norm_train(x, axis=axis)
+        grads = nb.backward(dy, saved)
+        return [_bits(a) for a in (y, saved.mean, saved.var, grads.dx, grads.dgamma)]
+
+    first = run()
+    assert run() == first
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        assert run() == first
+    finally:
+        numba.set_num_threads(threads)
+
+
+@pytest.mark.skipif(torch is None, reason="torch not installed")
+def test_torch_layouts_are_kept_and_dy_layout_may_differ():
+    rng = np.random.default_rng(2)
+    values, dy_values, gamma, _ = _inputs((3, 4, 5, 6), 1, rng)
+    x = torch.from_numpy(values).float().contiguous(memory_format=torch.channels_last)
+    dy = torch.from_numpy(dy_values).float()  # NCHW while x is channels-last
+    backend = get_backend("numba", x)
+    w = torch.tensor(gamma, dtype=torch.float32, requires_grad=True)  # as modules pass it
+    y, mean, var, invstd = backend.forward_train(x, w, None, 1e-5, 1)
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.float32
+    assert mean.dtype == var.dtype == invstd.dtype == torch.float32
+    dx, dweight, dbias = backend.backward_train(dy, x, mean, invstd, w, 1)
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+    want = ref.backward(
+        dy_values, ref.Saved(values, _np(mean), _np(var), _np(invstd), gamma, 1, 1e-5, 3 * 30)
+    )
+    assert _rel(dx, want.dx) <= 1e-5 and _rel(dweight, want.dgamma) <= 1e-5
+    assert _rel(dbias, want.dbeta) <= 1e-5
+    # A non-dense input is copied, and its output is contiguous.
+    wide = torch.from_numpy(values).float()[:, :, :, ::2]
+    y2, *_ = backend.forward_train(wide, None, None, 1e-5, 1)
+    assert y2.is_contiguous()
+    assert _rel(y2, ref.batch_norm_train(_np(wide), axis=1)[0]) <= 1e-5
+    # An expanded (stride-0) input too.
+    expanded = torch.from_numpy(values[:1]).float().expand(3, -1, -1, -1)
+    y3, *_ = backend.forward_train(expanded, None, None, 1e-5, 1)
+    assert _rel(y3, ref.batch_norm_train(_np(expanded), axis=1)[0]) <= 1e-5
+
+
+def test_numpy_permuted_output_keeps_memory_order():
+    rng = np.random.default_rng(4)
+    nhwc = rng.standard_normal((3, 5, 6, 4)).astype(np.float32)
+    x = np.moveaxis(nhwc, -1, 1)  # logical NCHW view of channels-last memory
+    y, _ = nb.batch_norm_train(x, axis=1)
+    assert np.moveaxis(y, 1, -1).flags.c_contiguous
+    assert np.shares_memory(x, nhwc)  # the input was used in place
+
+
+def test_availability_and_registry(monkeypatch):
+    backend = nb.NumbaBackend()
+    assert backend.unavailable_reason(np.zeros((2, 3), np.float32)) is None
+    assert "int32" in backend.unavailable_reason(np.zeros((2, 3), np.int32))
+    assert "NumPy arrays or torch CPU tensors" in backend.unavailable_reason([[1.0, 2.0]])
+    if torch is not None:
+        x = torch.zeros(2, 3)
+        assert backend.unavailable_reason(x) is None
+        assert "meta" in backend.unavailable_reason(torch.zeros(2, 3, device="meta"))
+        assert "int64" in backend.unavailable_reason(torch.zeros(2, 3, dtype=torch.int64))
+        chosen, _ = select_backend(x)
+        assert chosen.name == "numba"
+        assert available_backends(x)["numba"] is None
+        with pytest.raises(BackendUnavailable, match="meta"):
+            get_backend("numba", torch.zeros(2, 3, device="meta"))
+    monkeypatch.setattr(nb, "NUMBA_IMPORT_ERROR", "numba is not installed (test)")
+    assert "not installed" in backend.unavailable_reason(np.zeros((2, 3), np.float32))
+    with pytest.raises(BackendUnavailable, match="not installed"):
+        nb.batch_norm_train(np.zeros((2, 3), np.float32))
+
+
+def test_public_functions_validate_before_work():
+    x = np.ones((4, 3, 5), np.float32)
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        nb.batch_norm_train(x, np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        nb.batch_norm_train(np.ones((1, 3), np.float32))
+    with pytest.raises(ValueError, match="out of range"):
+        nb.batch_stats(x, axis=3)
+    with pytest.raises(TypeError, match="floating-point"):
+        nb.batch_stats(np.ones((4, 3), np.int32))
+    _, saved = nb.batch_norm_train(x)
+    with pytest.raises(ValueError, match="shape"):
+        nb.backward(np.ones((4, 3, 6), np.float32), saved)
+    with pytest.raises(ValueError, match="count"):
+        nb.backward_elemt(x, x, saved.mean, saved.invstd, None, saved.mean, saved.mean, 0, 1)
+
+
+def test_zero_size_inputs():
+    y = nb.batch_norm_infer(
+        np.ones((0, 3, 4), np.float32), np.zeros(3, np.float32), np.ones(3, np.float32)
+    )
+    assert y.shape == (0, 3, 4)
+    y, saved = nb.batch_norm_train(np.ones((4, 0, 5), np.float32))
+    assert y.shape == (4, 0, 5) and saved.mean.shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_rows_one_channel_per_group(dtype):
+    """Channels big enough that each fused group holds one channel (the case-table shapes are
+    small, so there the groups hold several)."""
+    rng = np.random.default_rng(8)
+    values, dy_values, gamma, beta = _inputs((1, 32, 36000), 1, rng)
+    x, dy = values.astype(dtype), dy_values.astype(dtype)
+    assert nb._Prepared(x, 1).group(1) == 1 and nb._Prepared(x, 1).parts() == 1
+    y, saved = nb.batch_norm_train(x, gamma.astype(dtype), beta.astype(dtype))
+    y_ref, saved_ref = ref.batch_norm_train(values, gamma, beta)
+    tol = TOL[dtype]
+    assert _rel(y, y_ref) <= tol and _rel(saved.var, saved_ref.var) <= tol
+    grads = nb.backward(dy, saved)
+    want = ref.backward(
+        dy_values,
+        ref.Saved(
+            values, _np(saved.mean), _np(saved.var), _np(saved.invstd), gamma, 1, 1e-5, 36000
+        ),
+    )
+    assert _rel(grads.dx, want.dx, _dx_scale(dy, saved.invstd, gamma, 1)) <= tol
+    assert _rel(grads.dgamma, want.dgamma) <= tol
+
+
+def test_output_pool_reuses_only_released_buffers():
+    def addr(arr):
+        return arr.__array_interface__["data"][0]
+
+    pool = nb.OutputPool(limit_bytes=3 << 20, min_bytes=1 << 20)
+    a = pool.empty((1 << 18,), np.float32)  # 1 MiB
+    first = addr(a)
+    b = pool.empty((1 << 18,), np.float32)
+    assert addr(b) != first  # a is still held
+    view = a[::2]
+    del a
+    c = pool.empty((1 << 18,), np.float32)
+    assert addr(c) != first  # a view keeps it alive
+    del view
+    d = pool.empty((1 << 18,), np.float32)
+    assert addr(d) == first  # released: reused
+    del d
+    if torch is not None:
+        t = torch.from_numpy(pool.empty((1 << 18,), np.float32))
+        assert t.data_ptr() == first
+        assert addr(pool.empty((1 << 18,), np.float32)) != first  # the tensor holds it
+        del t
+        assert addr(pool.empty((1 << 18,), np.float32)) == first
+    f = pool.empty((1 << 18,), np.float32)  # b, c, f: all three tracked buffers held
+    e = pool.empty((1 << 18,), np.float32)  # over the limit with all held: plain allocation
+    assert pool.held_bytes == 3 << 20 and e.base is None
+    assert pool.empty((10,), np.float32).base is None  # small: left to malloc
+    pool.clear()
+    assert pool.held_bytes == 0
+    assert nb.OutputPool(limit_bytes=0).empty((1 << 20,), np.float32).base is None
+    del b, c, e, f
+
+
+def test_layout_choice_is_by_contiguous_run():
+    """The test table exercises both kernels: check the dispatch it relies on."""
+    rows = nb._Prepared(np.zeros((2, 3, kern.ROWS_MIN_INNER), np.float32), 1)
+    cols = nb._Prepared(np.zeros((2, 3, kern.ROWS_MIN_INNER - 1), np.float32), 1)
+    nhwc = nb._Prepared(np.moveaxis(np.zeros((2, 5, 5, 3), np.float32), -1, 1), 1)
+    assert rows.rows and not cols.rows and not nhwc.rows and nhwc.inner == 1
+    assert rows.parts() == 2  # few channels: the n range is split
+    assert nb._Prepared(np.zeros((8, 64, 40), np.float32), 1).parts() == 1
