@@ -106,3 +106,17 @@ def test_device_cuda_is_routed_to_the_gpu_bench(monkeypatch):
     monkeypatch.setattr(bench_gpu, "main", lambda argv: seen.append(argv) or 0)
     assert bench.main(["--device", "cuda", "--quick", "--no-progress", "--no-plot"]) == 0
     assert seen == [["--device", "cuda", "--quick"]]
+
+
+def test_a_second_run_in_the_process_still_reports_first_calls():
+    shapes = (
+        [((4, 3, 2, 2), "nchw")]
+        if ((4, 3, 2, 2), "nchw") in bench.QUICK_SHAPES
+        else [bench.QUICK_SHAPES[0]]
+    )
+    records = [
+        bench.run(shapes, repeats=1, warmup=0, peers=["numba", "torch"], progress=False)
+        for _ in range(2)
+    ]
+    assert all("numba" in r["first_call"] for r in records)
+    assert records[1]["first_call"]["numba"]["warm_in_process"] is True

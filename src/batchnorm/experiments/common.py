@@ -17,6 +17,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import numpy as np
@@ -27,10 +28,14 @@ __all__ = [
     "read_json",
     "write_csv",
     "read_csv",
+    "write_records",
     "progress",
     "Timer",
     "torch_threads",
     "mean_and_spread",
+    "resolve_settings",
+    "seed_runs",
+    "curves_over_seeds",
 ]
 
 T = TypeVar("T")
@@ -84,6 +89,17 @@ def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Pat
 def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     with Path(path).open(newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def write_records(
+    out: str | os.PathLike, record: Mapping[str, Any], tables: Mapping[str, Sequence[Any]]
+) -> Path:
+    """An experiment's ``records.json`` and its CSV tables (file name -> rows) under ``out``."""
+    out = Path(out)
+    write_json(out / "records.json", record)
+    for name, rows in tables.items():
+        write_csv(out / name, rows)
+    return out
 
 
 def progress(
@@ -147,3 +163,44 @@ def mean_and_spread(runs: Sequence[Sequence[float | None]]) -> dict[str, list[fl
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns are expected
             result[name] = jsonable(fn(array, axis=0))
     return result
+
+
+def resolve_settings(
+    defaults: Mapping[str, Any],
+    quick_defaults: Mapping[str, Any],
+    *,
+    quick: bool,
+    steps: int | None,
+    seeds: int | None,
+    intervals: Mapping[str, int] = MappingProxyType({"eval_every": 10}),
+) -> dict[str, Any]:
+    """An experiment's settings: its quick or full defaults, with ``steps``/``seeds`` overridden.
+
+    A shorter run keeps its resolution: each ``intervals`` key (``eval_every``, ...) is capped so
+    that at least that many points fall within the ``steps``.
+    """
+    settings = dict(quick_defaults if quick else defaults)
+    if steps is not None:
+        settings["steps"] = int(steps)
+        for key, points in intervals.items():
+            settings[key] = max(1, min(settings[key], int(steps) // points))
+    if seeds is not None:
+        settings["seeds"] = int(seeds)
+    return settings
+
+
+def seed_runs(variants: Iterable[str], seeds: int, seed: int) -> Iterator[tuple[str, int, int]]:
+    """``(variant, k, seed + k)`` for every variant and each of its ``seeds`` runs."""
+    for variant in variants:
+        for k in range(seeds):
+            yield variant, k, seed + k
+
+
+def curves_over_seeds(
+    runs: Sequence[Mapping[str, Any]], keys: Iterable[str], *, series: str = "history"
+) -> dict[str, Any]:
+    """``step`` and the ``mean_and_spread`` of each key over one variant's runs' ``series``."""
+    return {
+        "step": [row["step"] for row in runs[0][series]],
+        **{key: mean_and_spread([[row[key] for row in r[series]] for r in runs]) for key in keys},
+    }

@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from .common import Timer, mean_and_spread, write_csv, write_json
+from .common import (
+    Timer,
+    curves_over_seeds,
+    resolve_settings,
+    seed_runs,
+    write_records,
+)
 
 __all__ = ["run", "DEFAULTS", "QUICK"]
 
@@ -45,78 +51,51 @@ def run(
 ) -> dict[str, Any]:
     import torch
 
-    from .data import load_dataset
-    from .models import MLP, TrainConfig, to_tensors, train
+    from .models import MLP, TrainConfig, load_tensors, train
 
-    settings = dict(QUICK if quick else DEFAULTS)
-    if steps is not None:
-        settings["steps"] = int(steps)
-        settings["eval_every"] = max(1, min(settings["eval_every"], int(steps) // 10))
-    if seeds is not None:
-        settings["seeds"] = int(seeds)
-    dataset = load_dataset(data)
-    tensors = to_tensors(dataset)
+    settings = resolve_settings(DEFAULTS, QUICK, quick=quick, steps=steps, seeds=seeds)
+    dataset, tensors = load_tensors(data)
     if not 0 <= unit < 100:
         raise ValueError(f"unit must be in [0, 100), got {unit}")
     x_test = tensors["x_test"]
     runs, rows = [], []
     with Timer() as timer:
-        for variant in VARIANTS:
-            for k in range(settings["seeds"]):
-                run_seed = seed + k
-                model = MLP(
-                    dataset.num_features,
-                    dataset.num_classes,
-                    norm=("bn" if variant == "bn" else "none"),
-                    init_std=init_std,
-                    seed=run_seed,
-                    backend=backend,
-                )
 
-                def percentiles(step: int, model: Any) -> dict[str, Any]:
-                    model.eval()
-                    with torch.no_grad():
-                        _, pre = model(x_test, return_preactivations=True)
-                    model.train()
-                    values = pre[-1][:, unit].double().numpy()
-                    return {f"p{q}": float(np.percentile(values, q)) for q in PERCENTILES}
+        def percentiles(step: int, model: Any) -> dict[str, Any]:
+            model.eval()
+            with torch.no_grad():
+                _, pre = model(x_test, return_preactivations=True)
+            model.train()
+            values = pre[-1][:, unit].double().numpy()
+            return {f"p{q}": float(np.percentile(values, q)) for q in PERCENTILES}
 
-                config = TrainConfig(
-                    steps=settings["steps"],
-                    lr=lr,
-                    batch_size=batch_size,
-                    eval_every=settings["eval_every"],
-                    population_batches=settings["population_batches"],
-                    seed=run_seed,
-                )
-                history = train(
-                    model,
-                    tensors,
-                    config,
-                    on_eval=percentiles,
-                    desc=f"ioffe {variant} seed {run_seed}",
-                    show_progress=progress,
-                )
-                runs.append({"variant": variant, "seed": run_seed, "history": history})
-                rows += [{"variant": variant, "seed": run_seed, **row} for row in history]
+        for variant, _, run_seed in seed_runs(VARIANTS, settings["seeds"], seed):
+            model = MLP(
+                dataset.num_features,
+                dataset.num_classes,
+                norm=("bn" if variant == "bn" else "none"),
+                init_std=init_std,
+                seed=run_seed,
+                backend=backend,
+            )
+            history = train(
+                model,
+                tensors,
+                TrainConfig.from_settings(settings, lr=lr, batch_size=batch_size, seed=run_seed),
+                on_eval=percentiles,
+                desc=f"ioffe {variant} seed {run_seed}",
+                show_progress=progress,
+            )
+            runs.append({"variant": variant, "seed": run_seed, "history": history})
+            rows += [{"variant": variant, "seed": run_seed, **row} for row in history]
 
     summary: dict[str, Any] = {}
     curves: dict[str, Any] = {}
     for variant in VARIANTS:
         mine = [r for r in runs if r["variant"] == variant]
-        steps_axis = [row["step"] for row in mine[0]["history"]]
-        curves[variant] = {
-            "step": steps_axis,
-            **{
-                key: mean_and_spread([[row[key] for row in r["history"]] for r in mine])
-                for key in (
-                    "test_accuracy",
-                    "test_loss",
-                    "train_loss",
-                    *[f"p{q}" for q in PERCENTILES],
-                )
-            },
-        }
+        curves[variant] = curves_over_seeds(
+            mine, ("test_accuracy", "test_loss", "train_loss", *[f"p{q}" for q in PERCENTILES])
+        )
         finals = [r["history"][-1]["test_accuracy"] for r in mine]
         summary[variant] = {
             "final_test_accuracy_mean": float(np.mean(finals)),
@@ -149,9 +128,7 @@ def run(
         "runs": runs,
         "seconds": timer.seconds,
     }
-    out = Path(out)
-    write_json(out / "records.json", record)
-    write_csv(out / "curves.csv", rows)
+    out = write_records(out, record, {"curves.csv": rows})
     if plot:
         from .plots import plot_ioffe
 

@@ -27,7 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from .common import Timer, mean_and_spread, write_csv, write_json
+from .common import (
+    Timer,
+    curves_over_seeds,
+    mean_and_spread,
+    resolve_settings,
+    seed_runs,
+    write_records,
+)
 
 __all__ = ["probe", "run", "VARIANTS", "DEFAULTS", "QUICK"]
 
@@ -113,62 +120,49 @@ def run(
     progress: bool = True,
     plot: bool = True,
 ) -> dict[str, Any]:
-    from .data import load_dataset
-    from .models import MLP, TrainConfig, to_tensors, train
+    from .models import MLP, TrainConfig, load_tensors, train
 
-    settings = dict(QUICK if quick else DEFAULTS)
-    if steps is not None:
-        settings["steps"] = int(steps)
-        settings["probe_every"] = max(1, min(settings["probe_every"], int(steps) // 20))
-        settings["eval_every"] = max(1, min(settings["eval_every"], int(steps) // 5))
-    if seeds is not None:
-        settings["seeds"] = int(seeds)
+    settings = resolve_settings(
+        DEFAULTS,
+        QUICK,
+        quick=quick,
+        steps=steps,
+        seeds=seeds,
+        intervals={"probe_every": 20, "eval_every": 5},
+    )
     etas = np.linspace(*ETA_RANGE, settings["etas"])
-    dataset = load_dataset(data)
-    tensors = to_tensors(dataset)
+    dataset, tensors = load_tensors(data)
     runs, rows = [], []
     with Timer() as timer:
-        for variant in VARIANTS:
-            for k in range(settings["seeds"]):
-                run_seed = seed + k
-                model = MLP(
-                    dataset.num_features,
-                    dataset.num_classes,
-                    norm=NORM_OF[variant],
-                    init_std=init_std,
-                    activation=activation,
-                    seed=run_seed,
-                    backend=backend,
-                    noise=noise,
-                )
-                probes: list[dict[str, Any]] = []
+        for variant, _, run_seed in seed_runs(VARIANTS, settings["seeds"], seed):
+            model = MLP(
+                dataset.num_features,
+                dataset.num_classes,
+                norm=NORM_OF[variant],
+                init_std=init_std,
+                activation=activation,
+                seed=run_seed,
+                backend=backend,
+                noise=noise,
+            )
+            probes: list[dict[str, Any]] = []
 
-                def before_step(
-                    step: int, model: Any, xb: Any, yb: Any, probes: list = probes
-                ) -> None:
-                    if step == 1 or step % settings["probe_every"] == 0:
-                        probes.append({"step": step, **probe(model, xb, yb, lr=lr, etas=etas)})
+            def before_step(step: int, model: Any, xb: Any, yb: Any, probes: list = probes) -> None:
+                if step == 1 or step % settings["probe_every"] == 0:
+                    probes.append({"step": step, **probe(model, xb, yb, lr=lr, etas=etas)})
 
-                config = TrainConfig(
-                    steps=settings["steps"],
-                    lr=lr,
-                    batch_size=batch_size,
-                    eval_every=settings["eval_every"],
-                    population_batches=settings["population_batches"],
-                    seed=run_seed,
-                )
-                history = train(
-                    model,
-                    tensors,
-                    config,
-                    before_step=before_step,
-                    desc=f"landscape {variant} seed {run_seed}",
-                    show_progress=progress,
-                )
-                runs.append(
-                    {"variant": variant, "seed": run_seed, "probes": probes, "history": history}
-                )
-                rows += [{"variant": variant, "seed": run_seed, **p} for p in probes]
+            history = train(
+                model,
+                tensors,
+                TrainConfig.from_settings(settings, lr=lr, batch_size=batch_size, seed=run_seed),
+                before_step=before_step,
+                desc=f"landscape {variant} seed {run_seed}",
+                show_progress=progress,
+            )
+            runs.append(
+                {"variant": variant, "seed": run_seed, "probes": probes, "history": history}
+            )
+            rows += [{"variant": variant, "seed": run_seed, **p} for p in probes]
 
     curves: dict[str, Any] = {}
     summary: dict[str, Any] = {}
@@ -176,8 +170,7 @@ def run(
     for variant in VARIANTS:
         mine = [r for r in runs if r["variant"] == variant]
         curves[variant] = {
-            "step": [p["step"] for p in mine[0]["probes"]],
-            **{key: mean_and_spread([[p[key] for p in r["probes"]] for r in mine]) for key in keys},
+            **curves_over_seeds(mine, keys, series="probes"),
             "eval_step": [row["step"] for row in mine[0]["history"]],
             "test_accuracy": mean_and_spread(
                 [[row["test_accuracy"] for row in r["history"]] for r in mine]
@@ -217,9 +210,7 @@ def run(
         "runs": runs,
         "seconds": timer.seconds,
     }
-    out = Path(out)
-    write_json(out / "records.json", record)
-    write_csv(out / "probes.csv", rows)
+    out = write_records(out, record, {"probes.csv": rows})
     if plot:
         from .plots import plot_landscape
 

@@ -16,7 +16,7 @@ training mini-batches processed by the training-mode network (``population_stati
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "TrainConfig",
     "train",
     "to_tensors",
+    "load_tensors",
 ]
 
 NORMS = ("none", "bn", "noisy-bn")
@@ -200,6 +201,14 @@ def to_tensors(dataset: Any, dtype: Any = None) -> dict[str, Any]:
     }
 
 
+def load_tensors(data: str) -> tuple[Any, dict[str, Any]]:
+    """``(dataset, tensors)``: the data set ``load_dataset(data)`` names and its tensors."""
+    from .data import load_dataset
+
+    dataset = load_dataset(data)
+    return dataset, to_tensors(dataset)
+
+
 def batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """Endless mini-batch indices: a fresh permutation each epoch, the remainder dropped."""
     if not 2 <= batch_size <= n:
@@ -274,6 +283,20 @@ class TrainConfig:
     eval_every: int = 100
     population_batches: int = 20
     seed: int = 0
+
+    @classmethod
+    def from_settings(
+        cls, settings: Mapping[str, Any], *, lr: float, batch_size: int, seed: int
+    ) -> TrainConfig:
+        """The config of one run from an experiment's resolved settings."""
+        return cls(
+            steps=settings["steps"],
+            lr=lr,
+            batch_size=batch_size,
+            eval_every=settings["eval_every"],
+            population_batches=settings["population_batches"],
+            seed=seed,
+        )
 
 
 def train(

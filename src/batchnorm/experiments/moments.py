@@ -26,7 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from .common import Timer, mean_and_spread, write_csv, write_json
+from .common import (
+    Timer,
+    curves_over_seeds,
+    resolve_settings,
+    seed_runs,
+    write_records,
+)
 
 __all__ = ["minimal_case", "gradient_check", "run", "VARIANTS", "DEFAULTS", "QUICK"]
 
@@ -257,54 +263,38 @@ def run(
 ) -> dict[str, Any]:
     import torch
 
-    from .data import load_dataset
-    from .models import MLP, TrainConfig, to_tensors, train
+    from .models import MLP, TrainConfig, load_tensors, train
 
-    settings = dict(QUICK if quick else DEFAULTS)
-    if steps is not None:
-        settings["steps"] = int(steps)
-        settings["eval_every"] = max(1, min(settings["eval_every"], int(steps) // 10))
-    if seeds is not None:
-        settings["seeds"] = int(seeds)
-    dataset = load_dataset(data)
-    tensors = to_tensors(dataset)
+    settings = resolve_settings(DEFAULTS, QUICK, quick=quick, steps=steps, seeds=seeds)
+    dataset, tensors = load_tensors(data)
     with Timer() as timer:
         minimal = minimal_case(seed=seed)
         runs, rows = [], []
         probe_state = None
-        for variant, (tm, tv) in VARIANTS.items():
-            for k in range(settings["seeds"]):
-                run_seed = seed + k
-                model = MLP(
-                    dataset.num_features,
-                    dataset.num_classes,
-                    norm="bn",
-                    through_mean=tm,
-                    through_var=tv,
-                    init_std=init_std,
-                    seed=run_seed,
-                    backend=backend,
-                )
-                config = TrainConfig(
-                    steps=settings["steps"],
-                    lr=lr,
-                    batch_size=batch_size,
-                    eval_every=settings["eval_every"],
-                    population_batches=settings["population_batches"],
-                    seed=run_seed,
-                )
-                history = train(
-                    model,
-                    tensors,
-                    config,
-                    on_eval=lambda step, m: _norms(m),
-                    desc=f"moments {variant} seed {run_seed}",
-                    show_progress=progress,
-                )
-                runs.append({"variant": variant, "seed": run_seed, "history": history})
-                rows += [{"variant": variant, "seed": run_seed, **row} for row in history]
-                if variant == "full" and k == 0:
-                    probe_state = {k2: v.detach().clone() for k2, v in model.state_dict().items()}
+        for variant, k, run_seed in seed_runs(VARIANTS, settings["seeds"], seed):
+            tm, tv = VARIANTS[variant]
+            model = MLP(
+                dataset.num_features,
+                dataset.num_classes,
+                norm="bn",
+                through_mean=tm,
+                through_var=tv,
+                init_std=init_std,
+                seed=run_seed,
+                backend=backend,
+            )
+            history = train(
+                model,
+                tensors,
+                TrainConfig.from_settings(settings, lr=lr, batch_size=batch_size, seed=run_seed),
+                on_eval=lambda step, m: _norms(m),
+                desc=f"moments {variant} seed {run_seed}",
+                show_progress=progress,
+            )
+            runs.append({"variant": variant, "seed": run_seed, "history": history})
+            rows += [{"variant": variant, "seed": run_seed, **row} for row in history]
+            if variant == "full" and k == 0:
+                probe_state = {k2: v.detach().clone() for k2, v in model.state_dict().items()}
         # One point in parameter space for every variant: the trained full-gradient network.
         batch = np.random.default_rng(seed).choice(
             tensors["x_train"].shape[0], batch_size, replace=False
@@ -326,13 +316,7 @@ def run(
     keys = ("test_accuracy", "test_loss", "train_loss", "bias_norm", "weight_norm")
     for variant in VARIANTS:
         mine = [r for r in runs if r["variant"] == variant]
-        curves[variant] = {
-            "step": [row["step"] for row in mine[0]["history"]],
-            **{
-                key: mean_and_spread([[row[key] for row in r["history"]] for r in mine])
-                for key in keys
-            },
-        }
+        curves[variant] = curves_over_seeds(mine, keys)
         last = [r["history"][-1] for r in mine]
         summary[variant] = {
             **{f"final_{key}": float(np.mean([row[key] for row in last])) for key in keys},
@@ -363,10 +347,6 @@ def run(
         "runs": runs,
         "seconds": timer.seconds,
     }
-    out = Path(out)
-    write_json(out / "records.json", record)
-    write_csv(out / "curves.csv", rows)
-    write_csv(out / "gradient_check.csv", check["table"])
     minimal_rows = []
     for key, value in minimal.items():
         if isinstance(value, dict):
@@ -376,7 +356,15 @@ def run(
                     zip(value["param"], value["loss"], value["grad"], strict=True)
                 )
             ]
-    write_csv(out / "minimal_case.csv", minimal_rows)
+    out = write_records(
+        out,
+        record,
+        {
+            "curves.csv": rows,
+            "gradient_check.csv": check["table"],
+            "minimal_case.csv": minimal_rows,
+        },
+    )
     if plot:
         from .plots import plot_moments
 

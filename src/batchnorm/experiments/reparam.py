@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..reference import backward, batch_norm_infer, batch_norm_train, batch_stats
-from .common import write_csv, write_json
+from .common import write_records
 
 __all__ = ["identity_check", "gradient_orthogonality", "run", "CONFIGS"]
 
@@ -158,9 +158,14 @@ def run(
             "passed": max(r["max_abs_error"] for r in rows) <= 1e-6,
         },
     }
-    write_json(out / "records.json", record)
-    write_csv(out / "identity.csv", rows)
-    write_csv(out / "orthogonality.csv", [{"variant": k, **v} for k, v in orth["variants"].items()])
+    write_records(
+        out,
+        record,
+        {
+            "identity.csv": rows,
+            "orthogonality.csv": [{"variant": k, **v} for k, v in orth["variants"].items()],
+        },
+    )
     if plot:
         from .plots import plot_reparam
 

@@ -135,6 +135,16 @@ def _load_relu_mask(
 
 
 @triton.jit
+def _chan_merge(count, mean, m2, n_b, mean_b, m2_b):
+    """``(count, mean, M2)`` of the union of two parts, from each part's (Chan et al.)."""
+    total = count + n_b
+    delta = mean_b - mean
+    mean += delta * (n_b / total)
+    m2 += m2_b + delta * delta * (count * n_b / total)
+    return total, mean, m2
+
+
+@triton.jit
 def _stats_partial_kernel(
     x_ptr,
     part_count_ptr,
@@ -170,11 +180,7 @@ def _stats_partial_kernel(
         mean_t = tl.sum(tl.sum(x, axis=2), axis=0) / n_t
         centred = tl.where(valid, x - mean_t[None, :, None], 0.0)
         m2_t = tl.sum(tl.sum(centred * centred, axis=2), axis=0)
-        total = count + n_t
-        delta = mean_t - mean
-        mean += delta * (n_t / total)
-        m2 += m2_t + delta * delta * (count * n_t / total)
-        count = total
+        count, mean, m2 = _chan_merge(count, mean, m2, n_t, mean_t, m2_t)
     out = split * channels + c
     keep = c < channels
     tl.store(part_count_ptr + out, tl.zeros([BLOCK_C], dtype=tl.float32) + count, mask=keep)
@@ -205,11 +211,7 @@ def _stats_combine_kernel(
         n_s = tl.load(part_count_ptr + s * channels + c, mask=keep, other=1.0)
         mean_s = tl.load(part_mean_ptr + s * channels + c, mask=keep, other=0.0)
         m2_s = tl.load(part_m2_ptr + s * channels + c, mask=keep, other=0.0)
-        total = count + n_s
-        delta = mean_s - mean
-        mean += delta * (n_s / total)
-        m2 += m2_s + delta * delta * (count * n_s / total)
-        count = total
+        count, mean, m2 = _chan_merge(count, mean, m2, n_s, mean_s, m2_s)
     var = m2 / count
     tl.store(mean_ptr + c, mean, mask=keep)
     tl.store(var_ptr + c, var, mask=keep)

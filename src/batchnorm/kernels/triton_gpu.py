@@ -309,6 +309,26 @@ def _elemt_grid(plan: Plan) -> tuple[int, int]:
     return (plan.channel_blocks, _cdiv(plan.tiles, plan.elemt_tiles_per_program))
 
 
+def _geometry(plan: Plan, tiles_per_program: int) -> tuple[int, ...]:
+    """The tiling arguments every tiled kernel takes, in their order."""
+    return (plan.outer, plan.channels, plan.inner, plan.tiles_i, plan.tiles, tiles_per_program)
+
+
+def _partials(view: _View, n: int) -> list[torch.Tensor]:
+    """``n`` (splits, C) float32 buffers for the reduction programs' per-split partials."""
+    shape = (view.plan.splits, view.plan.channels)
+    return [torch.empty(shape, dtype=torch.float32, device=view.x.device) for _ in range(n)]
+
+
+def _launch_combine(kernel: Any, plan: Plan, *args: Any, after: tuple[Any, ...] = ()) -> None:
+    """``kernel(*args, channels, splits, *after)``, one program per block of channels: the merge
+    of the reduction programs' partials."""
+    block_c = _channel_block(plan.channels)
+    kernel[(_cdiv(plan.channels, block_c),)](
+        *args, plan.channels, plan.splits, *after, BLOCK_C=block_c
+    )
+
+
 def _blocks(plan: Plan) -> dict[str, Any]:
     return {
         "BLOCK_O": plan.block_o,
@@ -336,36 +356,13 @@ def _stats(view: _View, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.T
             v.fill_(math.nan)
         return mean, var, invstd
     k = _kernels()
-    part_count, part_mean, part_m2 = (
-        torch.empty((plan.splits, plan.channels), dtype=torch.float32, device=x.device)
-        for _ in range(3)
-    )
+    partials = _partials(view, 3)  # count, mean, M2
     with _device_guard(x):
         k._stats_partial_kernel[_reduction_grid(plan)](
-            x,
-            part_count,
-            part_mean,
-            part_m2,
-            plan.outer,
-            plan.channels,
-            plan.inner,
-            plan.tiles_i,
-            plan.tiles,
-            plan.tiles_per_split,
-            **_blocks(plan),
+            x, *partials, *_geometry(plan, plan.tiles_per_split), **_blocks(plan)
         )
-        block_c = _channel_block(plan.channels)
-        k._stats_combine_kernel[(_cdiv(plan.channels, block_c),)](
-            part_count,
-            part_mean,
-            part_m2,
-            mean,
-            var,
-            invstd,
-            plan.channels,
-            plan.splits,
-            float(eps),
-            BLOCK_C=block_c,
+        _launch_combine(
+            k._stats_combine_kernel, plan, *partials, mean, var, invstd, after=(float(eps),)
         )
     return mean, var, invstd
 
@@ -411,12 +408,7 @@ def _elemt(
             dummy if bias is None else bias,
             x if residual is None else residual,
             y if mask is None else mask,
-            plan.outer,
-            plan.channels,
-            plan.inner,
-            plan.tiles_i,
-            plan.tiles,
-            plan.elemt_tiles_per_program,
+            *_geometry(plan, plan.elemt_tiles_per_program),
             float(eps),
             HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None,
@@ -524,39 +516,20 @@ def _backward_reduce(
     if view.count == 0:
         return sum_dy.zero_(), sum_dy_xhat.zero_()
     k = _kernels()
-    part_sum_dy, part_sum_dy_xc = (
-        torch.empty((plan.splits, plan.channels), dtype=torch.float32, device=x.device)
-        for _ in range(2)
-    )
+    partials = _partials(view, 2)  # sum_dy, sum(dy * (x - mean))
     with _device_guard(x):
         k._backward_reduce_partial_kernel[_reduction_grid(plan)](
             dy,
             x,
             x if mask is None else mask,
             mean,
-            part_sum_dy,
-            part_sum_dy_xc,
-            plan.outer,
-            plan.channels,
-            plan.inner,
-            plan.tiles_i,
-            plan.tiles,
-            plan.tiles_per_split,
+            *partials,
+            *_geometry(plan, plan.tiles_per_split),
             HAS_MASK=mask is not None,
             PACK_I=plan.pack_i,
             **_blocks(plan),
         )
-        block_c = _channel_block(plan.channels)
-        k._backward_combine_kernel[(_cdiv(plan.channels, block_c),)](
-            part_sum_dy,
-            part_sum_dy_xc,
-            invstd,
-            sum_dy,
-            sum_dy_xhat,
-            plan.channels,
-            plan.splits,
-            BLOCK_C=block_c,
-        )
+        _launch_combine(k._backward_combine_kernel, plan, *partials, invstd, sum_dy, sum_dy_xhat)
     return sum_dy, sum_dy_xhat
 
 
@@ -609,12 +582,7 @@ def _backward_elemt(
             dx,
             dx if dresidual is None else dresidual,
             float(count),
-            plan.outer,
-            plan.channels,
-            plan.inner,
-            plan.tiles_i,
-            plan.tiles,
-            plan.elemt_tiles_per_program,
+            *_geometry(plan, plan.elemt_tiles_per_program),
             HAS_WEIGHT=weight is not None,
             HAS_MASK=mask is not None,
             WRITE_DRESIDUAL=residual_grad,

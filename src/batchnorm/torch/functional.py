@@ -118,9 +118,8 @@ def _batch_norm(
         bool(through_var),
     )
     if update:
-        count = input.numel() // input.shape[AXIS]
-        write_running_stats(
-            running_mean, running_var, mean, var, count, momentum, num_batches_tracked
+        write_batch_stats(
+            input, running_mean, running_var, mean, var, momentum, num_batches_tracked
         )
     return output, chosen.name
 
@@ -184,6 +183,20 @@ def write_running_stats(
     with torch.no_grad():
         running_mean.copy_(new.running_mean)
         running_var.copy_(new.running_var)
+
+
+def write_batch_stats(
+    input: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    momentum: float | None,
+    num_batches_tracked: int = 0,
+) -> None:
+    """``write_running_stats`` for the ``mean`` and ``var`` of the whole local batch ``input``."""
+    count = input.numel() // input.shape[AXIS]
+    write_running_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
 
 
 def _empty_batch(

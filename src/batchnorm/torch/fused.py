@@ -31,8 +31,8 @@ from .. import reference as ref
 from .._xp import check_same_shape
 from ..kernels import BackendUnavailable, get_backend
 from .function import AXIS, memory_format_of
-from .functional import _batch_norm, check_call, write_running_stats
-from .modules import _check_backend_name
+from .functional import _batch_norm, check_call, write_batch_stats
+from .modules import _check_backend_name, forward_with_buffers
 
 __all__ = [
     "BatchNormAddReLU2d",
@@ -137,7 +137,6 @@ def batch_norm_relu(
     """
     return _fused(
         input,
-        None,
         running_mean,
         running_var,
         weight,
@@ -146,6 +145,7 @@ def batch_norm_relu(
         momentum,
         eps,
         backend=backend,
+        residual=None,
     )[0]
 
 
@@ -170,7 +170,6 @@ def batch_norm_add_relu(
         raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__}")
     return _fused(
         input,
-        residual,
         running_mean,
         running_var,
         weight,
@@ -179,12 +178,12 @@ def batch_norm_add_relu(
         momentum,
         eps,
         backend=backend,
+        residual=residual,
     )[0]
 
 
 def _fused(
     input: torch.Tensor,
-    residual: torch.Tensor | None,
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
     weight: torch.Tensor | None,
@@ -194,9 +193,12 @@ def _fused(
     eps: float,
     *,
     backend: str,
+    residual: torch.Tensor | None,
     num_batches_tracked: int = 0,
 ) -> tuple[torch.Tensor, str | None]:
-    """Returns ``(output, name of what ran)``: ``"triton (fused)"`` or the unfused backend's."""
+    """``functional._batch_norm``'s arguments, then the ReLU (after adding ``residual`` when it
+    is not None). Returns ``(output, name of what ran)``: ``"triton (fused)"`` or the unfused
+    backend's."""
     _check_backend_name(backend)
     if residual is not None:
         if not isinstance(input, torch.Tensor):
@@ -231,9 +233,8 @@ def _fused(
         input, weight, bias, residual, running_mean, running_var, bool(training), float(eps)
     )
     if update:
-        count = input.numel() // input.shape[AXIS]
-        write_running_stats(
-            running_mean, running_var, mean, var, count, momentum, num_batches_tracked
+        write_batch_stats(
+            input, running_mean, running_var, mean, var, momentum, num_batches_tracked
         )
     return output, "triton (fused)"
 
@@ -293,29 +294,7 @@ class _FusedBatchNorm2d(_TorchBatchNorm):
             raise ValueError(f"expected 4D input (N, C, H, W), got {input.dim()}D input")
 
     def _run(self, input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        self._check_input_dim(input)
-        use_batch = self.training or (self.running_mean is None and self.running_var is None)
-        use_buffers = not self.training or self.track_running_stats
-        counting = (
-            self.training and self.track_running_stats and self.num_batches_tracked is not None
-        )
-        seen = int(self.num_batches_tracked) if counting and self.momentum is None else 0
-        output, self.last_backend = _fused(
-            input,
-            residual,
-            self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None,
-            self.weight,
-            self.bias,
-            use_batch,
-            self.momentum,
-            self.eps,
-            backend=self.backend,
-            num_batches_tracked=seen,
-        )
-        if counting:  # after the forward succeeded, so a rejected batch changes no buffer
-            self.num_batches_tracked.add_(1)
-        return output
+        return forward_with_buffers(self, input, _fused, residual=residual)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -11,6 +11,7 @@ the ``last_backend`` attribute saying which backend the latest forward ran.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +29,48 @@ def _check_backend_name(backend: str) -> str:
         known = sorted(kernels.REGISTRY)
         raise ValueError(f"unknown backend {backend!r}; known: {known} or 'auto'")
     return backend
+
+
+def forward_with_buffers(
+    module: Any,
+    input: torch.Tensor,
+    batch_norm: Callable[..., tuple[torch.Tensor, str | None]],
+    **options: Any,
+) -> torch.Tensor:
+    """PyTorch's ``_BatchNorm.forward`` around ``batch_norm`` (``functional._batch_norm`` or one
+    with its arguments), for any module with ``torch.nn``'s batch-norm attributes, a ``backend``
+    and a ``last_backend``; ``options`` are passed on as keywords.
+
+    Chooses batch or running statistics and the buffers ``batch_norm`` may update, passes the
+    batches seen so far (for ``momentum=None``), records the backend it ran, and counts the batch
+    in ``num_batches_tracked``.
+    """
+    module._check_input_dim(input)
+    # Without buffers there is nothing to normalise with in eval: use the batch, as PyTorch.
+    use_batch = module.training or (module.running_mean is None and module.running_var is None)
+    use_buffers = not module.training or module.track_running_stats
+    counting = (
+        module.training and module.track_running_stats and module.num_batches_tracked is not None
+    )
+    # Read only when needed: on a GPU, int() of a device tensor is a synchronisation.
+    seen = int(module.num_batches_tracked) if counting and module.momentum is None else 0
+    output, module.last_backend = batch_norm(
+        input,
+        module.running_mean if use_buffers else None,
+        module.running_var if use_buffers else None,
+        module.weight,
+        module.bias,
+        use_batch,
+        module.momentum,
+        module.eps,
+        backend=module.backend,
+        num_batches_tracked=seen,
+        **options,
+    )
+    # Counted after the forward succeeded, so a rejected batch changes no buffer.
+    if counting:
+        module.num_batches_tracked.add_(1)
+    return output
 
 
 class _BatchNorm(torch.nn.Module):
@@ -60,33 +103,13 @@ class _BatchNorm(torch.nn.Module):
         self.last_backend: str | None = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        # Without buffers there is nothing to normalise with in eval: use the batch, as PyTorch.
-        use_batch = self.training or (self.running_mean is None and self.running_var is None)
-        use_buffers = not self.training or self.track_running_stats
-        counting = (
-            self.training and self.track_running_stats and self.num_batches_tracked is not None
-        )
-        # Read only when needed: on a GPU, int() of a device tensor is a synchronisation.
-        seen = int(self.num_batches_tracked) if counting and self.momentum is None else 0
-        output, self.last_backend = _batch_norm(
+        return forward_with_buffers(
+            self,
             input,
-            self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None,
-            self.weight,
-            self.bias,
-            use_batch,
-            self.momentum,
-            self.eps,
-            backend=self.backend,
+            _batch_norm,
             through_mean=self.through_mean,
             through_var=self.through_var,
-            num_batches_tracked=seen,
         )
-        # Counted after the forward succeeded, so a rejected batch changes no buffer.
-        if counting:
-            self.num_batches_tracked.add_(1)
-        return output
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
