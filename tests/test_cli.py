@@ -76,3 +76,22 @@ def test_failed_backend_import_is_remembered(monkeypatch):
             assert "cannot be imported" in str(exc)
     assert calls.count("batchnorm.no_such_module") == 1
     kernels._import_errors.pop("ghost", None)
+
+
+def test_auto_skips_a_backend_below_its_minimum_size(monkeypatch):
+    from batchnorm import kernels
+
+    class Big(kernels.ReferenceBackend):
+        name = "big"
+        auto_min_numel = 100
+
+    monkeypatch.setitem(kernels._instances, "big", Big())
+    monkeypatch.setitem(kernels.REGISTRY, "big", "unused:Big")
+    monkeypatch.setitem(kernels.AUTO_ORDER, "cpu", ("big", "reference"))
+    import numpy as np
+
+    small, large = np.zeros((4, 3)), np.zeros((50, 4))
+    chosen, notes = kernels.select_backend(small)
+    assert chosen.name == "reference" and "below 100 elements" in notes[0]
+    assert kernels.select_backend(large)[0].name == "big"
+    assert kernels.get_backend("big", small).name == "big"  # asked for by name: no minimum

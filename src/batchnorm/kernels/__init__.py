@@ -6,8 +6,9 @@ Statistics (``mean``, ``var``, ``invstd``) are float32 for float32/float16/bfloa
 float64 for float64 input. Backends are imported lazily, only when asked for, so importing
 ``batchnorm`` never imports numba or triton.
 
-``backend="auto"`` picks the first available of ``AUTO_ORDER[device]``; an explicitly named
-backend that cannot run raises :class:`BackendUnavailable` with the reason.
+``backend="auto"`` picks the first available of ``AUTO_ORDER[device]``, skipping a backend for
+inputs smaller than its ``auto_min_numel`` (where its launch cost exceeds the work); an
+explicitly named backend that cannot run raises :class:`BackendUnavailable` with the reason.
 """
 
 from __future__ import annotations
@@ -180,12 +181,27 @@ def select_backend(x: Array, backend: str = "auto") -> tuple[Any, list[str]]:
     if backend != "auto":
         return get_backend(backend, x), []
     notes: list[str] = []
+    numel = _numel(x)
     for name in AUTO_ORDER.get(_device_type(x), ("reference",)):
         try:
-            return get_backend(name, x), notes
+            chosen = get_backend(name, x)
         except BackendUnavailable as exc:
             notes.append(str(exc))
+            continue
+        # A parallel kernel's launch cost exceeds the work on tiny inputs; only "auto" minds.
+        smallest = getattr(chosen, "auto_min_numel", 0)
+        if numel < smallest:
+            notes.append(f"backend {name!r} is skipped by auto below {smallest} elements")
+            continue
+        return chosen, notes
     return _load("reference"), notes
+
+
+def _numel(x: Array) -> int:
+    size = getattr(x, "size", None)
+    if isinstance(size, int):  # NumPy
+        return size
+    return int(x.numel()) if hasattr(x, "numel") else 0
 
 
 def available_backends(x: Array) -> dict[str, str | None]:
