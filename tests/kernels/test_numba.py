@@ -12,6 +12,8 @@ NumPy ``axis=-1``), dense permutations used in place and non-dense inputs copied
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -163,7 +165,7 @@ def _vec(v, kind, dtype="float32"):
 def test_fused_and_stages_match_reference(case, dtype, kind):
     _skip_unsupported(kind, dtype)
     shape, axis, layout = CASES[case]
-    rng = np.random.default_rng(abs(hash(case)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(case.encode()))  # hash() differs per process
     values, dy_values, gamma, beta = _inputs(shape, axis, rng)
     values, dy_values = _rounded(values, dtype), _rounded(dy_values, dtype)
     x, ax = _make(values, dtype, kind, layout, axis)
@@ -180,7 +182,12 @@ def test_fused_and_stages_match_reference(case, dtype, kind):
     y_ref, saved_ref = ref.batch_norm_train(x64, g64, b64, axis=ax, eps=1e-5)
     y, saved = nb.batch_norm_train(x, g, b, axis=ax, eps=1e-5)
     assert _np(y).shape == x64.shape and str(y.dtype).endswith(dtype)
-    assert _rel(y, y_ref) <= tol
+    # Centring in the compute precision (unit roundoff u) costs about 2u|mean|/std of x_hat:
+    # negligible on ordinary data, but m = 2 draws with two nearly equal values reach
+    # |mean|/std ~ 700, where the float32 reference itself is 2e-5 off.
+    unit = 2.0**-53 if dtype == "float64" else 2.0**-24
+    kappa = float(np.max(np.abs(saved_ref.mean) * saved_ref.invstd))
+    assert _rel(y, y_ref) <= tol + 4 * unit * kappa
     for name in ("mean", "var", "invstd"):
         ours = getattr(saved, name)
         assert str(ours.dtype).endswith(pdt), name
@@ -382,8 +389,10 @@ def test_availability_and_registry(monkeypatch):
         assert backend.unavailable_reason(x) is None
         assert "meta" in backend.unavailable_reason(torch.zeros(2, 3, device="meta"))
         assert "int64" in backend.unavailable_reason(torch.zeros(2, 3, dtype=torch.int64))
-        chosen, _ = select_backend(x)
-        assert chosen.name == "numba"
+        # auto leaves tiny inputs to the reference and takes numba from auto_min_numel up
+        assert select_backend(x)[0].name == "reference"
+        big = torch.zeros(backend.auto_min_numel // 64, 64)
+        assert select_backend(big)[0].name == "numba"
         assert available_backends(x)["numba"] is None
         with pytest.raises(BackendUnavailable, match="meta"):
             get_backend("numba", torch.zeros(2, 3, device="meta"))
