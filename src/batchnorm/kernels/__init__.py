@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Protocol
 
+from .._xp import values_per_channel
 from ..reference import backward_elemt as _ref_backward_elemt
 from ..reference import backward_reduce as _ref_backward_reduce
 from ..reference import batch_norm_infer as _ref_infer
@@ -112,7 +113,7 @@ class ReferenceBackend:
 
     def backward_train(self, dy, x, mean, invstd, weight, axis):
         sum_dy, sum_dy_xhat = self.backward_reduce(dy, x, mean, invstd, axis)
-        count = x.numel() // x.shape[axis] if hasattr(x, "numel") else x.size // x.shape[axis]
+        count = values_per_channel(tuple(x.shape), axis)
         dx = self.backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, axis)
         return dx, sum_dy_xhat, sum_dy
 
