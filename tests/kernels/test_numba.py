@@ -51,6 +51,8 @@ CASES = {
     "ncl_n1_m2": ((1, 3, 2), 1, "contiguous"),
     "nchw_rows": ((3, 40, 8, 16), 1, "contiguous"),
     "nchw_n1": ((1, 3, 12, 12), 1, "contiguous"),
+    "nchw_n1_groups": ((1, 40, 8, 16), 1, "contiguous"),
+    "ncl_row_blocks": ((300, 2, 130), 1, "contiguous"),
     "nchw_cols": ((5, 4, 6, 7), 1, "contiguous"),
     "nchw_long_rows": ((2, 2, 3, 1500), 1, "contiguous"),
     "ncdhw": ((2, 3, 4, 6, 6), 1, "contiguous"),
@@ -490,5 +492,66 @@ def test_layout_choice_is_by_contiguous_run():
     cols = nb._Prepared(np.zeros((2, 3, kern.ROWS_MIN_INNER - 1), np.float32), 1)
     nhwc = nb._Prepared(np.moveaxis(np.zeros((2, 5, 5, 3), np.float32), -1, 1), 1)
     assert rows.rows and not cols.rows and not nhwc.rows and nhwc.inner == 1
-    assert rows.parts() == 2  # few channels: the n range is split
-    assert nb._Prepared(np.zeros((8, 64, 40), np.float32), 1).parts() == 1
+    assert rows.parts() == 2  # the n range is split as far as N allows
+    # N = 1: one item per channel, the fused kernels' grouped path (2 channels per group).
+    n1 = nb._Prepared(np.zeros(CASES["nchw_n1_groups"][0], np.float32), 1)
+    assert n1.rows and n1.parts() == 1 and n1.group(1) == 2
+    # Short rows taken several per block, with a partial block at the end of an n-range.
+    blocks = nb._Prepared(np.zeros(CASES["ncl_row_blocks"][0], np.float32), 1)
+    pieces, rows_per_block = kern._block_plan(blocks.inner)
+    rows_per_item = blocks.outer // blocks.parts()
+    assert blocks.rows and pieces == 1 and 1 < rows_per_block < rows_per_item
+    assert rows_per_item % rows_per_block != 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_streaming_stores_change_nothing(case, dtype, monkeypatch):
+    """Outputs written with streaming stores (forced on here for every size) are bitwise the
+    ones written normally: only the kind of store differs. Every case's rows start at varied
+    alignments, so the unaligned head, the streamed middle and the tail are all exercised."""
+    shape, axis, layout = CASES[case]
+    rng = np.random.default_rng(zlib.crc32(case.encode()))
+    values, dy_values, gamma, beta = _inputs(shape, axis, rng)
+    x, ax = _make(values, dtype, "numpy", layout, axis)
+    dy, _ = _make(dy_values, dtype, "numpy", layout, axis)
+    pdt = "float64" if dtype == "float64" else "float32"
+    g, b = _vec(gamma, "numpy", pdt), _vec(beta, "numpy", pdt)
+
+    def run():
+        y, saved = nb.batch_norm_train(x, g, b, axis=ax, eps=1e-5)
+        grads = nb.backward(dy, saved)
+        y_elemt = nb.elemt(x, saved.mean, saved.invstd, g, b, ax)
+        sums = nb.backward_reduce(dy, x, saved.mean, saved.invstd, ax)
+        dx = nb.backward_elemt(dy, x, saved.mean, saved.invstd, g, *sums, saved.count, ax)
+        return [np.array(a, copy=True) for a in (y, grads.dx, y_elemt, dx)]
+
+    monkeypatch.setattr(nb, "STREAM_MIN_BYTES", 1 << 62)
+    plain = run()
+    monkeypatch.setattr(nb, "STREAM_MIN_BYTES", 0)
+    assert nb._Prepared(x, ax % x.ndim).stream
+    streamed = run()
+    for a, s in zip(plain, streamed, strict=True):
+        np.testing.assert_array_equal(a, s)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16])
+def test_stream_span_is_aligned_whole_lines_inside_the_row(dtype):
+    """The streamed range must start on a 64-byte boundary and be whole 64-byte lines (the
+    vector streaming store faults otherwise), within the row, for every start offset."""
+    itemsize = np.dtype(dtype).itemsize
+    base = np.zeros(4096, dtype)
+    for offset in range(0, 80):
+        for n in (0, 1, 15, 16, 17, 33, 100, 1000):
+            row = base[offset : offset + n]
+            a, b = kern._stream_span(row, True)
+            assert 0 <= a <= b <= n
+            assert (b - a) * itemsize % 64 == 0
+            if b > a:
+                assert (row.ctypes.data + a * itemsize) % 64 == 0
+            # Everything that could be streamed is: less than one line before and after.
+            assert a * itemsize < 64 and (n - b) * itemsize < 64
+            assert kern._stream_span(row, False) == (n, n)
+    # An array not aligned to its own item size is never streamed.
+    raw = np.zeros(4 * 64 + 1, np.uint8)[1:].view(np.float32)
+    assert kern._stream_span(raw, True) == (raw.shape[0], raw.shape[0])
