@@ -156,27 +156,30 @@ class OutputPool:
         return sys.getrefcount(self._buffers[i]) == 2
 
     def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """An uninitialised array starting on a 64-byte (cache line) boundary."""
         dtype = np.dtype(dtype)
         nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes < self.min_bytes or nbytes > self.limit_bytes:
+        if nbytes < self.min_bytes:
             return np.empty(shape, dtype)
+        if nbytes > self.limit_bytes:
+            return _aligned(_owner(nbytes), nbytes, shape, dtype)
         with self._lock:
             buffers = self._buffers
             for i in range(len(buffers)):
-                if buffers[i].nbytes == nbytes and self._free(i):
+                if buffers[i].nbytes == nbytes + _ALIGN and self._free(i):
                     buffers.append(buffers.pop(i))  # most recently used last
-                    return buffers[-1].view(dtype).reshape(shape)
-            held = sum(buf.nbytes for buf in buffers)
+                    return _aligned(buffers[-1], nbytes, shape, dtype)
+            held = self.held_bytes
             i = 0
             while held + nbytes > self.limit_bytes and i < len(buffers):
                 if self._free(i):  # drop free buffers, oldest first, to make room
-                    held -= buffers.pop(i).nbytes
+                    held -= buffers.pop(i).nbytes - _ALIGN
                 else:
                     i += 1
             if held + nbytes > self.limit_bytes:
-                return np.empty(shape, dtype)
-            buffers.append(np.empty(nbytes, np.uint8))
-            return buffers[-1].view(dtype).reshape(shape)
+                return _aligned(_owner(nbytes), nbytes, shape, dtype)
+            buffers.append(_owner(nbytes))
+            return _aligned(buffers[-1], nbytes, shape, dtype)
 
     def clear(self) -> None:
         """Forget every buffer (those still in use are freed when their users let go)."""
@@ -185,7 +188,23 @@ class OutputPool:
 
     @property
     def held_bytes(self) -> int:
-        return sum(buf.nbytes for buf in self._buffers)
+        return sum(buf.nbytes - _ALIGN for buf in self._buffers)
+
+
+#: Outputs start on a cache line: the streaming stores need it, and rows then split evenly
+#: into lines. (malloc aligns large blocks to 16 bytes only.)
+_ALIGN = 64
+
+
+def _owner(nbytes: int) -> np.ndarray:
+    return np.empty(nbytes + _ALIGN, np.uint8)
+
+
+def _aligned(owner: np.ndarray, nbytes: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """The ``nbytes`` of ``owner`` from its first 64-byte boundary, as ``shape`` and ``dtype``.
+    (Views keep a reference to ``owner`` itself, which is what the pool's count looks at.)"""
+    start = -owner.ctypes.data % _ALIGN
+    return owner[start : start + nbytes].view(dtype).reshape(shape)
 
 
 #: The pool behind every output of this backend.
@@ -200,14 +219,14 @@ def _l3_bytes() -> int:
     return size if size > 0 else 32 << 20
 
 
-#: Outputs at least this large are written with streaming (non-temporal) stores: when input and
-#: output together exceed the last-level cache, a normal store first reads each line it writes
-#: and evicts input still to be read. Measured on this machine's elementwise pass (L3 32 MiB):
-#: 51 MB float32 0.83 of a copy's time streamed vs 0.98 not; at 12.8 MB, which stays in L3
-#: between calls, streaming is slower (1.79 vs 1.31). ``BATCHNORM_NUMBA_STREAM_MB`` overrides
-#: (0: always, a huge value: never).
-STREAM_MIN_BYTES = int(
-    float(os.environ.get("BATCHNORM_NUMBA_STREAM_MB", _l3_bytes() / 2 / (1 << 20))) * (1 << 20)
+#: Streaming (non-temporal) stores write an output when the pass's arrays together (x and y;
+#: x, dy and dx) exceed this many bytes, the last-level cache: a normal store first reads each
+#: line it writes, and evicts input still to be read. Measured on this machine (L3 32 MiB),
+#: in copy times: forward elemt on 51 MB 0.83 streamed vs 0.98, but on 12.8 MB (2 x 12.8 MB
+#: stays in L3 between calls) 1.79 vs 1.31; backward elemt on 12 MiB (3 arrays: 36 MiB) 1.52
+#: vs 1.72. ``BATCHNORM_NUMBA_STREAM_MB`` sets it (0: always stream, a huge value: never).
+STREAM_CACHE_BYTES = int(
+    float(os.environ.get("BATCHNORM_NUMBA_STREAM_MB", _l3_bytes() / (1 << 20))) * (1 << 20)
 )
 
 
@@ -265,10 +284,10 @@ class _Prepared:
     def size(self) -> int:
         return self.phys.size
 
-    @property
-    def stream(self) -> bool:
-        """Whether outputs (as large as x) are written with streaming stores."""
-        return self.phys.nbytes >= STREAM_MIN_BYTES
+    def stream(self, arrays: int) -> bool:
+        """Whether a pass over ``arrays`` tensors like x writes its output with streaming
+        stores."""
+        return arrays * self.phys.nbytes >= STREAM_CACHE_BYTES
 
     def view(self, phys: np.ndarray) -> np.ndarray:
         """The kernel's view of a physical array: (outer, C, inner) rows or (outer, C*inner)."""
@@ -318,6 +337,11 @@ class _Prepared:
     def columns(self, v: np.ndarray) -> np.ndarray:
         """A per-channel vector repeated per column of the cols view (channel = column // inner)."""
         return v if self.inner == 1 else np.repeat(v, self.inner)
+
+    def tiled(self, v: np.ndarray) -> np.ndarray:
+        """``columns(v)`` tiled for the elementwise cols kernels' flat runs of whole rows."""
+        rows = _k().cols_flat_rows(self.channels * self.inner)
+        return np.tile(self.columns(v), rows)
 
     def out_vector(self, v: np.ndarray) -> Array:
         if not self.torch:
@@ -372,12 +396,12 @@ def _elemt(prep: _Prepared, mean: np.ndarray, scale: np.ndarray, shift: np.ndarr
     y = prep.empty()
     if prep.size:
         if prep.rows:
-            _k().rows_elemt(prep.view(prep.phys), mean, scale, shift, prep.view(y), prep.stream)
+            _k().rows_elemt(prep.view(prep.phys), mean, scale, shift, prep.view(y), prep.stream(2))
         else:
-            cols = prep.columns
+            tiled = prep.tiled
             _k().cols_elemt(
-                prep.view(prep.phys), cols(mean), cols(scale), cols(shift), prep.view(y),
-                prep.stream,
+                prep.view(prep.phys), tiled(mean), tiled(scale), tiled(shift), prep.view(y),
+                prep.stream(2),
             )  # fmt: skip
     return prep.wrap(y)
 
@@ -403,7 +427,7 @@ def _forward_train(prep: _Prepared, weight: Array | None, bias: Array | None, ep
         mean,
         var,
         invstd,
-        prep.stream,
+        prep.stream(2),
     )
     return prep.wrap(y), mean, var, invstd
 
@@ -442,21 +466,21 @@ def _backward_elemt(prep, dy, mean, invstd, w, sum_dy, sum_dy_xhat, count) -> Ar
                 sum_dy_xhat,
                 count,
                 prep.view(dx),
-                prep.stream,
+                prep.stream(3),
             )
         else:
             k_dy, k_xc, k_0 = (np.empty_like(mean) for _ in range(3))
             k.grad_coefficients(invstd, w, sum_dy, sum_dy_xhat, count, k_dy, k_xc, k_0)
-            cols = prep.columns
+            tiled = prep.tiled
             k.cols_backward_elemt(
                 prep.view(dy),
                 prep.view(prep.phys),
-                cols(mean),
-                cols(k_dy),
-                cols(k_xc),
-                cols(k_0),
+                tiled(mean),
+                tiled(k_dy),
+                tiled(k_xc),
+                tiled(k_0),
                 prep.view(dx),
-                prep.stream,
+                prep.stream(3),
             )
     return prep.wrap(dx)
 
@@ -477,7 +501,7 @@ def _backward_train(prep, dy, mean, invstd, w):
             prep.view(dx),
             sum_dy,
             sum_dy_xhat,
-            prep.stream,
+            prep.stream(3),
         )
         return prep.wrap(dx), sum_dy, sum_dy_xhat
     sum_dy, sum_dy_xhat = _backward_reduce(prep, dy, mean, invstd)
