@@ -517,8 +517,8 @@ def test_layout_choice_is_by_contiguous_run():
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_streaming_stores_change_nothing(case, dtype, monkeypatch):
-    """Outputs written with streaming stores (forced on here for every size) are bitwise the
-    ones written normally: only the kind of store differs. Every case's rows start at varied
+    """Outputs written with streaming stores (forced on here for every size and row length)
+    are bitwise the ones written normally: only the kind of store differs. Every case's rows start at varied
     alignments, so the unaligned head, the streamed middle and the tail are all exercised."""
     shape, axis, layout = CASES[case]
     rng = np.random.default_rng(zlib.crc32(case.encode()))
@@ -536,13 +536,24 @@ def test_streaming_stores_change_nothing(case, dtype, monkeypatch):
         dx = nb.backward_elemt(dy, x, saved.mean, saved.invstd, g, *sums, saved.count, ax)
         return [np.array(a, copy=True) for a in (y, grads.dx, y_elemt, dx)]
 
-    monkeypatch.setattr(nb, "STREAM_CACHE_BYTES", 1 << 62)
+    monkeypatch.setattr(nb._Prepared, "stream", lambda self, arrays: False)
     plain = run()
-    monkeypatch.setattr(nb, "STREAM_CACHE_BYTES", 0)
-    assert nb._Prepared(x, ax % x.ndim).stream(2)
+    monkeypatch.setattr(nb._Prepared, "stream", lambda self, arrays: True)
     streamed = run()
     for a, s in zip(plain, streamed, strict=True):
         np.testing.assert_array_equal(a, s)
+
+
+def test_when_outputs_are_streamed(monkeypatch):
+    monkeypatch.setattr(nb, "STREAM_CACHE_BYTES", 32 << 20)
+    big = nb._Prepared(np.zeros((4, 4, 1 << 20), np.float32), 1)  # 64 MiB
+    assert big.stream(2) and big.stream(3)
+    small = nb._Prepared(np.zeros((1, 3, 1 << 20), np.float32), 1)  # 12 MiB
+    assert small.stream(3) and not small.stream(2)
+    short_rows = nb._Prepared(np.zeros((64, 1024, 196), np.float32), 1)  # 784-byte rows
+    assert not short_rows.stream(3)
+    narrow = nb._Prepared(np.zeros((64 << 10, 128), np.float32), 1)  # cols: flat runs
+    assert not narrow.rows and narrow.stream(2)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16])

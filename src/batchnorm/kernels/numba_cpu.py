@@ -269,7 +269,10 @@ class _Prepared:
             perm = list(range(arr.ndim))
             phys = arr
         self.perm = tuple(perm)
-        self.inverse = tuple(int(i) for i in np.argsort(perm))
+        inverse = [0] * len(perm)
+        for position, source in enumerate(perm):
+            inverse[source] = position
+        self.inverse = tuple(inverse)
         p = self.perm.index(axis)
         self.phys_shape = phys.shape
         self.outer = math.prod(phys.shape[:p])
@@ -286,8 +289,13 @@ class _Prepared:
 
     def stream(self, arrays: int) -> bool:
         """Whether a pass over ``arrays`` tensors like x writes its output with streaming
-        stores."""
-        return arrays * self.phys.nbytes >= STREAM_CACHE_BYTES
+        stores. Not for short rows that do not start on cache lines (e.g. 196 float32 values):
+        each would be split into a normal head and tail and a streamed middle, which measured
+        slower than normal stores throughout."""
+        if arrays * self.phys.nbytes < STREAM_CACHE_BYTES:
+            return False
+        row_bytes = self.inner * self.phys.itemsize
+        return not self.rows or row_bytes % 64 == 0 or row_bytes >= 8192
 
     def view(self, phys: np.ndarray) -> np.ndarray:
         """The kernel's view of a physical array: (outer, C, inner) rows or (outer, C*inner)."""
@@ -327,21 +335,16 @@ class _Prepared:
         if _is_torch(v):
             import torch
 
-            v = (
-                v.detach()
-                .to(device="cpu", dtype=torch.float64 if self.cdt is np.float64 else torch.float32)
-                .numpy()
-            )
+            v = v.detach()
+            want = torch.float64 if self.cdt is np.float64 else torch.float32
+            if v.dtype != want or v.device.type != "cpu":
+                v = v.to(device="cpu", dtype=want)
+            v = v.numpy()
         return np.ascontiguousarray(v, dtype=self.cdt)
 
     def columns(self, v: np.ndarray) -> np.ndarray:
         """A per-channel vector repeated per column of the cols view (channel = column // inner)."""
         return v if self.inner == 1 else np.repeat(v, self.inner)
-
-    def tiled(self, v: np.ndarray) -> np.ndarray:
-        """``columns(v)`` tiled for the elementwise cols kernels' flat runs of whole rows."""
-        rows = _k().cols_flat_rows(self.channels * self.inner)
-        return np.tile(self.columns(v), rows)
 
     def out_vector(self, v: np.ndarray) -> Array:
         if not self.torch:
@@ -398,9 +401,9 @@ def _elemt(prep: _Prepared, mean: np.ndarray, scale: np.ndarray, shift: np.ndarr
         if prep.rows:
             _k().rows_elemt(prep.view(prep.phys), mean, scale, shift, prep.view(y), prep.stream(2))
         else:
-            tiled = prep.tiled
+            cols = prep.columns
             _k().cols_elemt(
-                prep.view(prep.phys), tiled(mean), tiled(scale), tiled(shift), prep.view(y),
+                prep.view(prep.phys), cols(mean), cols(scale), cols(shift), prep.view(y),
                 prep.stream(2),
             )  # fmt: skip
     return prep.wrap(y)
@@ -471,14 +474,14 @@ def _backward_elemt(prep, dy, mean, invstd, w, sum_dy, sum_dy_xhat, count) -> Ar
         else:
             k_dy, k_xc, k_0 = (np.empty_like(mean) for _ in range(3))
             k.grad_coefficients(invstd, w, sum_dy, sum_dy_xhat, count, k_dy, k_xc, k_0)
-            tiled = prep.tiled
+            cols = prep.columns
             k.cols_backward_elemt(
                 prep.view(dy),
                 prep.view(prep.phys),
-                tiled(mean),
-                tiled(k_dy),
-                tiled(k_xc),
-                tiled(k_0),
+                cols(mean),
+                cols(k_dy),
+                cols(k_xc),
+                cols(k_0),
                 prep.view(dx),
                 prep.stream(3),
             )
