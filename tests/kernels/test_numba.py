@@ -518,8 +518,9 @@ def test_layout_choice_is_by_contiguous_run():
 @pytest.mark.parametrize("case", list(CASES))
 def test_streaming_stores_change_nothing(case, dtype, monkeypatch):
     """Outputs written with streaming stores (forced on here for every size and row length)
-    are bitwise the ones written normally: only the kind of store differs. Every case's rows start at varied
-    alignments, so the unaligned head, the streamed middle and the tail are all exercised."""
+    are bitwise the ones written normally: only the kind of store differs. The cases' rows
+    start at varied alignments, so the unaligned head, the streamed middle and the tail are
+    all exercised."""
     shape, axis, layout = CASES[case]
     rng = np.random.default_rng(zlib.crc32(case.encode()))
     values, dy_values, gamma, beta = _inputs(shape, axis, rng)

@@ -323,8 +323,8 @@ def _block_sum(x, c, n0, n1, i0, i1, centre):
                 (_load(e[i]) - centre) + (_load(f[i]) - centre)
             )
         n += 4
-    for n in range(n, n1):
-        seg = x[n, c, i0:i1]
+    for left in range(n, n1):  # left-over rows, one at a time
+        seg = x[left, c, i0:i1]
         for i in range(seg.shape[0]):
             total += _load(seg[i]) - centre
     return total
@@ -343,8 +343,8 @@ def _block_sq_sum(x, c, n0, n1, i0, i1, centre):
             h, k = _load(e[i]) - centre, _load(f[i]) - centre
             total += (d * d + g * g) + (h * h + k * k)
         n += 4
-    for n in range(n, n1):
-        seg = x[n, c, i0:i1]
+    for left in range(n, n1):  # left-over rows, one at a time
+        seg = x[left, c, i0:i1]
         for i in range(seg.shape[0]):
             d = _load(seg[i]) - centre
             total += d * d
@@ -664,8 +664,8 @@ def _cols_item(outer, width, block, chunks, item):
 @numba.njit(**_JIT)
 def _cols_chunk_moments(x, r0, r1, w0, w1, mean_out, m2_out):
     """Two-pass centred moments of columns w0:w1 over rows r0:r1 -> float64 views mean_out,
-    m2_out. As in ``_block_moments``: sums in the compute dtype, shifted by each column's first value,
-    the chunk mean kept in float64."""
+    m2_out. As in ``_block_moments``: sums in the compute dtype, shifted by each column's first
+    value, the chunk mean kept in float64."""
     first = x[r0, w0:w1]
     centre = np.full(first.shape[0], _zero(x))
     total = np.full(first.shape[0], _zero(x))
@@ -763,8 +763,8 @@ def cols_elemt(x, mean_w, scale_w, shift_w, y, stream):
             _affine(flat_x[i0:i1], flat_y[i0:i1], mean_t, scale_t, shift_t, stream)
             r += rows
         mean, scale, shift = mean_t[w0:w1], scale_t[w0:w1], shift_t[w0:w1]
-        for r in range(r, r1):
-            _affine(x[r, w0:w1], y[r, w0:w1], mean, scale, shift, stream)
+        for left in range(r, r1):  # rows left over after the flat runs
+            _affine(x[left, w0:w1], y[left, w0:w1], mean, scale, shift, stream)
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -814,7 +814,10 @@ def cols_backward_elemt(dy, x, mean_w, k_dy_w, k_xc_w, k_0_w, dx, stream):
     wblocks = (width + block - 1) // block
     rows = cols_flat_rows(width)
     mean_t, k_dy_t, k_xc_t, k_0_t = (
-        _tile(mean_w, rows), _tile(k_dy_w, rows), _tile(k_xc_w, rows), _tile(k_0_w, rows)
+        _tile(mean_w, rows),
+        _tile(k_dy_w, rows),
+        _tile(k_xc_w, rows),
+        _tile(k_0_w, rows),
     )
     flat_dy, flat_x, flat_dx = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
     for item in prange(chunks * wblocks):
@@ -828,8 +831,8 @@ def cols_backward_elemt(dy, x, mean_w, k_dy_w, k_xc_w, k_0_w, dx, stream):
             )  # fmt: skip
             r += rows
         mean, k_dy, k_xc, k_0 = mean_t[w0:w1], k_dy_t[w0:w1], k_xc_t[w0:w1], k_0_t[w0:w1]
-        for r in range(r, r1):
-            _grad(dy[r, w0:w1], x[r, w0:w1], dx[r, w0:w1], mean, k_dy, k_xc, k_0, stream)
+        for left in range(r, r1):
+            _grad(dy[left, w0:w1], x[left, w0:w1], dx[left, w0:w1], mean, k_dy, k_xc, k_0, stream)
 
 
 @numba.njit(**_JIT)
