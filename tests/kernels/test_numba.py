@@ -55,6 +55,7 @@ CASES = {
     "ncl_row_blocks": ((300, 2, 130), 1, "contiguous"),
     "nchw_cols": ((5, 4, 6, 7), 1, "contiguous"),
     "nchw_long_rows": ((2, 2, 3, 1500), 1, "contiguous"),
+    "nchw_pipelined": ((3, 12, 4, 300), 1, "contiguous"),
     "ncdhw": ((2, 3, 4, 6, 6), 1, "contiguous"),
     "nhwc": ((4, 3, 6, 7), 1, "nhwc"),
     "ndhwc": ((2, 3, 4, 5, 6), 1, "nhwc"),
@@ -577,3 +578,38 @@ def test_stream_span_is_aligned_whole_lines_inside_the_row(dtype):
     # An array not aligned to its own item size is never streamed.
     raw = np.zeros(4 * 64 + 1, np.uint8)[1:].view(np.float32)
     assert kern._stream_span(raw, True) == (raw.shape[0], raw.shape[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pipelined_backward_does_not_depend_on_lanes(dtype):
+    """The pipelined backward (long rows) gives bitwise the same sums and dx whatever the
+    number of lanes (the thread count sets it), and the reference's values."""
+    shape = CASES["nchw_pipelined"][0]
+    x4 = np.random.default_rng(3).standard_normal(shape)
+    x = x4.reshape(shape[0], shape[1], -1).astype(dtype)
+    dy = np.random.default_rng(4).standard_normal(x.shape).astype(dtype)
+    assert x.shape[2] * x.itemsize >= kern.ROWS_PIPELINE_MIN_BYTES
+    _, saved = nb.batch_norm_train(x, None, None, axis=1, eps=1e-5)
+    mean, invstd = np.asarray(saved.mean), np.asarray(saved.invstd)
+    weight = np.linspace(0.5, 1.5, x.shape[1]).astype(mean.dtype)
+    results = []
+    for lanes in (1, 2, 5, 12):
+        dx = np.empty_like(x)
+        sums = np.empty_like(mean), np.empty_like(mean)
+        kern.rows_backward_pipelined(dy, x, mean, invstd, weight, lanes, dx, *sums, False)
+        results.append((dx, *sums))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)
+    grads = ref.backward(
+        dy.astype(np.float64),
+        ref.Saved(x.astype(np.float64), mean.astype(np.float64), None,
+                  invstd.astype(np.float64), weight.astype(np.float64), 1, 1e-5, saved.count),
+    )  # fmt: skip
+    dx, sum_dy, sum_dy_xhat = results[0]
+    tol = TOL["float64" if dtype == np.float64 else "float32"]
+    assert _rel(dx, grads.dx, _dx_scale(dy, invstd, weight, 1)) <= tol
+    want_dy, want_dy_xhat = ref.backward_reduce(
+        dy.astype(np.float64), x.astype(np.float64), mean, invstd, 1
+    )
+    assert _rel(sum_dy, want_dy) <= tol and _rel(sum_dy_xhat, want_dy_xhat) <= tol

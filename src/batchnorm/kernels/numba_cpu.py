@@ -33,7 +33,7 @@ from ..reference import BatchStats, Grads, Saved, check_input
 from ..reference.backward import check_grad_output
 
 try:
-    import numba as _numba  # noqa: F401  (only its presence is tested here)
+    import numba as _numba
 except ImportError as _exc:  # pragma: no cover - exercised where numba is missing
     NUMBA_IMPORT_ERROR: str | None = f"numba is not installed ({_exc})"
 else:
@@ -490,22 +490,22 @@ def _backward_elemt(prep, dy, mean, invstd, w, sum_dy, sum_dy_xhat, count) -> Ar
 
 def _backward_train(prep, dy, mean, invstd, w):
     if prep.rows and prep.size:
+        k = _k()
         dx = prep.empty()
         sum_dy = np.empty(prep.channels, dtype=prep.cdt)
         sum_dy_xhat = np.empty_like(sum_dy)
-        _k().rows_backward_train(
-            prep.view(dy),
-            prep.view(prep.phys),
-            mean,
-            invstd,
-            w,
-            prep.parts(),
-            prep.group(2),
-            prep.view(dx),
-            sum_dy,
-            sum_dy_xhat,
-            prep.stream(3),
-        )
+        views = (prep.view(dy), prep.view(prep.phys), mean, invstd, w)
+        if prep.inner * prep.phys.itemsize >= k.ROWS_PIPELINE_MIN_BYTES and prep.channels > 1:
+            # Lanes only balance the threads: the results do not depend on their number.
+            lanes = min(prep.channels, 4 * _numba.get_num_threads())
+            k.rows_backward_pipelined(
+                *views, lanes, prep.view(dx), sum_dy, sum_dy_xhat, prep.stream(3)
+            )
+        else:
+            k.rows_backward_train(
+                *views, prep.parts(), prep.group(2), prep.view(dx), sum_dy, sum_dy_xhat,
+                prep.stream(3),
+            )  # fmt: skip
         return prep.wrap(dx), sum_dy, sum_dy_xhat
     sum_dy, sum_dy_xhat = _backward_reduce(prep, dy, mean, invstd)
     dx = _backward_elemt(prep, dy, mean, invstd, w, sum_dy, sum_dy_xhat, prep.count)
