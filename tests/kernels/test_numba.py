@@ -316,8 +316,9 @@ def _bits(a) -> bytes:
     "shape,axis",
     [
         ((64, 3, 130), 1),  # rows, split over n (few channels)
-        ((4, 40, 130), 1),  # rows, one item per channel
+        ((4, 40, 130), 1),  # rows, many channels, every n range its own item
         ((2, 2, 5000), 1),  # rows, several blocks per row
+        ((3, 12, 1200), 1),  # rows, pipelined backward (lanes follow the thread count)
         ((3000, 24), 1),  # cols, several row chunks
         ((20, 2100), 1),  # cols, several column blocks
     ],

@@ -4,15 +4,19 @@ Every kernel works on one of two *physical* views of a dense array, chosen by th
 (``numba_cpu._Prepared``) from the strides, so no transposing copy is ever made:
 
 * ``rows`` (outer, C, inner), inner >= ``ROWS_MIN_INNER``: each (n, c) row of ``inner`` values is
-  contiguous (NCHW, NCL, NCDHW). Work items are (channel, range of n); the inner loops run over a
-  row and are reductions, vectorised with ``fastmath`` reassociation (a sum in 16 SIMD lanes is
-  *more* accurate than a sequential one, and the centring that protects the variance is explicit
-  arithmetic that no flag removes). The fused kernels give a thread a group of channels to
-  reduce and then normalise while they are still in its cache.
+  contiguous (NCHW, NCL, NCDHW). Work items are (range of n, channel), numbered so that a
+  thread sweeps a slab of memory; the inner loops run over a row and are reductions,
+  vectorised with ``fastmath`` reassociation (a sum in 16 SIMD lanes is *more* accurate than a
+  sequential one, and the centring that protects the variance is explicit arithmetic that no
+  flag removes). With long rows the backward is software-pipelined across channels
+  (``rows_backward_pipelined``); with N = 1 the fused kernels give a thread a group of channels
+  to reduce and then normalise while they are still in its cache.
 * ``cols`` (outer, W) with W = C * inner, inner small: channels-last (NHWC, NDHWC: inner = 1),
   (N, C), and NC(L) with tiny L. Each of the W columns gets its own accumulator and the inner
   loops run along a contiguous row of columns: vectorised without any reduction in the loop.
   Work items are (chunk of rows, block of columns), so the reduction axis itself is parallel.
+
+Outputs of large passes are written with streaming (non-temporal) stores, see ``_stream``.
 
 Numerical policy (``batchnorm.reference.stats``), per work item:
 
@@ -24,7 +28,9 @@ Numerical policy (``batchnorm.reference.stats``), per work item:
   block is in L1 (rows) or L2 (cols) for the second pass.
 * Blocks merge into float64 (count, mean, m2) with Chan et al.'s exact formula, in a fixed order.
   Per-item partials then merge per channel in item order. The split into items depends only on
-  the shape, never on the thread count or scheduling, so results are bitwise identical run to run.
+  the shape, never on the thread count or scheduling (the pipelined backward's channel ranges
+  follow the thread count, but each channel is still summed in one fixed order), so results
+  are bitwise identical run to run.
 * The backward sums ``sum(dy)`` and ``sum(dy * (x - mean))`` accumulate per block in the compute
   dtype and across blocks in float64; ``x - mean`` is formed before any product.
 
