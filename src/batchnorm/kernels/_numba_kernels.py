@@ -664,7 +664,7 @@ def rows_backward_pipelined(
         for step in range(c0 - 1, c1):
             reduce_c, write_c = step + 1, step
             reducing, writing = reduce_c < c1, write_c >= c0
-            k_dy = k_xc = k_0 = invstd[0] * 0
+            k_dy = k_xc = k_0 = _like(0.0, invstd[0])  # the compute dtype: `* 0` would widen
             if writing:
                 k_dy, k_xc, k_0 = _grad_coefficients(
                     invstd[write_c], weight[write_c], sum_dy_out[write_c],
