@@ -548,11 +548,20 @@ def rows_stats(x, parts, eps, mean_out, var_out, invstd_out):
 
 @numba.njit(parallel=True, **_JIT)
 def rows_elemt(x, mean, scale, shift, y, stream):
-    """y = (x - mean) * scale + shift per channel; scale = weight*invstd, shift = bias."""
+    """y = (x - mean) * scale + shift per channel; scale = weight*invstd, shift = bias.
+
+    Without streaming the loop is called directly, not through ``_affine``: for short rows the
+    extra call level per row was most of the cost (measured at (64, 256, 14, 14), single thread
+    in cache: 1.5 -> 1.2 copy times; two threads from memory: 0.68 -> 0.62)."""
     outer, channels = x.shape[0], x.shape[1]
+    if stream:
+        for item in prange(outer * channels):
+            n, c = item // channels, item % channels
+            _affine(x[n, c], y[n, c], mean[c], scale[c], shift[c], True)
+        return
     for item in prange(outer * channels):
         n, c = item // channels, item % channels
-        _affine(x[n, c], y[n, c], mean[c], scale[c], shift[c], stream)
+        _affine_run(x[n, c], y[n, c], mean[c], scale[c], shift[c], False)
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -604,11 +613,19 @@ def rows_backward_reduce(dy, x, mean, invstd, parts, sum_dy_out, sum_dy_xhat_out
 
 @numba.njit(parallel=True, **_JIT)
 def rows_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, dx, stream):
+    """dx per row, as ``rows_elemt``; the coefficients are computed once per channel, not per
+    row (with the direct call: (64, 256, 14, 14) from memory, 1.2-1.7 -> 0.8-1.1 copy times)."""
     outer, channels = x.shape[0], x.shape[1]
+    k_dy, k_xc, k_0 = np.empty_like(mean), np.empty_like(mean), np.empty_like(mean)
+    grad_coefficients(invstd, weight, sum_dy, sum_dy_xhat, count, k_dy, k_xc, k_0)
+    if stream:
+        for item in prange(outer * channels):
+            n, c = item // channels, item % channels
+            _grad(dy[n, c], x[n, c], dx[n, c], mean[c], k_dy[c], k_xc[c], k_0[c], True)
+        return
     for item in prange(outer * channels):
         n, c = item // channels, item % channels
-        k_dy, k_xc, k_0 = _grad_coefficients(invstd[c], weight[c], sum_dy[c], sum_dy_xhat[c], count)
-        _grad(dy[n, c], x[n, c], dx[n, c], mean[c], k_dy, k_xc, k_0, stream)
+        _grad_run(dy[n, c], x[n, c], dx[n, c], mean[c], k_dy[c], k_xc[c], k_0[c], False)
 
 
 @numba.njit(parallel=True, **_JIT)
