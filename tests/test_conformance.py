@@ -99,6 +99,18 @@ MUTANTS = {
             "dgamma": "eps_outside_sqrt",
         },
     ),
+    "eps left out": (
+        "std = np.sqrt(var + eps)",
+        "std = np.sqrt(var)",
+        {},
+        {"forward(train)": "eps_missing", "dx": "eps_missing", "dgamma": "eps_missing"},
+    ),
+    "eval leaves eps out": (
+        "out = gamma * (x - running_mean) / np.sqrt(running_var + eps) + beta",
+        "out = gamma * (x - running_mean) / np.sqrt(running_var) + beta",
+        {},
+        {"forward(eval)": "eval_eps_missing"},
+    ),
     "biased running variance, unbiased declared": (
         "momentum * var * m / (m - 1)",
         "momentum * var",
@@ -488,6 +500,54 @@ def test_conventions_are_inferred_and_reported(tmp_path):
     assert report.find("rank2", "running_var").mistakes == ("momentum_old",)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        # NaN everywhere: nothing about its variance can be read off it.
+        ("out = gamma * x_hat + beta", "out = (gamma * x_hat + beta) * np.nan"),
+        # Moments per row instead of per channel: not a per-channel affine map of x.
+        ("mean = x.mean(axis=0)\n        var = x.var(axis=0)",
+         "mean = x.mean(axis=1, keepdims=True)\n        var = x.var(axis=1, keepdims=True)"),
+    ],
+    ids=["nan-everywhere", "per-row-moments"],
+)  # fmt: skip
+def test_a_wrong_forward_that_only_looks_odd_at_large_offsets_is_not_called_one_pass(
+    tmp_path, old, new
+):
+    assert old in COURSE
+    report = bt.check(course_adapter(write(tmp_path, "mutant.py", COURSE.replace(old, new))))
+    rows = failures_by_quantity(report)["forward(train)"]
+    large = {c.name for c in bt.CASES if c.large_offset}
+    assert any(r.case in large for r in rows), report.format()
+    assert all("one_pass" not in r.mistakes for r in rows), report.format()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_float64_forward_mistake_is_not_blamed_on_float32(tmp_path):
+    # A small systematic error (eps/2var ~ 5e-6 here) is within what float32 would leave, but
+    # the gradient rows must point at the wrong forward, not guess float32 arithmetic.
+    source = COURSE.replace("std = np.sqrt(var + eps)", "std = np.sqrt(var + 2 * eps)")
+    report = bt.check(course_adapter(write(tmp_path, "mutant.py", source)))
+    failed = failures_by_quantity(report)
+    f64 = [r for rows in failed.values() for r in rows if r.case.endswith("f64")]
+    assert f64, report.format()
+    for row in f64:
+        if row.quantity in ("dx", "dgamma"):
+            assert "float32_compute" not in row.mistakes, row
+            assert row.mistakes == ("forward_stats",) or "already wrong" in row.diagnosis, row
+
+
+def test_unnamed_failures_are_one_line_of_the_diagnoses_block(tmp_path):
+    source = COURSE.replace(
+        "dgamma = (dout * x_hat).sum(axis=0)", "dgamma = (dout * x_hat).sum(axis=0) * 1.5"
+    )
+    report = bt.check(course_adapter(write(tmp_path, "mutant.py", source)))
+    lines = [line for line in report.diagnoses().splitlines() if "no known mistake fits" in line]
+    assert len(lines) == 1 and "worst at" not in lines[0], report.diagnoses()
+    assert len({r.case for r in report.failures}) > 1
+
+
 TORCH_MODULE = """
 import torch
 
@@ -738,10 +798,36 @@ def test_cli_reports_a_missing_file_and_bad_arguments(tmp_path, capsys):
         (
             "return dx, dgamma, dbeta",
             "return dx, 'dgamma', dbeta",
-            "backward: dgamma is a str, not an array",
+            "backward: dgamma is a str, not a numeric array",
+        ),
+        ("return dx, dgamma, dbeta", "return dx, None, dbeta", "backward: dgamma is None"),
+        (
+            "return dx, dgamma, dbeta",
+            "return dx.astype(int), dgamma, dbeta",
+            "backward: dx has dtype int64, not real floating",
+        ),
+        (
+            "return dx, dgamma, dbeta",
+            "return dx + 0j, dgamma, dbeta",
+            "backward: dx has dtype complex128, not real floating",
+        ),
+        (
+            "return dx, dgamma, dbeta",
+            "return dx, [dgamma, dgamma[:1]], dbeta",
+            "backward: dgamma is a list, not a numeric array",
         ),
     ],
-    ids=["raises", "too-few-values", "wrong-shape", "not-a-tuple", "not-an-array"],
+    ids=[
+        "raises",
+        "too-few-values",
+        "wrong-shape",
+        "not-a-tuple",
+        "not-an-array",
+        "none",
+        "integer",
+        "complex",
+        "ragged",
+    ],  # fmt: skip
 )
 def test_cli_reports_each_case_an_implementation_breaks_and_carries_on(
     tmp_path, capsys, old, new, message

@@ -93,13 +93,20 @@ def _as_float64(stage: str, name: str, value: Any) -> np.ndarray:
             raise ImplementationError(f"{stage}: {name} has dtype {value.dtype}, not floating")
         # A copy: a float64 tensor's .numpy() would share memory with buffers updated later.
         return value.double().numpy().copy()
+    if value is None:
+        raise ImplementationError(f"{stage}: {name} is None, expected an array")
     try:
-        arr = np.array(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ImplementationError(
-            f"{stage}: {name} is a {type(value).__name__}, not an array"
-        ) from None
-    return arr
+        arr = np.asarray(value)
+    except (TypeError, ValueError):  # e.g. a ragged nest of lists
+        arr = None
+    if arr is None or arr.dtype.kind not in "biufc":  # objects, strings, dates
+        kind = type(value).__name__
+        raise ImplementationError(f"{stage}: {name} is a {kind}, not a numeric array")
+    if arr.dtype.kind != "f":
+        # Integers would be compared as if they were results and fail with no diagnosis;
+        # complex numbers would lose their imaginary part silently.
+        raise ImplementationError(f"{stage}: {name} has dtype {arr.dtype}, not real floating")
+    return np.array(arr, dtype=np.float64)
 
 
 def _vector(stage: str, name: str, value: Any, channels: int) -> np.ndarray:
