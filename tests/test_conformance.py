@@ -902,3 +902,48 @@ def test_batchnorm_conform_command_dispatches(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert "dx matches the gradient with the batch mean treated as a constant" in proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_refuses_a_device_torch_cannot_use_before_any_case_runs(tmp_path, capsys):
+    for argv in (
+        ("torch.nn.functional:batch_norm", "--style", "functional", "--device", "bogus"),
+        ("torch.nn:BatchNorm2d", "--style", "module", "--device", "bogus"),
+        ("--backend", "reference", "--device", "bogus"),
+    ):
+        code, out, err = run_cli(capsys, *argv, "--cases", "rank2")
+        assert code == 2 and "device 'bogus' is not usable here" in err, (argv, err)
+        assert "rank2" not in out
+
+
+def test_cli_backend_auto_checks_what_auto_picks_and_unknown_names_are_refused(capsys):
+    code, out, _ = run_cli(capsys, "--backend", "auto", "--cases", "rank*")
+    assert code == 0 and "whichever backend auto picks" in out
+    code, _, err = run_cli(capsys, "--backend", "nope")
+    assert code == 2 and "unknown backend 'nope'" in err and "auto" in err
+
+
+@pytest.mark.parametrize("momentum", ["0", "1", "0.5"])
+def test_cli_refuses_momenta_at_which_a_missing_update_would_pass(capsys, momentum):
+    code, _, err = run_cli(capsys, "--backend", "reference", "--momentum", momentum)
+    assert code == 2 and "momentum must be a number other than 0, 0.5 and 1" in err
+
+
+@needs_torch
+def test_torch_styles_are_held_to_pytorchs_conventions_by_default(tmp_path, capsys):
+    # Like F.batch_norm, except that momentum is applied to the old value: the default
+    # (auto) holds the functional style to PyTorch's meaning instead of inferring Keras's.
+    source = """
+import torch.nn.functional as F
+
+def batch_norm(x, rm, rv, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+    return F.batch_norm(x, rm, rv, weight, bias, training, 1 - momentum, eps)
+"""
+    path = write(tmp_path, "swapped.py", source)
+    code, out, _ = run_cli(capsys, f"{path}:batch_norm", "--style", "functional")
+    assert code == 1 and "as style functional implies" in out
+    assert "momentum applied to the old value" in out
+    # Asked to infer, the suite finds the Keras meaning consistent and passes it, saying so.
+    code, out, _ = run_cli(
+        capsys, f"{path}:batch_norm", "--style", "functional", "--momentum-convention", "infer"
+    )
+    assert code == 0 and "momentum weighs the old value" in out and "momentum inferred" in out

@@ -86,6 +86,18 @@ def _returned(stage: str, value: Any, names: tuple[str, ...]) -> tuple[Any, ...]
     return tuple(value)
 
 
+def check_device(device: str) -> str:
+    """``device`` if torch can put a tensor there; a ValueError saying why not otherwise (before
+    any case runs, so that a typo is a usage error, not a failure of every case)."""
+    import torch
+
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise ValueError(f"device {device!r} is not usable here: {exc}") from None
+    return device
+
+
 def _as_float64(stage: str, name: str, value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor
         value = value.detach().cpu()
@@ -409,6 +421,8 @@ class ModuleStyle:
     """
 
     style = "module"
+    #: Like torch.nn.BatchNorm / F.batch_norm: PyTorch's running-statistics conventions.
+    conventions = ("torch", "unbiased")
     grad_order = "(weight.grad, bias.grad)"
     no_running = None
     no_eval = None
@@ -419,7 +433,7 @@ class ModuleStyle:
             raise ValueError(
                 f"give one module class, or three (for rank 2-3, 4, 5); got {len(classes)}"
             )
-        self.classes, self.device = classes, device
+        self.classes, self.device = classes, check_device(device)
         names = ", ".join(getattr(c, "__name__", repr(c)) for c in classes)
         self.signature = f"{names}(num_features, eps=, momentum=[, affine=False]) on {device}"
 
@@ -518,12 +532,14 @@ class FunctionalStyle:
     tensors in place when training; gradients by autograd."""
 
     style = "functional"
+    #: Like torch.nn.BatchNorm / F.batch_norm: PyTorch's running-statistics conventions.
+    conventions = ("torch", "unbiased")
     grad_order = "(grad weight, grad bias)"
     no_running = None
     no_eval = None
 
     def __init__(self, fn: Callable[..., Any], device: str = "cpu") -> None:
-        self.fn, self.device = fn, device
+        self.fn, self.device = fn, check_device(device)
         name = getattr(fn, "__name__", "fn")
         self.signature = (
             f"{name}(input, running_mean, running_var, weight=, bias=, training=, "
@@ -611,14 +627,20 @@ class BackendStyle:
     no_eval = None
 
     def __init__(self, name: str, device: str = "cpu") -> None:
-        self.name, self.device = name, device
-        self.signature = f"batchnorm.kernels backend {name!r} on {device}"
+        from ..kernels import REGISTRY
+
+        if name != "auto" and name not in REGISTRY:
+            known = ", ".join(sorted(REGISTRY))
+            raise ValueError(f"unknown backend {name!r}; known: {known}, auto")
+        self.name, self.device = name, check_device(device)
+        what = "whichever backend auto picks per case" if name == "auto" else f"backend {name!r}"
+        self.signature = f"batchnorm.kernels {what} on {device}"
 
     def unsupported(self, case: Case) -> str | None:
-        from ..kernels import BackendUnavailable, get_backend
+        from ..kernels import BackendUnavailable, select_backend
 
         try:
-            get_backend(self.name, _TorchIO(case, self.device).tensor(np.zeros(case.shape)))
+            select_backend(_TorchIO(case, self.device).tensor(np.zeros(case.shape)), self.name)
         except BackendUnavailable as exc:
             return str(exc)
         return None
@@ -629,11 +651,12 @@ class BackendStyle:
 
 class _BackendSession:
     def __init__(self, style: BackendStyle, data: CaseData) -> None:
-        from ..kernels import get_backend
+        from ..kernels import select_backend
 
         self.case, self.data = data.case, data
         self.io = io = _TorchIO(data.case, style.device)
-        self.backend = get_backend(style.name, io.tensor(data.xs[0]))
+        # "auto" resolves per case, as batchnorm.torch does for each input.
+        self.backend = select_backend(io.tensor(data.xs[0]), style.name)[0]
         self.weight = None if data.gamma is None else io.tensor(data.gamma)
         self.bias = None if data.beta is None else io.tensor(data.beta)
 

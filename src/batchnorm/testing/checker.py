@@ -564,7 +564,10 @@ def _diagnose_running(
 
 
 def _resolve_running(
-    outcomes: Sequence[_Outcome], momentum_convention: str | None, running_var: str | None
+    outcomes: Sequence[_Outcome],
+    momentum_convention: str | None,
+    running_var: str | None,
+    by_style: str | None = None,
 ) -> tuple[tuple[str, str] | None, str]:
     """Pick the convention that decides the verdicts; returns it and a note for the report."""
     allowed = [
@@ -601,7 +604,12 @@ def _resolve_running(
     chosen = allowed[best]
     how = []
     for part, declared in (("momentum", momentum_convention), ("variance", running_var)):
-        how.append(f"{part} {'declared' if declared else 'inferred'}")
+        if by_style and declared:
+            how.append(f"{part} as style {by_style} implies")
+        else:
+            how.append(f"{part} {'declared' if declared else 'inferred'}")
+    if by_style and momentum_convention and running_var:
+        how = [f"as style {by_style} implies"]
     note = (
         f"running statistics: momentum {_MOMENTUM_MEANING[chosen[0]]}, running variance "
         f"{chosen[1]} ({', '.join(how)}; fits {scores[best]} of {len(tracked)} cases)"
@@ -626,8 +634,8 @@ def check(
     cases: Sequence[Case] = CASES,
     *,
     momentum: float = 0.1,
-    momentum_convention: str | None = None,
-    running_var: str | None = None,
+    momentum_convention: str | None = "auto",
+    running_var: str | None = "auto",
 ) -> Report:
     """Run ``adapter`` on ``cases`` and compare with the reference.
 
@@ -635,23 +643,37 @@ def check(
     (``"torch"``: momentum weighs the new batch; ``"keras"``: the old value) and
     ``running_var`` (``"unbiased"`` or ``"biased"``) are the conventions it declares; ``None``
     infers them (the convention that fits the most cases decides, and the report says which).
+    ``"auto"`` (the default) takes the conventions the adapter's style implies (PyTorch's for
+    the module and functional styles, which are defined as like torch.nn.BatchNorm and
+    F.batch_norm) and infers them for the others.
     """
+    implied = getattr(adapter, "conventions", None)
+    by_style = None
+    if momentum_convention == "auto":
+        momentum_convention = implied[0] if implied else None
+        by_style = adapter.style if implied else None
+    if running_var == "auto":
+        running_var = implied[1] if implied else None
+        by_style = adapter.style if implied else None
     if momentum_convention not in (None, *MOMENTUM_CONVENTIONS):
         raise ValueError(
-            f"momentum_convention must be one of {MOMENTUM_CONVENTIONS} or None, "
+            f"momentum_convention must be one of {MOMENTUM_CONVENTIONS}, 'auto' or None, "
             f"got {momentum_convention!r}"
         )
     if running_var not in (None, *RUNNING_VARS):
-        raise ValueError(f"running_var must be one of {RUNNING_VARS} or None, got {running_var!r}")
-    ref.check_momentum(momentum, "torch", "unbiased")
-    if momentum is None or momentum == 0.5:
         raise ValueError(
-            "momentum must be a number other than 0.5 (at 0.5 the two momentum "
-            f"conventions coincide), got {momentum!r}"
+            f"running_var must be one of {RUNNING_VARS}, 'auto' or None, got {running_var!r}"
+        )
+    ref.check_momentum(momentum, "torch", "unbiased")
+    if momentum is None or momentum in (0.0, 0.5, 1.0):
+        raise ValueError(
+            "momentum must be a number other than 0, 0.5 and 1 (at 0.5 the two momentum "
+            "conventions coincide; at 0 and 1 one of them keeps the running statistics "
+            f"unchanged, so a missing update would pass), got {momentum!r}"
         )
     outcomes = [_run_case(adapter, case, momentum) for case in cases]
     _one_pass_everywhere(outcomes)
-    chosen, running_note = _resolve_running(outcomes, momentum_convention, running_var)
+    chosen, running_note = _resolve_running(outcomes, momentum_convention, running_var, by_style)
     report = Report(f"style {adapter.style}: {adapter.signature}", [], [], chosen)
     if running_note:
         report.notes.append(running_note)

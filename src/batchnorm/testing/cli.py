@@ -130,23 +130,25 @@ def _parser() -> argparse.ArgumentParser:
         "the known mistake a failure fits. See docs/conformance.md.",
         epilog="TARGET names: course/plain: forward,backward; module: a class, or three "
         "(for rank 2-3, 4, 5 inputs); functional: one function. Exit status: 0 pass, "
-        "1 failures, 2 usage or load error.",
+        "1 failures, 2 usage or load error, 3 a bug in the suite itself (please report it).",
     )
     p.add_argument("target", nargs="?", help="PATH.py:NAME[,NAME] or package.module:NAME[,NAME]")
     p.add_argument("--style", choices=sorted(_NAMES_PER_STYLE), help="how TARGET is called")
     p.add_argument("--backend", help="check a batchnorm.kernels backend instead of a TARGET")
     p.add_argument(
         "--momentum-convention",
-        choices=("torch", "keras", "infer"),
-        default="infer",
+        choices=("auto", "torch", "keras", "infer"),
+        default="auto",
         help="torch: momentum weighs the new batch; keras: the old "
-        "value (cs231n's bn_param convention); infer (default): report which fits",
+        "value (cs231n's bn_param convention); infer: report which fits; auto (default): "
+        "torch for the module and functional styles, infer for the others",
     )
     p.add_argument(
         "--running-var",
-        choices=("unbiased", "biased", "infer"),
-        default="infer",
-        help="what the running variance stores (default: infer)",
+        choices=("auto", "unbiased", "biased", "infer"),
+        default="auto",
+        help="what the running variance stores (default auto: unbiased for the module and "
+        "functional styles, as PyTorch; infer for the others)",
     )
     p.add_argument(
         "--momentum",
@@ -205,7 +207,11 @@ def _run(argv: Sequence[str]) -> int:
             parser.print_usage(sys.stderr)
             print("batchnorm conform: error: give either TARGET or --backend", file=sys.stderr)
             return 2
-        adapter: Any = BackendStyle(args.backend, device=args.device)
+        try:
+            adapter: Any = BackendStyle(args.backend, device=args.device)
+        except ValueError as exc:
+            print(f"batchnorm conform: error: {exc}", file=sys.stderr)
+            return 2
         title = f"backend {args.backend}"
     else:
         if args.target is None or args.style is None:
@@ -219,7 +225,7 @@ def _run(argv: Sequence[str]) -> int:
             adapter = make_adapter(
                 args.style, load_target(args.target), layout=args.layout, device=args.device
             )
-        except TargetError as exc:
+        except (TargetError, ValueError) as exc:
             print(f"batchnorm conform: error: {exc}", file=sys.stderr)
             return 2
         title = args.target
