@@ -308,6 +308,55 @@ def test_float32_within_1e5_of_float64_reference_on_ordinary_data():
         assert _rel(grads.dbeta, grads_ref.dbeta) <= 1e-5
 
 
+@pytest.mark.parametrize(
+    "shape, axis",
+    [((3, 4, 1500), 1), ((32, 8, 32, 32), 1), ((6000, 4), 1), ((16, 6, 6, 40), 3)],
+    ids=["rows", "rows-4d", "nc", "nhwc"],
+)
+def test_saved_mean_of_zero_mean_data_within_1e5(shape, axis):
+    """The mean is the output whose reference value is smallest (near 0 here), so its relative
+    error is the hardest to keep: sums shifted by a data value K leave about eps * |K| of
+    rounding in it (measured 2e-5 relative), which the corrected two-pass removes."""
+    worst = 0.0
+    for seed in range(5):
+        x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        if seed == 4:  # the blocks' first values (the shifts) are outliers
+            if axis == 1 and x.ndim > 2:
+                x[..., 0] = 30.0
+            else:
+                x[0] = 30.0
+        want = ref.batch_stats(x.astype(np.float64), axis)
+        got = nb.batch_stats(x, axis)
+        worst = max(worst, _rel(got.mean, want.mean))
+        assert _rel(got.var, want.var) <= 1e-5
+    assert worst <= 1e-5
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize(
+    "shape", [(40, 3), (4, 3, 200), (2, 3, 10, 10)], ids=["nc", "rows", "rows-4d"]
+)
+def test_a_channel_holding_inf_has_an_infinite_mean_as_the_reference(shape, sign):
+    """Sums shifted by a data value turn an inf into inf - inf = NaN; the reference's plain
+    mean is +-inf (NaN only when both signs meet in a channel)."""
+    x = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    rest = (0,) * (len(shape) - 2)
+    x[(1, 1, *rest)] = sign * np.inf
+    inputs = [x, x.astype(np.float16)]
+    if torch is not None:
+        inputs.append(torch.from_numpy(x).bfloat16())
+    for arr in inputs:
+        got = _np(nb.batch_stats(arr, 1).mean).astype(np.float64)
+        assert got[1] == sign * np.inf and np.all(np.isfinite(got[[0, 2]])), got
+        _, saved = nb.batch_norm_train(arr, axis=1)
+        assert _np(saved.mean)[1] == sign * np.inf
+    x[(0, 1, *rest)] = -sign * np.inf
+    with np.errstate(invalid="ignore"):
+        want = ref.batch_stats(x.astype(np.float64), 1).mean
+    got = _np(nb.batch_stats(x, 1).mean)
+    assert np.isnan(want[1]) and np.isnan(got[1]) and np.all(np.isfinite(got[[0, 2]]))
+
+
 def _bits(a) -> bytes:
     return np.ascontiguousarray(_np(a) if not isinstance(a, np.ndarray) else a).tobytes()
 

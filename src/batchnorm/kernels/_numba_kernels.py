@@ -344,10 +344,11 @@ def _block_sum(x, c, n0, n1, i0, i1, centre):
 
 
 @numba.njit(fastmath=_REDUCE_MATH, **_JIT)
-def _block_sq_sum(x, c, n0, n1, i0, i1, centre):
-    """Sum of (x - centre)**2, as ``_block_sum``. (One function with a ``square`` flag measured
-    25% slower on 784-value rows, hence two.)"""
+def _block_centred_sums(x, c, n0, n1, i0, i1, centre):
+    """(sum of d, sum of d**2), d = x - centre, as ``_block_sum``. (One function with a flag
+    for the first pass's plain sum measured 25% slower on 784-value rows, hence two.)"""
     total = _zero(x)
+    squares = _zero(x)
     n = n0
     while n + 4 <= n1:
         a, b = x[n, c, i0:i1], x[n + 1, c, i0:i1]
@@ -355,14 +356,30 @@ def _block_sq_sum(x, c, n0, n1, i0, i1, centre):
         for i in range(a.shape[0]):
             d, g = _load(a[i]) - centre, _load(b[i]) - centre
             h, k = _load(e[i]) - centre, _load(f[i]) - centre
-            total += (d * d + g * g) + (h * h + k * k)
+            total += (d + g) + (h + k)
+            squares += (d * d + g * g) + (h * h + k * k)
         n += 4
     for left in range(n, n1):  # left-over rows, one at a time
         seg = x[left, c, i0:i1]
         for i in range(seg.shape[0]):
             d = _load(seg[i]) - centre
-            total += d * d
-    return total
+            total += d
+            squares += d * d
+    return total, squares
+
+
+@numba.njit(inline="always", **_JIT)
+def _corrected(count, centre, total, squares):
+    """float64 (mean, m2) from the second pass's sums about ``centre``: the corrected two-pass
+    formula (Chan, Golub & LeVeque 1983), mean = centre + sum(d)/n, m2 = sum(d^2) - sum(d)^2/n.
+    The first pass's mean carries the rounding of sums shifted by a data value (about
+    eps * |shift|, 1e-5 relative on a zero-mean channel); sum(d) about it is small and
+    removes that, and the same term removes m2's n * (mean error)**2."""
+    t = float(total)
+    m2 = float(squares) - t * t / count
+    if m2 < 0.0:  # rounding, when every d is 0 or nearly
+        m2 = 0.0
+    return float(centre) + t / count, m2
 
 
 @numba.njit(**_JIT)
@@ -370,17 +387,17 @@ def _block_moments(x, c, n0, n1, i0, i1):
     """Two-pass centred moments of one block, values i0:i1 of rows n0:n1 of channel c:
     float64 (count, mean_b, m2_b).
 
-    Sums run in the compute dtype, shifted by the block's first value. The block mean is
-    returned as ``K + total / n`` in float64, so it is not rounded to float32 at the offset's
-    scale; the second pass (from L1) centres on the compute-dtype mean (a shift of at most half
-    an ulp, changing m2 by n * (ulp/2)**2).
+    Sums run in the compute dtype. The first, shifted by the block's first value, gives a mean
+    to centre on; the second pass (from L1) sums d = x - that mean and d**2, and the corrected
+    two-pass formula (``_corrected``) makes the float64 mean and m2 of them.
     """
     shift = _load(x[n0, c, i0])
     total = _block_sum(x, c, n0, n1, i0, i1, shift)
     count = (n1 - n0) * (i1 - i0)
     mean_c = shift + total / _like(count, shift)  # an int divisor would promote to float64
-    m2_b = _block_sq_sum(x, c, n0, n1, i0, i1, mean_c)
-    return float(count), float(shift) + float(total) / count, float(m2_b)
+    total_d, squares = _block_centred_sums(x, c, n0, n1, i0, i1, mean_c)
+    mean_b, m2_b = _corrected(count, mean_c, total_d, squares)
+    return float(count), mean_b, m2_b
 
 
 @numba.njit(inline="always", **_JIT)
@@ -744,8 +761,8 @@ def _cols_item(outer, width, block, chunks, item):
 @numba.njit(**_JIT)
 def _cols_chunk_moments(x, r0, r1, w0, w1, mean_out, m2_out):
     """Two-pass centred moments of columns w0:w1 over rows r0:r1 -> float64 views mean_out,
-    m2_out. As in ``_block_moments``: sums in the compute dtype, shifted by each column's first
-    value, the chunk mean kept in float64."""
+    m2_out. As in ``_block_moments``: sums in the compute dtype, the first shifted by each
+    column's first value, the second about that mean, combined by ``_corrected``."""
     first = x[r0, w0:w1]
     centre = np.full(first.shape[0], _zero(x))
     total = np.full(first.shape[0], _zero(x))
@@ -756,17 +773,18 @@ def _cols_chunk_moments(x, r0, r1, w0, w1, mean_out, m2_out):
         for j in range(row.shape[0]):
             total[j] += _load(row[j]) - centre[j]
     rows = r1 - r0
+    squares = np.full(first.shape[0], _zero(x))
     for j in range(centre.shape[0]):
-        mean_out[j] = float(centre[j]) + float(total[j]) / rows
         centre[j] = centre[j] + total[j] / rows
         total[j] = 0.0
     for r in range(r0, r1):
         row = x[r, w0:w1]
         for j in range(row.shape[0]):
             d = _load(row[j]) - centre[j]
-            total[j] += d * d
+            total[j] += d
+            squares[j] += d * d
     for j in range(total.shape[0]):
-        m2_out[j] = total[j]
+        mean_out[j], m2_out[j] = _corrected(rows, centre[j], total[j], squares[j])
 
 
 @numba.njit(**_JIT)

@@ -378,6 +378,24 @@ class _Prepared:
 # -------------------------------------------------------------------------------------------
 
 
+def _plain_means(prep: _Prepared, mean: np.ndarray) -> None:
+    """Channels whose mean came out NaN get a plain float64 mean instead: the kernels shift
+    their sums by a value of the data, so a channel holding an inf comes out NaN (inf - inf),
+    where the reference's plain sum says +inf or -inf (NaN only with both signs or a NaN)."""
+    bad = np.flatnonzero(np.isnan(mean))
+    if bad.size == 0:
+        return
+    rows = prep.phys.reshape(prep.outer, prep.channels, prep.inner)
+    for c in bad:
+        values = np.ascontiguousarray(rows[:, c, :])
+        if prep.bf16:  # the bits of bfloat16 are the top half of a float32's
+            values = (values.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif values.dtype == np.uint16:
+            values = values.view(np.float16)
+        with np.errstate(invalid="ignore"):  # inf and -inf together: NaN, as intended
+            mean[c] = np.sum(values, dtype=np.float64) / prep.count
+
+
 def _stats(prep: _Prepared, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     mean = np.empty(prep.channels, dtype=prep.cdt)
     var = np.empty_like(mean)
@@ -392,6 +410,7 @@ def _stats(prep: _Prepared, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndar
             prep.view(prep.phys), prep.inner, eps, mean, var, invstd,
             _scratch("means", shape, np.float64), _scratch("m2s", shape, np.float64),
         )  # fmt: skip
+    _plain_means(prep, mean)
     return mean, var, invstd
 
 
@@ -432,6 +451,7 @@ def _forward_train(prep: _Prepared, weight: Array | None, bias: Array | None, ep
         invstd,
         prep.stream(2),
     )
+    _plain_means(prep, mean)
     return prep.wrap(y), mean, var, invstd
 
 
