@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._args import non_negative_int, positive_int
+
 __all__ = ["main", "PEERS", "Peer", "BackendPeer", "DEFAULT_SHAPES", "QUICK_SHAPES", "run"]
 
 SCHEMA = "batchnorm-bench/1"
@@ -814,8 +816,11 @@ def _parser() -> argparse.ArgumentParser:
         peer.name for peer in PEERS))  # fmt: skip
     p.add_argument("--shapes", type=_parse_shapes,
                    help="e.g. 32x128x56x56,16x64x112x112:nhwc,4096x1024")  # fmt: skip
-    p.add_argument("--repeats", type=int, help="timed repeats per op (default 15; quick 3)")
-    p.add_argument("--warmup", type=int, help="untimed calls per op first (default 3; quick 1)")
+    p.add_argument("--repeats", type=positive_int,
+                   help="timed repeats per op (default 15; quick 3)")  # fmt: skip
+    p.add_argument(
+        "--warmup", type=non_negative_int, help="untimed calls per op first (default 3; quick 1)"
+    )
     p.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p

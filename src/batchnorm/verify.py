@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import reference as ref
+from ._args import non_negative_int
 from ._xp import to_channel_rows
 
 __all__ = ["Check", "run_checks", "format_table", "main"]
@@ -227,7 +228,9 @@ def format_table(rows: Sequence[Check]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="batchnorm verify", description=__doc__.split("\n")[0])
-    parser.add_argument("--seed", type=int, default=None, help="seed (default: fresh data)")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=None, help="seed (default: fresh data)"
+    )
     args = parser.parse_args(argv)
     rows = run_checks(args.seed)
     print(format_table(rows))

@@ -84,6 +84,9 @@ def test_npz_whole_number_float_labels_are_accepted(tmp_path, rng):
         (lambda a: a.update(x_train=np.where(a["x_train"] > 1, np.nan, a["x_train"])), "NaN"),
         (lambda a: a.update(x_train=np.array(["a"] * 24).reshape(12, 2)), "numeric"),
         (lambda a: a.update(y_train=np.zeros(12, dtype=np.int64)), "2 classes"),
+        (lambda a: a.update(x_test=a["x_test"][:0], y_test=a["y_test"][:0]), "no examples"),
+        (lambda a: a["y_train"].__setitem__(0, 10**12), "class indices 0 .. K-1"),
+        (lambda a: a.update(y_test=a["y_test"] + 7), "never occur in the training labels"),
     ],
 )
 def test_npz_malformed_raises_clear_error(tmp_path, rng, mutate, message):
@@ -103,11 +106,20 @@ def test_npz_with_pickled_objects_is_refused(tmp_path, rng):
         load_dataset(str(tmp_path / "obj.npz"))
 
 
-@pytest.mark.parametrize("content", [b"", b"not a zip at all", b"PK\x03\x04garbage"])
-def test_npz_garbage_raises_value_error(tmp_path, content):
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "not a zip archive"),
+        (b"not a zip at all", "not a zip archive"),
+        (b"PK\x03\x04garbage", "not a zip archive"),
+        (b"\x93NUMPY\x01\x00", "holds a single array"),
+    ],
+)
+def test_npz_garbage_raises_value_error(tmp_path, content, message):
     (tmp_path / "junk.npz").write_bytes(content)
-    with pytest.raises(ValueError, match="junk.npz"):
+    with pytest.raises(ValueError, match="junk.npz") as info:
         load_dataset(str(tmp_path / "junk.npz"))
+    assert message in str(info.value) and "pickle" not in str(info.value)
 
 
 def test_unknown_name_and_wrong_suffix(tmp_path):

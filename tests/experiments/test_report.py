@@ -146,3 +146,54 @@ def test_importing_the_experiments_imports_no_heavy_package():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["experiment", "moments", "--quick", "--seeds", "0"], "--seeds: must be at least 1"),
+        (["experiment", "ioffe", "--steps", "-5"], "--steps: must be at least 1"),
+        (["experiment", "moments", "--threads", "-2"], "--threads: must be 0 or more"),
+        (["experiment", "moments", "--seed", "-1"], "--seed: must be 0 or more"),
+        (["experiment", "moments", "--lr", "nan"], "--lr: must be a finite number above 0"),
+        (["explain", "--seed", "-1"], "--seed: must be 0 or more"),
+        (["verify", "--seed", "-1"], "--seed: must be 0 or more"),
+        (["bench", "--quick", "--repeats", "0"], "--repeats: must be at least 1"),
+        (["report", "--quick", "--out", "{file}"], "exists and is not a directory"),
+        (["explain", "--out", "{file}"], "exists and is not a directory"),
+        (["report", "--quick", "--out", "{dir}", "--data", "bogus"], "--data: unknown data set"),
+    ],
+)
+def test_bad_arguments_are_usage_errors_before_any_work(tmp_path, capsys, argv, message):
+    (tmp_path / "afile").write_text("")
+    argv = [a.format(file=tmp_path / "afile", dir=tmp_path / "r") for a in argv]
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_replot_refuses_records_of_another_experiment_or_unreadable_ones(tmp_path, capsys):
+    (tmp_path / "records.json").write_text(json.dumps({"experiment": "moments"}))
+    assert cli.main(["experiment", "ioffe", "--replot", "--out", str(tmp_path)]) == 2
+    assert "are from 'moments', not 'ioffe'" in capsys.readouterr().err
+    (tmp_path / "records.json").write_text("{not json")
+    assert cli.main(["experiment", "ioffe", "--replot", "--out", str(tmp_path)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_settings_and_threads_refuse_bad_counts_from_python_too():
+    from batchnorm.experiments.common import resolve_settings, torch_threads
+
+    for bad in (
+        {"steps": 0, "seeds": None},
+        {"steps": None, "seeds": -1},
+        {"steps": 2.5, "seeds": 1},
+    ):
+        with pytest.raises(ValueError, match="must be an integer of at least 1"):
+            resolve_settings({"steps": 10, "seeds": 2, "eval_every": 5}, {}, quick=False, **bad)
+    with pytest.raises(ValueError, match="threads must be 0"):
+        with torch_threads(-1):
+            pass

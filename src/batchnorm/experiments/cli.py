@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._args import non_negative_int, out_dir, positive_float, positive_int
 from . import EXPERIMENTS
-from .common import torch_threads
+from .common import read_json, torch_threads
 
 __all__ = ["main", "run_experiment", "DESCRIPTIONS"]
 
@@ -52,12 +53,14 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("name", choices=[*EXPERIMENTS, "list"], help="experiment to run")
-    parser.add_argument("--out", default=None, help="output directory (default: out/NAME)")
+    parser.add_argument(
+        "--out", type=out_dir, default=None, help="output directory (default: out/NAME)"
+    )
     parser.add_argument("--quick", action="store_true", help="the short variant (tests, CI)")
-    parser.add_argument("--seed", type=int, default=None, help="first seed (default 0)")
-    parser.add_argument("--seeds", type=int, default=None, help="how many seeds")
-    parser.add_argument("--steps", type=int, default=None, help="SGD steps per run")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate")
+    parser.add_argument("--seed", type=non_negative_int, help="first seed (default 0)")
+    parser.add_argument("--seeds", type=positive_int, help="how many seeds")
+    parser.add_argument("--steps", type=positive_int, help="SGD steps per run")
+    parser.add_argument("--lr", type=positive_float, help="learning rate")
     parser.add_argument(
         "--data",
         default=None,
@@ -65,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
         "y_test) or a directory of MNIST IDX files",
     )
     parser.add_argument("--backend", default=None, help="batch-norm backend (default auto)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--threads", type=non_negative_int, default=1, help="torch threads (default 1; 0: torch's)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-plot", action="store_true", help="records only, no figures")
     parser.add_argument(
@@ -86,8 +91,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.replot:
         from .plots import PLOTTERS
 
-        if not (out / "records.json").exists():
-            print(f"batchnorm experiment: no records at {out / 'records.json'}", file=sys.stderr)
+        records = out / "records.json"
+        if not records.exists():
+            print(f"batchnorm experiment: no records at {records}", file=sys.stderr)
+            return 2
+        try:
+            which = read_json(records).get("experiment")
+        except (ValueError, OSError, AttributeError) as exc:
+            print(f"batchnorm experiment: cannot read {records}: {exc}", file=sys.stderr)
+            return 2
+        if which != args.name:
+            print(
+                f"batchnorm experiment: the records in {out} are from {which!r}, not {args.name!r}",
+                file=sys.stderr,
+            )
             return 2
         for path in PLOTTERS[args.name](out):
             print(path)

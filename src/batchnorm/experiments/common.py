@@ -145,6 +145,8 @@ def torch_threads(threads: int | None = 1) -> Iterator[None]:
     """
     import torch
 
+    if threads is not None and threads < 0:
+        raise ValueError(f"threads must be 0 (torch's own setting) or more, got {threads}")
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
@@ -179,6 +181,9 @@ def resolve_settings(
     A shorter run keeps its resolution: each ``intervals`` key (``eval_every``, ...) is capped so
     that at least that many points fall within the ``steps``.
     """
+    for name, value in (("steps", steps), ("seeds", seeds)):
+        if value is not None and (not isinstance(value, int | np.integer) or value < 1):
+            raise ValueError(f"{name} must be an integer of at least 1, got {value!r}")
     settings = dict(quick_defaults if quick else defaults)
     if steps is not None:
         settings["steps"] = int(steps)

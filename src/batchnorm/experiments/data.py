@@ -107,6 +107,8 @@ def _features(x: np.ndarray, where: str) -> np.ndarray:
         raise ValueError(
             f"{where}: inputs must have shape (N, features...) with rank >= 2, got shape {x.shape}"
         )
+    if x.shape[0] == 0:
+        raise ValueError(f"{where}: no examples (shape {x.shape})")
     flat = np.asarray(x, dtype=np.float32).reshape(x.shape[0], -1)
     if flat.shape[1] == 0:
         raise ValueError(f"{where}: inputs have no features (shape {x.shape})")
@@ -149,8 +151,23 @@ def _make(name: str, x_train, y_train, x_test, y_test, where: dict[str, str]) ->
         raise ValueError(f"{name}: need at least 2 training examples, got {xtr.shape[0]}")
     if xte.shape[0] < 1:
         raise ValueError(f"{name}: need at least 1 test example, got 0")
-    if np.unique(ytr).size < 2:
+    classes = np.unique(ytr)
+    if classes.size < 2:
         raise ValueError(f"{name}: training labels must contain at least 2 classes")
+    # Labels index the classifier's outputs (0 .. K-1, K = largest + 1): a stray huge label
+    # would make a huge output layer, and a test label never seen in training is unlearnable.
+    if ytr.max() >= 2 * classes.size + 16:
+        raise ValueError(
+            f"{name}: training labels run up to {int(ytr.max())} but only {classes.size} "
+            "distinct classes occur; labels must be class indices 0 .. K-1 (remap them, e.g. "
+            "with np.unique(y, return_inverse=True))"
+        )
+    unseen = np.setdiff1d(yte, classes)
+    if unseen.size:
+        raise ValueError(
+            f"{name}: test label(s) {unseen[:5].tolist()} never occur in the training labels "
+            f"({classes[:10].tolist()}{' ...' if classes.size > 10 else ''})"
+        )
     return Dataset(name, xtr, ytr, xte, yte)
 
 
@@ -212,6 +229,13 @@ def _digits() -> Dataset:
 
 def _npz(path: Path, name: str | None = None) -> Dataset:
     unreadable = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
+    if not zipfile.is_zipfile(path):  # np.load would guess a pickle and say so
+        with open(path, "rb") as f:
+            if f.read(6) == b"\x93NUMPY":
+                raise ValueError(
+                    f"{path}: holds a single array, not an .npz archive of named arrays"
+                )
+        raise ValueError(f"{path}: not a valid .npz file (not a zip archive)")
     try:
         archive = np.load(path, allow_pickle=False)
     except unreadable as exc:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .._args import non_negative_int, out_dir
 from ..reference import (
     backward,
     batch_norm_train,
@@ -402,11 +403,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--out",
+        type=out_dir,
         default=None,
         help="directory for explain.json, bn_graph.dot/.svg/.png, jacobian.png "
         "(default: print only)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the Jacobian's batch")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the Jacobian's batch"
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip the matplotlib figure")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     record = run(args.out, seed=args.seed, plot=not args.no_plot)

@@ -24,7 +24,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._args import non_negative_int, out_dir
 from .common import Timer, read_json, torch_threads, write_csv, write_json
+from .data import DATASETS, load_dataset
 
 __all__ = ["main", "build_report", "render_html", "STAGES"]
 
@@ -800,17 +802,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Run verify, a quick bench, explain and every experiment; write "
         "DIR/index.html.",
     )
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--quick", action="store_true", help="short settings (< 2 min)")
-    parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    parser.add_argument("--out", type=out_dir, required=True, help="output directory")
+    parser.add_argument("--quick", action="store_true", help="short settings (about 1 min)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="first seed (default 0)")
     parser.add_argument("--data", default="mnist1d", help="data set for the experiments")
     parser.add_argument("--backend", default="auto", help="batch-norm backend (default auto)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--threads", type=non_negative_int, default=1, help="torch threads (default 1; 0: torch's)"
+    )
     parser.add_argument(
         "--skip", action="append", default=[], choices=STAGES, help="leave a stage out (repeatable)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.data not in DATASETS:  # a user's file: find out now, not after minutes of stages
+        try:
+            load_dataset(args.data)
+        except (ValueError, TypeError, OSError) as exc:
+            parser.error(f"--data: {exc}")
     with torch_threads(args.threads):
         status = build_report(
             args.out,
