@@ -61,8 +61,8 @@ def minimal_case(steps: int = 25, *, m: int = 8, lr: float = 0.1, seed: int = 0)
     gradient; float64 autograd, where "constant" means ``.detach()``.
 
     loss = mean((x_hat - t)^2) with targets t of non-zero mean, so sum_i dl/dx_hat_i != 0.
-    The shift drifts by a constant per step; the scale (whose gradient is proportional to
-    1/c) drifts with c^2 growing by a constant per step.
+    The shift drifts by a constant per step; the scale (whose gradient is k/c) drifts with c^2
+    growing by 2 lr k + (lr k / c)^2 per step, nearly a constant.
     """
     import torch
 
