@@ -87,8 +87,19 @@ def _functional_cases():
     ]
 
 
+def _relu(**args):
+    return bt.batch_norm_relu(**args)
+
+
+def _add_relu(**args):
+    x = args["input"]
+    residual = torch.zeros_like(x) if isinstance(x, torch.Tensor) else torch.zeros(4, 3, 2)
+    return bt.batch_norm_add_relu(residual=residual, **args)
+
+
+@pytest.mark.parametrize("fn", [bt.batch_norm, _relu, _add_relu], ids=["plain", "relu", "add"])
 @pytest.mark.parametrize(("override", "error", "fragment"), _functional_cases())
-def test_functional_bad_input_changes_nothing(override, error, fragment):
+def test_functional_bad_input_changes_nothing(override, error, fragment, fn):
     args = dict(
         input=torch.randn(4, 3, 2),
         running_mean=torch.zeros(3),
@@ -104,7 +115,7 @@ def test_functional_bad_input_changes_nothing(override, error, fragment):
     running = [args["running_mean"], args["running_var"]]
     before = [None if r is None else r.clone() for r in running]
     with pytest.raises(error, match=re.escape(fragment)):
-        bt.batch_norm(**args)
+        fn(**args)
     for r, b in zip(running, before, strict=True):
         assert r is None or torch.equal(r, b)
 

@@ -179,3 +179,44 @@ def test_training_matches_torch(backend, momentum):
     theirs.eval()
     x = next(_batches(1, seed=9))[0]
     torch.testing.assert_close(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize(("ours_cls", "theirs_cls", "shape"), PAIRS)
+def test_bias_false_keyword_as_torch(ours_cls, theirs_cls, shape):
+    ours, theirs = ours_cls(3, bias=False), theirs_cls(3, bias=False)
+    assert ours.bias is None and ours.weight is not None
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(shape) * 2 + 1
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    converted = bt.convert(torch.nn.Sequential(theirs_cls(3, bias=False)))
+    assert isinstance(converted[0], ours_cls) and converted[0].bias is None
+    assert bt.BatchNormReLU2d(3, bias=False).bias is None
+
+
+def test_convert_keeps_a_shared_layer_shared():
+    bn = torch.nn.BatchNorm2d(3)
+    model = torch.nn.Module()
+    model.a, model.b = bn, bn
+    model.seq = torch.nn.Sequential(bn)
+    bt.convert(model)
+    assert isinstance(model.a, bt.BatchNorm2d) and model.a is model.b is model.seq[0]
+    bt.revert(model)
+    assert type(model.a) is torch.nn.BatchNorm2d and model.a is model.b is model.seq[0]
+
+
+def test_cumulative_average_without_a_batch_count_leaves_the_buffers_as_torch():
+    ours, theirs = bt.BatchNorm1d(3, momentum=None), torch.nn.BatchNorm1d(3, momentum=None)
+    ours.num_batches_tracked = theirs.num_batches_tracked = None
+    x = torch.randn(8, 3) + 5
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    assert torch.equal(ours.running_mean, torch.zeros(3))
+
+
+def test_eps_zero_is_accepted_in_eval_as_torch():
+    x = torch.randn(2, 3, 4, 4)
+    ours, theirs = bt.BatchNorm2d(3, eps=0.0).eval(), torch.nn.BatchNorm2d(3, eps=0.0).eval()
+    torch.testing.assert_close(ours(x), theirs(x))
+    out = bt.batch_norm(x, torch.zeros(3), torch.full((3,), 4.0), training=False, eps=0.0)
+    torch.testing.assert_close(out, x / 2)

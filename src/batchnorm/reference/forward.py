@@ -67,7 +67,9 @@ def check_input(
     xp = namespace(x)
     check_floating(x, xp)
     axis = channel_axis(x.ndim, axis)
-    check_eps(eps)
+    # Training needs eps > 0 (a constant channel has variance 0); inference divides by the
+    # running variance, as PyTorch, which accepts eps = 0 there.
+    check_eps(eps, allow_zero=not training)
     channels = x.shape[axis]
     for v, name in (
         (gamma, "weight (gamma)"),

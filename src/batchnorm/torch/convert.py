@@ -35,23 +35,34 @@ def convert(
     """``model`` with every ``torch.nn.BatchNorm1d/2d/3d`` replaced by ours (in place for
     children; a bare batch-norm ``model`` is returned as a new module)."""
     extras = {"backend": backend, "through_mean": through_mean, "through_var": through_var}
-    return _swap(model, _OURS, extras)
+    return _swap(model, _OURS, extras, {})
 
 
 def revert(model: torch.nn.Module) -> torch.nn.Module:
     """The inverse of ``convert``: every one of our ``BatchNorm1d/2d/3d`` back to PyTorch's."""
-    return _swap(model, _THEIRS, {})
+    return _swap(model, _THEIRS, {}, {})
 
 
-def _swap(module: torch.nn.Module, mapping: dict[type, type], extras: dict[str, Any]):
+def _swap(
+    module: torch.nn.Module,
+    mapping: dict[type, type],
+    extras: dict[str, Any],
+    done: dict[int, torch.nn.Module],
+) -> torch.nn.Module:
+    # ``done``: a module reachable by two names (shared) is rebuilt once, and stays shared.
+    if id(module) in done:
+        return done[id(module)]
     target = mapping.get(type(module))
-    if target is not None:
-        module = _rebuild(module, target, extras)
-    for name, child in module.named_children():
-        replacement = _swap(child, mapping, extras)
+    new = _rebuild(module, target, extras) if target is not None else module
+    done[id(module)] = new
+    # Not named_children(): it yields a shared child under its first name only.
+    for name, child in list(new._modules.items()):
+        if child is None:
+            continue
+        replacement = _swap(child, mapping, extras, done)
         if replacement is not child:
-            setattr(module, name, replacement)
-    return module
+            setattr(new, name, replacement)
+    return new
 
 
 def _rebuild(old: torch.nn.Module, target: type, extras: dict[str, Any]) -> torch.nn.Module:
@@ -63,6 +74,7 @@ def _rebuild(old: torch.nn.Module, target: type, extras: dict[str, Any]) -> torc
         old.affine,
         old.track_running_stats,
         device="meta",
+        **({"bias": False} if old.affine and old.bias is None else {}),
         **extras,
     )
     for name in ("weight", "bias"):

@@ -7,6 +7,8 @@ Order of work, so that a bad call changes nothing: validate every argument (the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .. import reference as ref
@@ -60,11 +62,7 @@ def batch_norm(
       buffer changes. ``momentum=None`` (cumulative average) is for the modules, which count
       batches; here it raises ``ValueError``.
     """
-    if momentum is None:
-        raise ValueError(
-            "momentum=None (cumulative average) needs the number of batches seen; use the "
-            "BatchNorm modules, which track it in num_batches_tracked, or pass a float"
-        )
+    check_functional_momentum(momentum)
     output, _ = _batch_norm(
         input,
         running_mean,
@@ -122,6 +120,15 @@ def _batch_norm(
             input, running_mean, running_var, mean, var, momentum, num_batches_tracked
         )
     return output, chosen.name
+
+
+def check_functional_momentum(momentum: Any) -> None:
+    """The functional forms have no batch count, so no cumulative average."""
+    if momentum is None:
+        raise ValueError(
+            "momentum=None (cumulative average) needs the number of batches seen; use the "
+            "BatchNorm modules, which track it in num_batches_tracked, or pass a float"
+        )
 
 
 def check_call(

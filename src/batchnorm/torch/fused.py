@@ -31,7 +31,7 @@ from .. import reference as ref
 from .._xp import check_same_shape
 from ..kernels import BackendUnavailable, get_backend
 from .function import AXIS, memory_format_of
-from .functional import _batch_norm, check_call, write_batch_stats
+from .functional import _batch_norm, check_call, check_functional_momentum, write_batch_stats
 from .modules import _check_backend_name, forward_with_buffers
 
 __all__ = [
@@ -135,6 +135,7 @@ def batch_norm_relu(
     back to the unfused sequence otherwise; ``"triton"`` raises ``BackendUnavailable`` instead
     of falling back; any other backend name runs the unfused sequence on that backend.
     """
+    check_functional_momentum(momentum)
     return _fused(
         input,
         running_mean,
@@ -166,6 +167,7 @@ def batch_norm_add_relu(
 
     Arguments and backends as :func:`batch_norm_relu`.
     """
+    check_functional_momentum(momentum)
     if not isinstance(residual, torch.Tensor):
         raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__}")
     return _fused(
@@ -271,9 +273,13 @@ class _FusedBatchNorm2d(_TorchBatchNorm):
         device: Any = None,
         dtype: Any = None,
         *,
+        bias: bool = True,
         backend: str = "auto",
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        extra = {} if bias else {"bias": False}  # as modules._BatchNorm
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra
+        )
         self.backend: str = _check_backend_name(backend)
         #: What the latest forward ran: "triton (fused)" or the unfused backend's name.
         self.last_backend: str | None = None

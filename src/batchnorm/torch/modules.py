@@ -52,6 +52,9 @@ def forward_with_buffers(
     counting = (
         module.training and module.track_running_stats and module.num_batches_tracked is not None
     )
+    if module.momentum is None and module.training and not counting:
+        # PyTorch's factor is then 0: the running statistics stay as they are.
+        use_buffers = use_buffers and not module.track_running_stats
     # Read only when needed: on a GPU, int() of a device tensor is a synchronisation.
     seen = int(module.num_batches_tracked) if counting and module.momentum is None else 0
     output, module.last_backend = batch_norm(
@@ -90,11 +93,17 @@ class _BatchNorm(torch.nn.Module):
         device: Any = None,
         dtype: Any = None,
         *,
+        bias: bool = True,
         backend: str = "auto",
         through_mean: bool = True,
         through_var: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        # torch.nn's ``bias`` keyword (an affine layer without a shift), passed only when off so
+        # that a PyTorch without it still builds the default layer.
+        extra = {} if bias else {"bias": False}
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra
+        )
         self.backend: str = _check_backend_name(backend)
         self.through_mean: bool = bool(through_mean)
         self.through_var: bool = bool(through_var)
