@@ -246,3 +246,66 @@ def test_register_adds_to_auto_order(monkeypatch):
     module = bt.BatchNorm1d(3)
     module(torch.randn(4, 3))
     assert module.last_backend == "spy"
+
+
+@pytest.mark.parametrize(
+    ("training", "through_mean", "through_var"),
+    [(True, True, True), (True, False, True), (True, True, False), (False, True, True)],
+)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_forward_mode_jvp_is_the_jacobian_times_the_tangent(
+    backend, training, through_mean, through_var, layout
+):
+    """Forward-mode AD against the Jacobian built column by column from finite differences of
+    the forward (float64), for x, weight and bias tangents together."""
+    gen = torch.Generator().manual_seed(5)
+    x, w, b = _args((3, 2, 2, 3), "both", gen, layout)
+    require(backend, x)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    running = (torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5)
+
+    def f(x, w, b):
+        rm, rv = (r.clone() for r in running)
+        return bt.batch_norm(
+            x, rm, rv, w, b, training=training, backend=backend,
+            through_mean=through_mean, through_var=through_var,
+        )  # fmt: skip
+
+    tangents = tuple(torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (x, w, b))
+    y, jvp = torch.func.jvp(f, (x, w, b), tangents)
+    h = 1e-6
+    plus = f(*(p + h * t for p, t in zip((x, w, b), tangents, strict=True)))
+    minus = f(*(p - h * t for p, t in zip((x, w, b), tangents, strict=True)))
+    torch.testing.assert_close(y, f(x, w, b))
+    if through_mean and through_var:  # the full derivative: finite differences are the oracle
+        torch.testing.assert_close(jvp, (plus - minus) / (2 * h), rtol=1e-6, atol=1e-7)
+    # Any switch setting: the jvp is the transpose of the backward's vjp (<J t, u> = <t, J^T u>).
+    u = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    _, vjp = torch.func.vjp(f, x, w, b)
+    lhs = (jvp * u).sum()
+    rhs = sum((t * g).sum() for t, g in zip(tangents, vjp(u), strict=True))
+    torch.testing.assert_close(lhs, rhs, rtol=1e-10, atol=1e-12)
+    assert jvp.is_contiguous(memory_format=bt.function.memory_format_of(x))
+
+
+def test_torch_func_grad_and_jacrev_match_autograd(backend):
+    gen = torch.Generator().manual_seed(6)
+    x, w, b = _args((4, 3, 2), "both", gen)
+    require(backend, x)
+    # In training, buffers updated in place are refused by torch.func (as for torch.nn's own
+    # layers; functorch's advice: no running statistics).
+    free = bt.BatchNorm1d(3, backend=backend, track_running_stats=False).double()
+
+    def loss(x):
+        return (free(x) ** 3).sum()
+
+    x = x.detach().requires_grad_(True)
+    loss(x).backward()
+    torch.testing.assert_close(torch.func.grad(loss)(x.detach()), x.grad)
+    module = bt.BatchNorm1d(3, backend=backend).double()
+    module(x.detach() * 2 + 1)
+    module.eval()
+    jac = torch.func.jacrev(module)(x.detach())
+    scale = (module.weight / torch.sqrt(module.running_var + module.eps)).detach()
+    want = torch.diag_embed(scale[None, :, None].expand(4, 3, 2).reshape(-1)).reshape(jac.shape)
+    torch.testing.assert_close(jac, want)

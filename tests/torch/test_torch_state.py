@@ -220,3 +220,24 @@ def test_eps_zero_is_accepted_in_eval_as_torch():
     torch.testing.assert_close(ours(x), theirs(x))
     out = bt.batch_norm(x, torch.zeros(3), torch.full((3,), 4.0), training=False, eps=0.0)
     torch.testing.assert_close(out, x / 2)
+
+
+def test_fx_tracing_keeps_our_layers_as_leaves():
+    nn = torch.nn
+    model = bt.convert(
+        nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU(), nn.BatchNorm2d(3))
+    )
+    model[3] = bt.BatchNormReLU2d.from_batch_norm(model[3])
+    with pytest.raises(torch.fx.proxy.TraceError):
+        torch.fx.symbolic_trace(model)  # plain fx traces into our forward's validation
+    gm = bt.symbolic_trace(model)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert targets == ["0", "1", "2", "3"]
+    x = torch.randn(4, 3, 5, 5)
+    reference = copy.deepcopy(model)
+    torch.testing.assert_close(gm(x), reference(x))
+    # The graph calls the same module objects: buffers update and train/eval switch as before.
+    torch.testing.assert_close(gm.get_submodule("1").running_mean, reference[1].running_mean)
+    gm.eval()
+    reference.eval()
+    torch.testing.assert_close(gm(x), reference(x))

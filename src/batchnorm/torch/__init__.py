@@ -12,6 +12,8 @@ Importing this sub-package imports torch (``import batchnorm`` alone does not).
 * ``explain_backend(x, backend="auto")``: which backend would run on ``x`` and why.
 * ``BatchNormReLU2d`` / ``BatchNormAddReLU2d``, ``batch_norm_relu`` / ``batch_norm_add_relu``:
   batch norm fused with the ReLU (and residual add) after it (``fused.py``).
+* ``symbolic_trace`` / ``Tracer``: ``torch.fx`` tracing that keeps these layers as leaves, as
+  ``torch.fx`` does for ``torch.nn``'s own (``fx.py``).
 """
 
 from ..kernels import BackendUnavailable
@@ -19,6 +21,7 @@ from .convert import convert, revert
 from .function import BatchNormFunction
 from .functional import batch_norm, explain_backend
 from .fused import BatchNormAddReLU2d, BatchNormReLU2d, batch_norm_add_relu, batch_norm_relu
+from .fx import Tracer, symbolic_trace
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .sync import SyncBatchNorm, convert_sync
 
@@ -31,6 +34,7 @@ __all__ = [
     "BatchNormFunction",
     "BatchNormReLU2d",
     "SyncBatchNorm",
+    "Tracer",
     "batch_norm",
     "batch_norm_add_relu",
     "batch_norm_relu",
@@ -38,4 +42,5 @@ __all__ = [
     "convert_sync",
     "explain_backend",
     "revert",
+    "symbolic_trace",
 ]

@@ -66,19 +66,24 @@ def _detached_moments(
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """``y, mean, var = BatchNormFunction.apply(x, weight, bias, running_mean, running_var,
-    training, eps, backend, through_mean, through_var)``.
+    """``y, mean, var, invstd = BatchNormFunction.apply(x, weight, bias, running_mean,
+    running_var, training, eps, backend, through_mean, through_var)``.
 
     ``backend`` is a resolved backend object (see ``batchnorm.kernels.select_backend``).
-    ``mean`` and ``var`` (biased) are the statistics that normalised ``x``, in the compute dtype
-    (float32, or float64 for float64 input); they are not differentiable outputs and serve the
-    running-statistics update. In eval mode they are the running statistics. Validation is the
-    caller's job (``batchnorm.torch.batch_norm`` does it before any state changes).
+    ``mean`` and ``var`` (biased) are the statistics that normalised ``x``, and ``invstd``
+    1/sqrt(var + eps), in the compute dtype (float32, or float64 for float64 input); they are
+    not differentiable outputs and serve the running-statistics update. In eval mode they are
+    the running statistics. Validation is the caller's job (``batchnorm.torch.batch_norm`` does
+    it before any state changes).
+
+    Written with ``setup_context`` (forward without ``ctx``), so that ``torch.func.grad``,
+    ``vjp`` and ``jacrev`` can use it, and with a ``jvp`` for forward-mode AD (``jacfwd``,
+    ``torch.autograd.forward_ad``). ``torch.func.vmap`` is not supported: the backends run
+    whole tensors, not per-sample slices.
     """
 
     @staticmethod
     def forward(
-        ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
@@ -89,7 +94,7 @@ class BatchNormFunction(torch.autograd.Function):
         backend: Any,
         through_mean: bool = True,
         through_var: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         fmt = memory_format_of(x)
         if training:
             y, mean, var, invstd = backend.forward_train(x, weight, bias, eps, AXIS)
@@ -100,16 +105,57 @@ class BatchNormFunction(torch.autograd.Function):
             mean = running_mean.to(cdt, copy=True)
             var = running_var.to(cdt, copy=True)
             invstd = ref.inverse_std(var, eps)
+        return y.contiguous(memory_format=fmt), mean, var, invstd
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        inputs = tuple(inputs) + (True, True)[len(inputs) - 8 :]  # the switches' defaults
+        x, weight, bias, _, _, training, eps, backend, through_mean, through_var = inputs
+        _, mean, var, invstd = output
         ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.save_for_forward(x, weight, mean, invstd)
         ctx.training, ctx.eps, ctx.backend = training, eps, backend
         ctx.through_mean, ctx.through_var = through_mean, through_var
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, var)
+        ctx.mark_non_differentiable(mean, var, invstd)
         ctx.set_materialize_grads(False)
-        return y.contiguous(memory_format=fmt), mean, var
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor | None, _dmean: Any, _dvar: Any) -> tuple:
+    def jvp(ctx: Any, dx: Any, dweight: Any, dbias: Any, *_: Any) -> tuple:
+        """Tangent of y: weight * dx_hat + dweight * x_hat + dbias, where in training
+        dx_hat = invstd * (dx - mean(dx) - x_hat * mean(x_hat * dx)) (the two means are the
+        paths through the batch mean and variance; the switches drop them as the backward does)
+        and in eval dx_hat = invstd * dx."""
+        x, weight, mean, invstd = ctx.saved_tensors
+        xp, nd = namespace(x), x.ndim
+        axes = reduce_axes(nd, AXIS)
+        x_hat = (x.to(mean.dtype) - per_channel(mean, nd, AXIS, xp)) * per_channel(
+            invstd, nd, AXIS, xp
+        )
+        dy = None
+        if dx is not None:
+            d = dx.to(mean.dtype)
+            if ctx.training and ctx.through_mean:
+                d = d - d.mean(dim=axes, keepdim=True)
+            if ctx.training and ctx.through_var:
+                d = d - x_hat * (x_hat * dx.to(mean.dtype)).mean(dim=axes, keepdim=True)
+            dy = d * per_channel(invstd, nd, AXIS, xp)
+            if weight is not None:
+                dy = dy * per_channel(weight.to(mean.dtype), nd, AXIS, xp)
+        if dweight is not None:
+            term = x_hat * per_channel(dweight.to(mean.dtype), nd, AXIS, xp)
+            dy = term if dy is None else dy + term
+        if dbias is not None:
+            term = per_channel(dbias.to(mean.dtype), nd, AXIS, xp).expand_as(x_hat)
+            dy = term if dy is None else dy + term
+        if dy is not None:
+            dy = dy.to(x.dtype).contiguous(memory_format=memory_format_of(x))
+        return dy, None, None, None
+
+    @staticmethod
+    def backward(
+        ctx: Any, dy: torch.Tensor | None, _dmean: Any, _dvar: Any, _dinvstd: Any
+    ) -> tuple:
         nones = (None,) * 7
         if dy is None:
             return (None, None, None) + nones

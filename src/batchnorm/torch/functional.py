@@ -103,7 +103,7 @@ def _batch_norm(
         return _empty_batch(input, weight, bias), None
 
     chosen, _ = select_backend(input, backend)
-    output, mean, var = BatchNormFunction.apply(
+    output, mean, var, _ = BatchNormFunction.apply(
         input,
         weight,
         bias,

@@ -5,7 +5,8 @@ so the constructor, parameters and buffers (``weight``, ``bias``, ``running_mean
 ``running_var``, ``num_batches_tracked``), initialisation, input-rank checks, ``state_dict``
 loading (including old checkpoints without ``num_batches_tracked``) and ``repr`` are PyTorch's
 own, and code that asks ``isinstance(m, torch.nn.BatchNorm2d)`` (weight-decay exclusion, init
-loops, conv-bn fusion) keeps working. Added: ``backend``, ``through_mean``, ``through_var`` and
+loops, ``fuse_conv_bn_eval``) keeps working (code that looks up exact types does not: see
+docs/torch.md, Limitations). Added: ``backend``, ``through_mean``, ``through_var`` and
 the ``last_backend`` attribute saying which backend the latest forward ran.
 """
 

@@ -1,0 +1,39 @@
+"""``torch.fx`` tracing of models that hold this library's layers.
+
+``torch.fx.symbolic_trace`` keeps ``torch.nn`` layers as opaque ``call_module`` nodes and
+traces into every other module. It would trace into our layers' ``forward``, whose validation
+branches on the input (rank, size), and fail with "symbolically traced variables cannot be used
+as inputs to control flow". :class:`Tracer` keeps them opaque too, so the traced graph calls
+the module itself and train/eval, the backend and the buffers behave as before tracing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+
+from .fused import _FusedBatchNorm2d
+from .modules import _BatchNorm
+from .sync import SyncBatchNorm
+
+__all__ = ["Tracer", "symbolic_trace", "LEAF_TYPES"]
+
+#: Module types kept as single ``call_module`` nodes.
+LEAF_TYPES: tuple[type, ...] = (_BatchNorm, _FusedBatchNorm2d, SyncBatchNorm)
+
+
+class Tracer(torch.fx.Tracer):
+    """``torch.fx.Tracer`` that treats this library's batch-norm layers as leaves."""
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, LEAF_TYPES) or super().is_leaf_module(m, module_qualified_name)
+
+
+def symbolic_trace(root: torch.nn.Module, concrete_args: dict[str, Any] | None = None):
+    """``torch.fx.symbolic_trace`` with :class:`Tracer`: a ``torch.fx.GraphModule``."""
+    tracer = Tracer()
+    graph = tracer.trace(root, concrete_args)
+    name = root.__class__.__name__ if isinstance(root, torch.nn.Module) else root.__name__
+    return torch.fx.GraphModule(tracer.root, graph, name)
