@@ -947,3 +947,9 @@ def batch_norm(x, rm, rv, weight=None, bias=None, training=False, momentum=0.1, 
         capsys, f"{path}:batch_norm", "--style", "functional", "--momentum-convention", "infer"
     )
     assert code == 0 and "momentum weighs the old value" in out and "momentum inferred" in out
+
+
+def test_cli_import_error_does_not_point_into_the_standard_library(capsys):
+    code, _, err = run_cli(capsys, "no_such_module_here:f", "--style", "functional")
+    assert code == 2 and "No module named 'no_such_module_here'" in err
+    assert "__init__.py" not in err and "line" not in err

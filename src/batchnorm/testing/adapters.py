@@ -13,6 +13,7 @@ PyTorch is imported only by the PyTorch adapters, when a session is opened.
 from __future__ import annotations
 
 import os
+import sysconfig
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -41,6 +42,10 @@ class ImplementationError(Exception):
     """The implementation under test raised, or returned what its style does not allow."""
 
 
+#: The standard library's frames (importlib, ...) are not the code under test either.
+_STDLIB_DIR = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
+
+
 def describe_exception(exc: BaseException) -> str:
     """``"NameError: name 'x' is not defined (impl.py, line 3, in bn_backward)"``.
 
@@ -54,7 +59,7 @@ def describe_exception(exc: BaseException) -> str:
     own = [
         f
         for f in frames
-        if not os.path.abspath(f.filename).startswith(_SUITE_DIR)
+        if not os.path.abspath(f.filename).startswith((_SUITE_DIR, _STDLIB_DIR))
         and "site-packages" not in f.filename
         and "<frozen" not in f.filename
     ]
