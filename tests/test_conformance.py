@@ -947,6 +947,7 @@ def batch_norm(x, rm, rv, weight=None, bias=None, training=False, momentum=0.1, 
         capsys, f"{path}:batch_norm", "--style", "functional", "--momentum-convention", "infer"
     )
     assert code == 0 and "momentum weighs the old value" in out and "momentum inferred" in out
+    assert "variance as style functional implies" in out
 
 
 def test_cli_import_error_does_not_point_into_the_standard_library(capsys):

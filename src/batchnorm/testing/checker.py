@@ -567,7 +567,7 @@ def _resolve_running(
     outcomes: Sequence[_Outcome],
     momentum_convention: str | None,
     running_var: str | None,
-    by_style: str | None = None,
+    by_style: tuple[str | None, str | None] = (None, None),
 ) -> tuple[tuple[str, str] | None, str]:
     """Pick the convention that decides the verdicts; returns it and a note for the report."""
     allowed = [
@@ -603,13 +603,14 @@ def _resolve_running(
     best = max(range(len(allowed)), key=lambda i: (scores[i], partial[i], -i))
     chosen = allowed[best]
     how = []
-    for part, declared in (("momentum", momentum_convention), ("variance", running_var)):
-        if by_style and declared:
-            how.append(f"{part} as style {by_style} implies")
+    parts = (("momentum", momentum_convention), ("variance", running_var))
+    for (part, declared), style in zip(parts, by_style, strict=True):
+        if style:
+            how.append(f"{part} as style {style} implies")
         else:
             how.append(f"{part} {'declared' if declared else 'inferred'}")
-    if by_style and momentum_convention and running_var:
-        how = [f"as style {by_style} implies"]
+    if by_style[0] and by_style[0] == by_style[1]:
+        how = [f"as style {by_style[0]} implies"]
     note = (
         f"running statistics: momentum {_MOMENTUM_MEANING[chosen[0]]}, running variance "
         f"{chosen[1]} ({', '.join(how)}; fits {scores[best]} of {len(tracked)} cases)"
@@ -648,13 +649,14 @@ def check(
     F.batch_norm) and infers them for the others.
     """
     implied = getattr(adapter, "conventions", None)
-    by_style = None
+    style = adapter.style if implied else None
+    # Which part the style decided (for the report's note): (momentum, variance).
+    by_style = (style if momentum_convention == "auto" else None,
+                style if running_var == "auto" else None)  # fmt: skip
     if momentum_convention == "auto":
         momentum_convention = implied[0] if implied else None
-        by_style = adapter.style if implied else None
     if running_var == "auto":
         running_var = implied[1] if implied else None
-        by_style = adapter.style if implied else None
     if momentum_convention not in (None, *MOMENTUM_CONVENTIONS):
         raise ValueError(
             f"momentum_convention must be one of {MOMENTUM_CONVENTIONS}, 'auto' or None, "
