@@ -16,7 +16,7 @@ from typing import Any
 
 from .._args import non_negative_int, out_dir, positive_float, positive_int
 from . import EXPERIMENTS
-from .common import read_json, torch_threads
+from .common import jsonable, read_json, torch_threads
 
 __all__ = ["main", "run_experiment", "DESCRIPTIONS"]
 
@@ -119,6 +119,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError) as exc:
         print(f"batchnorm experiment {args.name}: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(record["summary"], indent=1))
+    print(json.dumps(jsonable(record["summary"]), indent=1))  # NaN -> null, as records.json
     print(f"records and figures in {out}/", file=sys.stderr)
     return 0
