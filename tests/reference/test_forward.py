@@ -120,6 +120,29 @@ def test_large_offset_variance_is_accurate_in_float32(xp, rng):
     assert np.max(np.abs(naive - true_var) / true_var) > 1e-3
 
 
+@pytest.mark.parametrize(("rows", "offset"), [(65536, 1e4), (8192, 1e5)])
+def test_many_rows_at_a_large_offset_in_float32(xp, rng, rows, offset):
+    """NumPy sums an (m, C) array row by row: plain float32 sums of 65536 values near 1e4 leave
+    the mean off by more than the spread (the variance came out 8x too large). The shifted
+    first pass and the corrected second keep it at float32 rounding."""
+    x32 = (offset + rng.normal(size=(rows, 2))).astype(np.float32)
+    true = x32.astype(np.float64)
+    stats = ref.batch_stats(xp.asarray(x32, "float32"), 1)
+    var, mean = (xp.to_numpy(v).astype(np.float64) for v in (stats.var, stats.mean))
+    assert np.max(np.abs(var / true.var(axis=0) - 1)) <= 1e-3
+    # The mean to within a float32 ulp at the offset (it is stored in float32).
+    assert np.max(np.abs(mean - true.mean(axis=0))) <= np.spacing(np.float32(offset))
+
+
+def test_a_channel_holding_inf_has_an_infinite_mean(xp):
+    x = np.arange(120, dtype=np.float64).reshape(40, 3)
+    x[0, 0], x[5, 1] = np.inf, -np.inf  # one leads its channel, one does not
+    with np.errstate(invalid="ignore"):
+        stats = ref.batch_stats(xp.asarray(x), 1)
+    mean = xp.to_numpy(stats.mean)
+    assert mean[0] == np.inf and mean[1] == -np.inf and mean[2] == x[:, 2].mean()
+
+
 def test_merge_stats_is_exact(xp, rng):
     x = rng.normal(size=(23, 3)) * 5 + 7
     parts = [x[:0], x[:5], x[5:6], x[6:]]  # uneven, one empty, one single

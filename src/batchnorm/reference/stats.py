@@ -6,6 +6,12 @@ Numerical choices (every backend follows them):
 * It is computed **two-pass and centred**: first the mean, then the mean of squared deviations.
   The one-pass ``E[x^2] - E[x]^2`` cancels catastrophically (x = 1e4 + N(0, 1) in float32 loses
   every digit of the variance), so it is never used.
+* The first pass sums ``x - K``, K a value of the channel, so its partial sums stay at the data's
+  spread rather than its offset: NumPy sums an (m, C) array row by row, and 65536 rows of
+  1e4 + N(0, 1) summed plainly in float32 leave the mean off by far more than the spread
+  (measured: the variance 8x too large). The second pass is the corrected two-pass of Chan,
+  Golub & LeVeque (1983): with e = x - mean, ``mean += mean(e)`` and
+  ``var = mean(e^2) - mean(e)^2``, which removes what rounding left in the first pass's mean.
 * Arithmetic is done in ``compute_dtype``: float64 for float64 input, float32 for everything
   narrower (float16/bfloat16 are upcast), so saved ``mean``/``invstd`` are float32 or better.
 * Partial statistics (per rank, per block) merge exactly with the parallel-variance formula of
@@ -46,10 +52,22 @@ def batch_stats(x: Array, axis: int = 1) -> BatchStats:
     xp = namespace(x)
     axes = reduce_axes(x.ndim, axis)
     xc = xp.astype(x, compute_dtype(x.dtype, xp))
-    mean = xp.mean(xc, axis=axes)
+    count = values_per_channel(tuple(x.shape), axis)
+    if count == 0:  # no values: NaN moments, as the plain mean of nothing
+        mean = xp.mean(xc, axis=axes)
+        return BatchStats(count, mean, xp.mean(xc * xc, axis=axes))
+    first = tuple(slice(None) if i == axis else 0 for i in range(x.ndim))
+    shift = xc[first]
+    # A channel led by an inf or NaN is shifted by 0, so that its mean stays the plain one.
+    shift = xp.where(xp.isfinite(shift), shift, xp.zeros_like(shift))
+    mean = shift + xp.mean(xc - per_channel(shift, x.ndim, axis, xp), axis=axes)
     centred = xc - per_channel(mean, x.ndim, axis, xp)
-    var = xp.mean(centred * centred, axis=axes)
-    return BatchStats(values_per_channel(tuple(x.shape), axis), mean, var)
+    residual = xp.mean(centred, axis=axes)
+    var = xp.mean(centred * centred, axis=axes) - residual * residual
+    var = xp.where(var < 0, xp.zeros_like(var), var)  # rounding, when every e is 0 or nearly
+    # An inf in the channel makes the residual NaN; its mean is then the inf itself.
+    mean = xp.where(xp.isfinite(residual), mean + residual, mean)
+    return BatchStats(count, mean, var)
 
 
 def merge_stats(counts: Array, means: Array, m2s: Array, xp: Any | None = None) -> BatchStats:
