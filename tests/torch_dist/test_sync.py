@@ -161,6 +161,22 @@ def test_channel_mismatch_is_reported(tmp_path):
         assert "{0: 3, 1: 4}" in message
 
 
+def test_eps_zero_is_refused_and_a_rank_outside_the_group_normalises_alone(tmp_path):
+    results, _, logs = launch(tmp_path, "edges", 2)
+    for r, log in zip(results, logs, strict=True):
+        assert str(r["eps_message"]).startswith("ValueError: eps must be finite and > 0"), log
+        assert bool(r["unchanged"])
+        # rank 0 is the group's only member and rank 1 is outside it: both run locally
+        assert float(r["gap"]) == 0.0 and float(r["running_gap"]) == 0.0
+
+
+def test_convert_sync_refuses_the_moment_switches_and_converts_nothing():
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(2), BatchNorm2d(2, through_mean=False))
+    with pytest.raises(ValueError, match=r"1 \(BatchNorm2d\) has through_mean=False"):
+        convert_sync(model)
+    assert type(model[0]) is torch.nn.BatchNorm2d and type(model[1]) is BatchNorm2d
+
+
 def test_world_of_one_is_the_local_module():
     """Without torch.distributed the module is our BatchNorm, with no communication."""
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from batchnorm.torch import SyncBatchNorm, convert_sync
+from batchnorm.torch import BatchNorm2d, SyncBatchNorm, convert_sync
 
 CHANNELS = 3
 
@@ -119,6 +119,29 @@ def run_mismatch(rank, world, opts, out):
     np.savez(out, message=np.array(message))
 
 
+def run_edges(rank, world, opts, out):
+    """eps = 0 refused on every rank; a rank outside process_group normalises alone."""
+    bn = SyncBatchNorm(CHANNELS, eps=0.0)
+    try:
+        bn(torch.randn(4, CHANNELS, 2, 2))
+        eps_message = "no error"
+    except Exception as exc:
+        eps_message = f"{type(exc).__name__}: {exc}"
+    group = dist.new_group([0])  # every rank must create it; only rank 0 is a member
+    torch.manual_seed(rank)
+    x = torch.randn(4, CHANNELS, 2, 2, dtype=torch.float64)
+    alone = SyncBatchNorm(CHANNELS, process_group=group).double()
+    local = BatchNorm2d(CHANNELS).double()
+    y, want = alone(x), local(x)
+    np.savez(
+        out,
+        eps_message=np.array(eps_message),
+        gap=np.array(float((y - want).abs().max())),
+        running_gap=np.array(float((alone.running_var - local.running_var).abs().max())),
+        unchanged=np.array(bool(torch.all(bn.running_var == 1))),
+    )
+
+
 def main(argv):
     mode, rank, world, init_file, out = argv[:5]
     opts = dict(a.split("=", 1) for a in argv[5:])
@@ -127,9 +150,9 @@ def main(argv):
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout
     )
-    {"bn": run_bn, "ddp": run_ddp, "die": run_die, "mismatch": run_mismatch}[mode](
-        rank, world, opts, out
-    )
+    modes = {"bn": run_bn, "ddp": run_ddp, "die": run_die, "mismatch": run_mismatch}
+    modes["edges"] = run_edges
+    modes[mode](rank, world, opts, out)
     if mode != "die":
         dist.barrier()
         dist.destroy_process_group()

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .. import reference as ref
-from .._xp import compute_dtype
+from .._xp import check_eps, compute_dtype
 from .function import AXIS, memory_format_of
 from .functional import write_running_stats
 from .modules import _BatchNorm, _check_backend_name
@@ -161,9 +161,13 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         rank, world = _world(self.process_group)
-        if not self.training or world == 1:
+        # world < 1: this rank is not in process_group; like torch.nn.SyncBatchNorm, it then
+        # normalises with its own batch.
+        if not self.training or world <= 1:
             return _BatchNorm.forward(self, input)
-        # Validate everything before any collective or buffer change.
+        # Validate everything before any collective or buffer change. (training=False below
+        # only because m > 1 is checked on the global count; eps must still be > 0.)
+        check_eps(self.eps)
         ref.check_input(
             input,
             AXIS,
@@ -218,6 +222,19 @@ def convert_sync(module: torch.nn.Module, process_group: Any = None) -> torch.nn
     Parameters, buffers, training mode, device and dtype are kept (the state is moved, not
     copied). Returns ``module`` itself, or the new layer when ``module`` is a batch norm.
     """
+    # Checked over the whole model first, so that a refusal leaves it unconverted.
+    for name, layer in module.named_modules():
+        if not (getattr(layer, "through_mean", True) and getattr(layer, "through_var", True)):
+            # Dropping the switches would silently change the gradient the layer trains with.
+            raise ValueError(
+                f"{name or 'the module'} ({type(layer).__name__}) has through_mean="
+                f"{layer.through_mean}, through_var={layer.through_var}; SyncBatchNorm "
+                "computes the full gradient only"
+            )
+    return _convert_sync(module, process_group)
+
+
+def _convert_sync(module: torch.nn.Module, process_group: Any) -> torch.nn.Module:
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
         module, SyncBatchNorm
     ):
@@ -243,5 +260,5 @@ def convert_sync(module: torch.nn.Module, process_group: Any = None) -> torch.nn
             sync.qconfig = module.qconfig
         return sync
     for name, child in module.named_children():
-        module.add_module(name, convert_sync(child, process_group))
+        module.add_module(name, _convert_sync(child, process_group))
     return module
