@@ -8,6 +8,7 @@ The validation helpers raise *before* anything is computed, so callers that muta
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import array_api_compat
@@ -37,8 +38,9 @@ def namespace(*arrays: Array) -> Any:
 
 def channel_axis(ndim: int, axis: int) -> int:
     """Normalise ``axis`` to a non-negative channel axis of an ``ndim``-dimensional input."""
-    if isinstance(axis, bool) or not isinstance(axis, int):
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):  # np.int64 is one
         raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")
+    axis = int(axis)
     if ndim < 2:
         raise ValueError(
             f"batch norm needs an input of rank >= 2 (batch and channel axes), got rank {ndim}"
@@ -91,6 +93,8 @@ def check_channel_vector(v: Array | None, channels: int, name: str) -> None:
 
 
 def check_eps(eps: float, *, allow_zero: bool = False) -> float:
+    if isinstance(eps, str | bytes | bool):  # float() would accept "1e-5"; arithmetic would not
+        raise TypeError(f"eps must be a real number, got {eps!r}")
     try:
         value = float(eps)
     except (TypeError, ValueError):

@@ -91,3 +91,35 @@ def test_bad_fold_input():
         ref.fold(np.zeros(3), np.ones(2))
     with pytest.raises(ValueError, match="eps"):
         ref.fold(np.zeros(3), np.ones(3), eps=0)
+
+
+def test_eps_as_a_numeric_string_is_refused_not_used(xp):
+    # float("1e-5") passes a float() check; the arithmetic after it would then fail or differ.
+    with pytest.raises(TypeError, match="eps must be a real number, got '1e-5'"):
+        ref.batch_norm_train(xp.asarray(np.ones((4, 3))), eps="1e-5")
+
+
+def test_jacobian_and_staged_backward_check_gamma_as_the_forward(xp):
+    x = xp.asarray(np.random.default_rng(0).normal(size=(4, 3, 2)))
+    for gamma in (np.ones(1), np.ones(2), np.ones((3, 1))):
+        g = xp.asarray(gamma)
+        with pytest.raises(ValueError, match=r"weight \(gamma\) must have shape \(3,\)"):
+            ref.jacobian(x, g)
+        with pytest.raises(ValueError, match=r"weight \(gamma\) must have shape \(3,\)"):
+            ref.staged_backward(x, x, g)
+    with pytest.raises(ValueError, match="at least 1 value per channel"):
+        ref.jacobian(xp.asarray(np.zeros((0, 3))))
+
+
+def test_inference_without_running_statistics_says_so(xp):
+    x = xp.asarray(np.ones((4, 3)))
+    with pytest.raises(ValueError, match="running_mean=None, running_var=None"):
+        ref.batch_norm_infer(x, None, None)
+    with pytest.raises(ValueError, match="running_var=None"):
+        ref.backward_infer(x, x, xp.asarray(np.zeros(3)), None)
+
+
+def test_numpy_integer_axis_is_an_int():
+    x = np.random.default_rng(1).normal(size=(4, 3, 2))
+    y, _ = ref.batch_norm_train(x, axis=np.int64(-1))
+    np.testing.assert_array_equal(y, ref.batch_norm_train(x, axis=-1)[0])

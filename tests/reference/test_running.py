@@ -116,3 +116,55 @@ def test_non_finite_guard_applies_without_warning(rng):
         )
     assert new.running_mean[0] == 0.0 and new.running_var[0] == 1.0
     assert np.isfinite(new.running_mean[1]) and new.running_mean[1] != 0.0
+
+
+def test_chainer_at_one_value_per_channel_stores_the_batch_variance():
+    """Chainer's unbiased factor is m / max(m - 1, 1): 1 at m = 1, where PyTorch's is undefined."""
+    chainer = ref.CONVENTIONS["chainer"]
+    out = ref.update_running_stats(
+        np.zeros(2), np.ones(2), 0, np.array([1.0, 2.0]), np.array([4.0, 4.0]), 1,
+        momentum=chainer["momentum"], convention="keras", variance="unbiased",
+    )  # fmt: skip
+    np.testing.assert_allclose(out.running_var, 0.9 * 1.0 + 0.1 * 4.0)
+    with pytest.raises(ValueError, match="needs count >= 2, got 1"):
+        ref.update_running_stats(np.zeros(2), np.ones(2), 0, np.zeros(2), np.ones(2), 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"running_mean": np.zeros(2, dtype=np.int64)}, TypeError, "running_mean must have a"),
+        ({"running_var": np.ones(2, dtype=np.int32)}, TypeError, "running_var must have a"),
+        ({"count": 0, "variance": "biased"}, ValueError, "count must be at least 1"),
+        ({"num_batches_tracked": -1, "momentum": None}, ValueError, "num_batches_tracked"),
+    ],
+)
+def test_running_buffers_and_counts_are_checked(kwargs, error, match):
+    args = dict(
+        running_mean=np.zeros(2), running_var=np.ones(2), num_batches_tracked=0,
+        batch_mean=np.array([1.7, 1.7]), batch_var=np.array([5.0, 5.0]), count=4,
+    )  # fmt: skip
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        ref.update_running_stats(**args)
+
+
+def test_an_update_that_overflows_is_not_written():
+    # A finite float32 batch variance whose unbiased estimate overflows (3.3e38 * 2).
+    with pytest.warns(RuntimeWarning, match=r"not finite for channel\(s\) \[0\]"):
+        with np.errstate(over="ignore"):
+            out = ref.update_running_stats(
+                np.zeros(2, np.float32), np.ones(2, np.float32), 0,
+                np.ones(2, np.float32), np.array([3.3e38, 1.0], np.float32), 2,
+            )  # fmt: skip
+    assert out.running_var[0] == 1.0 and np.isfinite(out.running_var).all()
+
+
+def test_numpy_float32_momentum_is_a_number():
+    a = ref.update_running_stats(
+        np.zeros(2), np.ones(2), 0, np.zeros(2), np.ones(2), 4, momentum=np.float32(0.25)
+    )
+    b = ref.update_running_stats(
+        np.zeros(2), np.ones(2), 0, np.zeros(2), np.ones(2), 4, momentum=0.25
+    )
+    np.testing.assert_allclose(a.running_var, b.running_var)

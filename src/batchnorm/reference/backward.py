@@ -144,6 +144,7 @@ def backward_infer(
         gamma=gamma,
         running_mean=running_mean,
         running_var=running_var,
+        need_running=True,
     )
     check_grad_output(dy, x)
     cdt = compute_dtype(x.dtype, xp)

@@ -62,8 +62,18 @@ def check_input(
     beta: Array | None = None,
     running_mean: Array | None = None,
     running_var: Array | None = None,
+    need_running: bool = False,
 ) -> tuple[Any, int]:
-    """Validate every argument of a forward; returns ``(xp, axis)``. Raises before any work."""
+    """Validate every argument of a forward; returns ``(xp, axis)``. Raises before any work.
+
+    Inference (``training=False`` with no batch statistics to fall back on) is the callers'
+    business: ``batch_norm_infer`` and ``backward_infer`` pass ``need_running=True``."""
+    if need_running and (running_mean is None or running_var is None):
+        raise ValueError(
+            "inference normalises with running_mean and running_var; got "
+            f"running_mean={'None' if running_mean is None else 'an array'}, "
+            f"running_var={'None' if running_var is None else 'an array'}"
+        )
     xp = namespace(x)
     check_floating(x, xp)
     axis = channel_axis(x.ndim, axis)
@@ -155,6 +165,7 @@ def batch_norm_infer(
         beta=beta,
         running_mean=running_mean,
         running_var=running_var,
+        need_running=True,
     )
     cdt = compute_dtype(x.dtype, xp)
     mean = xp.astype(running_mean, cdt)

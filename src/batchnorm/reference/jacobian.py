@@ -13,7 +13,16 @@ from __future__ import annotations
 
 import array_api_compat
 
-from .._xp import Array, channel_axis, check_eps, check_floating, namespace, to_channel_rows
+from .._xp import (
+    Array,
+    channel_axis,
+    check_channel_vector,
+    check_eps,
+    check_floating,
+    namespace,
+    to_channel_rows,
+    values_per_channel,
+)
 from .stats import batch_stats, inverse_std
 
 __all__ = ["jacobian"]
@@ -25,6 +34,11 @@ def jacobian(x: Array, gamma: Array | None = None, *, axis: int = 1, eps: float 
     check_floating(x, xp)
     axis = channel_axis(x.ndim, axis)
     eps = check_eps(eps, allow_zero=True)
+    check_channel_vector(gamma, x.shape[axis], "weight (gamma)")
+    if gamma is not None:
+        check_floating(gamma, xp, "weight (gamma)")
+    if values_per_channel(tuple(x.shape), axis) == 0:
+        raise ValueError(f"the Jacobian needs at least 1 value per channel, got shape {x.shape}")
     stats = batch_stats(x, axis)
     m = stats.count
     invstd = inverse_std(stats.var, eps)

@@ -18,10 +18,11 @@ host read of a flag, which matters on a GPU). This is a pure function; modules m
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Any, Literal, NamedTuple
 
-from .._xp import Array, check_channel_vector, namespace
+from .._xp import Array, check_channel_vector, check_floating, namespace
 
 __all__ = ["RunningStats", "update_running_stats", "check_momentum", "CONVENTIONS"]
 
@@ -50,7 +51,7 @@ def check_momentum(momentum: float | None, convention: str, variance: str) -> No
         raise ValueError(f"variance must be 'unbiased' or 'biased', got {variance!r}")
     if momentum is None:
         return
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):  # np.float32 too
         raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
     if not (math.isfinite(momentum) and 0.0 <= momentum <= 1.0):
         raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
@@ -83,8 +84,14 @@ def update_running_stats(
         (batch_var, "batch var"),
     ):
         check_channel_vector(v, channels, name)
-    if variance == "unbiased" and count < 2:
+        check_floating(v, xp, name)  # an integer buffer would truncate the statistics
+    chainer_one = convention == "keras" and count == 1  # Chainer: m / max(m - 1, 1)
+    if variance == "unbiased" and count < 2 and not chainer_one:
         raise ValueError(f"the unbiased running variance needs count >= 2, got {count}")
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    if momentum is None and int(num_batches_tracked) < 0:
+        raise ValueError(f"num_batches_tracked must be >= 0, got {num_batches_tracked}")
 
     tracked = int(num_batches_tracked) + 1
     if momentum is None:
@@ -94,20 +101,25 @@ def update_running_stats(
     else:
         weight_new = 1.0 - float(momentum)
 
-    var_estimate = batch_var * (count / (count - 1)) if variance == "unbiased" else batch_var
+    unbiased = count / max(count - 1, 1)
+    var_estimate = batch_var * unbiased if variance == "unbiased" else batch_var
     mean_cast = xp.astype(batch_mean, running_mean.dtype)
     var_cast = xp.astype(var_estimate, running_var.dtype)
     new_mean = (1.0 - weight_new) * running_mean + weight_new * mean_cast
     new_var = (1.0 - weight_new) * running_var + weight_new * var_cast
 
-    finite = xp.isfinite(batch_mean) & xp.isfinite(batch_var)
+    # The new values too: a finite batch variance can still overflow the update (3e38 * m/(m-1)).
+    finite = (
+        xp.isfinite(batch_mean) & xp.isfinite(batch_var) & xp.isfinite(new_mean)
+        & xp.isfinite(new_var)
+    )  # fmt: skip
     # Applied unconditionally: choosing on the host whether to apply it would stall a GPU.
     new_mean = xp.where(finite, new_mean, running_mean)
     new_var = xp.where(finite, new_var, running_var)
     if warn and not bool(xp.all(finite)):  # the warning alone reads one flag on the host
         bad = [i for i in range(channels) if not bool(finite[i])]
         warnings.warn(
-            f"batch statistics are not finite for channel(s) {bad[:10]}"
+            f"batch statistics (or their update) are not finite for channel(s) {bad[:10]}"
             f"{' ...' if len(bad) > 10 else ''}; their running statistics were left unchanged",
             RuntimeWarning,
             stacklevel=2,

@@ -19,7 +19,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._xp import Array, channel_axis, check_eps, check_floating, namespace, per_channel
+from .._xp import (
+    Array,
+    channel_axis,
+    check_channel_vector,
+    check_eps,
+    check_floating,
+    namespace,
+    per_channel,
+)
 from .._xp import reduce_axes as _reduce_axes
 from .backward import check_grad_output
 from .stats import batch_stats, inverse_std
@@ -59,6 +67,9 @@ def staged_backward(
     axis = channel_axis(x.ndim, axis)
     eps = check_eps(eps, allow_zero=True)
     check_grad_output(dy, x)
+    check_channel_vector(gamma, x.shape[axis], "weight (gamma)")
+    if gamma is not None:
+        check_floating(gamma, xp, "weight (gamma)")
     nd, axes = x.ndim, _reduce_axes(x.ndim, axis)
 
     def bc(v: Array) -> Array:
