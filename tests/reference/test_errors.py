@@ -90,7 +90,14 @@ def test_bad_fold_input():
     with pytest.raises(ValueError, match=r"running_var must have shape \(3,\)"):
         ref.fold(np.zeros(3), np.ones(2))
     with pytest.raises(ValueError, match="eps"):
-        ref.fold(np.zeros(3), np.ones(3), eps=0)
+        ref.fold(np.zeros(3), np.ones(3), eps=-1e-5)
+    with pytest.raises(ValueError, match=r"running_mean must be a vector \(C,\), got shape \(\)"):
+        ref.fold(np.float64(0.0), np.ones(3))
+    with pytest.raises(TypeError, match="running_var must have a floating-point dtype"):
+        ref.fold(np.zeros(3), np.ones(3, dtype=np.int64))
+    # eps = 0 is an inference batch_norm_infer accepts, so fold reproduces it too
+    scale, shift = ref.fold(np.zeros(3), np.full(3, 4.0), eps=0)
+    np.testing.assert_array_equal(scale, np.full(3, 0.5))
 
 
 def test_eps_as_a_numeric_string_is_refused_not_used(xp):

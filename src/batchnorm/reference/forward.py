@@ -187,11 +187,21 @@ def fold(
     batch norm into the preceding convolution at inference.
     """
     xp = namespace(running_mean, running_var, gamma, beta)
-    check_eps(eps)
-    channels = running_mean.shape[0] if running_mean.ndim == 1 else -1
-    check_channel_vector(running_mean, channels, "running_mean")
-    for v, name in ((running_var, "running_var"), (gamma, "weight (gamma)"), (beta, "bias (beta)")):
+    check_eps(eps, allow_zero=True)  # as batch_norm_infer, which fold reproduces
+    if running_mean.ndim != 1:
+        raise ValueError(
+            f"running_mean must be a vector (C,), got shape {tuple(running_mean.shape)}"
+        )
+    channels = running_mean.shape[0]
+    for v, name in (
+        (running_mean, "running_mean"),
+        (running_var, "running_var"),
+        (gamma, "weight (gamma)"),
+        (beta, "bias (beta)"),
+    ):
         check_channel_vector(v, channels, name)
+        if v is not None:
+            check_floating(v, xp, name)
     scale = inverse_std(running_var, eps)
     if gamma is not None:
         scale = xp.astype(gamma, scale.dtype) * scale
