@@ -143,6 +143,15 @@ def test_a_channel_holding_inf_has_an_infinite_mean(xp):
     assert mean[0] == np.inf and mean[1] == -np.inf and mean[2] == x[:, 2].mean()
 
 
+def test_finite_data_near_the_float_max_keeps_a_finite_mean(xp):
+    # x - K overflows here (-3e38 - 3e38) where the plain mean does not: the plain one is kept.
+    x = np.array([[3e38, 1.0], [-3e38, 2.0]], np.float32)
+    with np.errstate(all="ignore"):
+        stats = ref.batch_stats(xp.asarray(x, "float32"), 1)
+    mean = xp.to_numpy(stats.mean)
+    assert mean[0] == 0.0 and mean[1] == 1.5
+
+
 def test_merge_stats_is_exact(xp, rng):
     x = rng.normal(size=(23, 3)) * 5 + 7
     parts = [x[:0], x[:5], x[5:6], x[6:]]  # uneven, one empty, one single

@@ -77,9 +77,9 @@ class BatchNormFunction(torch.autograd.Function):
     it before any state changes).
 
     Written with ``setup_context`` (forward without ``ctx``), so that ``torch.func.grad``,
-    ``vjp`` and ``jacrev`` can use it, and with a ``jvp`` for forward-mode AD (``jacfwd``,
-    ``torch.autograd.forward_ad``). ``torch.func.vmap`` is not supported: the backends run
-    whole tensors, not per-sample slices.
+    ``vjp`` and ``jacrev`` can use it, and with a ``jvp`` for forward-mode AD
+    (``torch.func.jvp``, ``torch.autograd.forward_ad``). ``torch.func.vmap`` (and so
+    ``jacfwd``) is not supported: the backends run whole tensors, not per-sample slices.
     """
 
     @staticmethod
