@@ -83,6 +83,7 @@ def compute_dtype(dtype: Any, xp: Any) -> Any:
 
 
 def check_channel_vector(v: Array | None, channels: int, name: str) -> None:
+    """``v`` is None or a real floating vector of ``channels`` values."""
     if v is None:
         return
     if tuple(v.shape) != (channels,):
@@ -90,6 +91,7 @@ def check_channel_vector(v: Array | None, channels: int, name: str) -> None:
             f"{name} must have shape ({channels},) to match the {channels} channels of the "
             f"input, got shape {tuple(v.shape)}"
         )
+    check_floating(v, namespace(v), name)
 
 
 def check_eps(eps: float, *, allow_zero: bool = False) -> float:

@@ -88,8 +88,6 @@ def check_input(
         (running_var, "running_var"),
     ):
         check_channel_vector(v, channels, name)
-        if v is not None:
-            check_floating(v, xp, name)
     if training:
         m = values_per_channel(tuple(x.shape), axis)
         if m < 2:
@@ -200,8 +198,6 @@ def fold(
         (beta, "bias (beta)"),
     ):
         check_channel_vector(v, channels, name)
-        if v is not None:
-            check_floating(v, xp, name)
     scale = inverse_std(running_var, eps)
     if gamma is not None:
         scale = xp.astype(gamma, scale.dtype) * scale

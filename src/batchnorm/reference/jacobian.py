@@ -35,8 +35,6 @@ def jacobian(x: Array, gamma: Array | None = None, *, axis: int = 1, eps: float 
     axis = channel_axis(x.ndim, axis)
     eps = check_eps(eps, allow_zero=True)
     check_channel_vector(gamma, x.shape[axis], "weight (gamma)")
-    if gamma is not None:
-        check_floating(gamma, xp, "weight (gamma)")
     if values_per_channel(tuple(x.shape), axis) == 0:
         raise ValueError(f"the Jacobian needs at least 1 value per channel, got shape {x.shape}")
     stats = batch_stats(x, axis)

@@ -22,7 +22,7 @@ import numbers
 import warnings
 from typing import Any, Literal, NamedTuple
 
-from .._xp import Array, check_channel_vector, check_floating, namespace
+from .._xp import Array, check_channel_vector, namespace
 
 __all__ = ["RunningStats", "update_running_stats", "check_momentum", "CONVENTIONS"]
 
@@ -83,8 +83,7 @@ def update_running_stats(
         (batch_mean, "batch mean"),
         (batch_var, "batch var"),
     ):
-        check_channel_vector(v, channels, name)
-        check_floating(v, xp, name)  # an integer buffer would truncate the statistics
+        check_channel_vector(v, channels, name)  # floating too: an integer buffer truncates
     chainer_one = convention == "keras" and count == 1  # Chainer: m / max(m - 1, 1)
     if variance == "unbiased" and count < 2 and not chainer_one:
         raise ValueError(f"the unbiased running variance needs count >= 2, got {count}")

@@ -68,8 +68,6 @@ def staged_backward(
     eps = check_eps(eps, allow_zero=True)
     check_grad_output(dy, x)
     check_channel_vector(gamma, x.shape[axis], "weight (gamma)")
-    if gamma is not None:
-        check_floating(gamma, xp, "weight (gamma)")
     nd, axes = x.ndim, _reduce_axes(x.ndim, axis)
 
     def bc(v: Array) -> Array:
