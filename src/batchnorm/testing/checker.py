@@ -334,7 +334,7 @@ def _run_steps(
         fwd = out.quantity("forward(train)")
         tol = fwd.tol
 
-        def diagnose_forward(y=y, x=x, y_ref=y_ref, implied=implied, tol=tol):
+        def diagnose_forward(y=y, x=x, y_ref=y_ref, tol=tol):
             key = first_fit(y, forward_candidates(x, gamma, beta, ax, eps), tol)
             if key is not None:
                 return _named(key)
