@@ -17,6 +17,7 @@ if not torch.cuda.is_available():  # must precede the first import of triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import math  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -370,6 +371,142 @@ def test_empty_batch():
     assert dx.shape == x.shape and (dweight == 0).all() and (dbias == 0).all()
     y, _, _, _, _ = tg.forward_train(torch.empty(4, 0, device=DEVICE), None, None, EPS, 1)
     assert y.shape == (4, 0)
+
+
+@pytest.mark.parametrize(
+    "shape, layout",
+    [((4096, 2), _contiguous), ((64, 2, 8, 8), _channels_last), ((8, 2, 16, 32), _contiguous)],
+    ids=["nc", "channels_last", "nchw"],
+)
+def test_large_mean_with_default_tiles(shape, layout):
+    """x = 1e4 + N(0, 1) with the default 2048-value tiles: a plain float32 tile sum is off by
+    several ulps of 1e4, which spoils the mean and, through the merge, the variance. The tiles
+    are shifted, so both stay as close as the float32 reference's."""
+    g = torch.Generator().manual_seed(12)
+    x = layout((1e4 + torch.randn(shape, generator=g)).to(DEVICE))
+    _, mean, var, _, _ = tg.forward_train(x, None, None, EPS, 1)
+    saved = ref.batch_norm_train(*_f64(x), axis=1, eps=EPS)[1]
+    _close(mean, saved.mean, rtol=1e-7, atol=0)
+    _close(var, saved.var, rtol=1e-5, atol=0)
+
+
+# The interpreter evaluates with NumPy, which warns about the inf and NaN it computes.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("tiles", [None, SMALL_TILES], ids=["default", "small_tiles"])
+def test_extreme_values_as_the_reference(tiles):
+    """A constant channel near the float32 maximum has mean 3e38 and variance 0 (no overflow in
+    the sums or the merge); a channel holding inf has mean inf, one holding both infinities or a
+    NaN has mean NaN; the ordinary channel beside them is unaffected."""
+    x = torch.randn(40, 5, 3, generator=torch.Generator().manual_seed(3))
+    x[:, 0] = 3e38
+    x[:, 1] = -3e38
+    x[7, 2, 1] = math.inf
+    x[3, 3, 0], x[9, 3, 2] = math.inf, -math.inf
+    x[5, 4, 1] = math.nan
+    with tg.tuning(**(tiles or {})):
+        y, mean, var, _, _ = tg.forward_train(x.to(DEVICE), None, None, EPS, 1)
+        ordinary = tg.forward_train(x[:, :1].normal_().to(DEVICE), None, None, EPS, 1)[1]
+    assert mean[0].item() == pytest.approx(3e38) and mean[1].item() == pytest.approx(-3e38)
+    assert var[0].item() == 0.0 and var[1].item() == 0.0
+    assert (y[:, :2] == 0).all()
+    assert mean[2].item() == math.inf
+    assert math.isnan(mean[3].item()) and math.isnan(mean[4].item())
+    expected = ref.batch_stats(x[:, :1].double().numpy(), axis=1)
+    _close(ordinary, torch.from_numpy(expected.mean), **STATS_TOL)
+
+
+def test_channel_vectors_of_any_strides():
+    """The kernels read per-channel vectors as ``ptr + c``: sliced or expanded weight, bias,
+    running statistics, mean and invstd must give what their dense copies give."""
+    x, axis = _input("nchw", torch.float32)
+    c = x.shape[axis]
+    base = torch.linspace(0.5, 1.5, 2 * c)
+    dense_w, dense_b = base[::2].clone(), (base[1::2] - 1).clone()
+    sliced_w, sliced_b = base[::2], base[1::2] - 1
+    sliced_b = (torch.stack([sliced_b, sliced_b], 1).reshape(-1))[::2]
+    assert not sliced_w.is_contiguous() and not sliced_b.is_contiguous()
+    expanded = torch.tensor([1.25]).expand(c)
+    y, mean, _, invstd, _ = tg.forward_train(x, dense_w, dense_b, EPS, axis)
+    assert torch.equal(tg.forward_train(x, sliced_w, sliced_b, EPS, axis)[0], y)
+    assert torch.equal(
+        tg.forward_train(x, expanded, None, EPS, axis)[0],
+        tg.forward_train(x, expanded.contiguous(), None, EPS, axis)[0],
+    )
+    rm = torch.stack([mean, mean], 1).reshape(-1)[::2]
+    rv = torch.stack([1 / invstd**2, 1 / invstd**2], 1).reshape(-1)[::2]
+    assert torch.equal(
+        tg.forward_infer(x, rm, rv, sliced_w, sliced_b, 0.0, axis)[0],
+        tg.forward_infer(x, rm.contiguous(), rv.contiguous(), dense_w, dense_b, 0.0, axis)[0],
+    )
+    dy = _like(x, 4)
+    strided = lambda v: torch.stack([v, v], 1).reshape(-1)[::2]  # noqa: E731
+    dense = tg.backward_train(dy, x, mean, invstd, dense_w, axis)
+    other = tg.backward_train(dy, x, strided(mean), strided(invstd), sliced_w, axis)
+    for a, b in zip(dense[:3], other[:3], strict=True):
+        assert torch.equal(a, b)
+    dx = tg.backward_elemt(
+        dy, x, strided(mean), strided(invstd), sliced_w, strided(dense[2]), strided(dense[1]),
+        x.numel() // c, axis,
+    )[0]  # fmt: skip
+    assert torch.equal(dx, dense[0])
+    # And through the torch layer: the result of the reference backend.
+    import batchnorm.torch as bt
+
+    for w, b in [(sliced_w, sliced_b), (expanded, expanded)]:
+        _close(
+            bt.batch_norm(x, None, None, w, b, True, backend="triton"),
+            bt.batch_norm(x, None, None, w, b, True, backend="reference"),
+            **TOL[torch.float32],
+        )
+
+
+def test_negative_axis_is_the_last():
+    x = _input("axis_last", torch.float32)[0]
+    weight, bias = _params(x.shape[-1])
+    for last in (-1, x.ndim - 1):
+        assert torch.equal(
+            tg.forward_train(x, weight, bias, EPS, last)[0],
+            tg.forward_train(x, weight, bias, EPS, x.ndim - 1)[0],
+        )
+    assert tg.batch_stats(x, -1)[0] == x.numel() // x.shape[-1]
+
+
+def test_launchers_check_shapes_before_running():
+    """The plain launchers are public too: a wrong-sized dy, vector or mask would be read past
+    its end (or broadcast by ``copy_``), so each is refused with its name and shapes."""
+    x, axis = _input("nchw", torch.float32)
+    c = x.shape[axis]
+    _, mean, _, invstd, mask = tg.forward_train(x, None, None, EPS, axis, relu=True)
+    dy = _like(x, 2)
+    bad = {
+        "dy has shape (5, 3, 7, 1)": lambda: tg.backward_reduce(dy[..., :1], x, mean, invstd, 1),
+        "dy has shape (2, 3, 7, 6)": lambda: tg.backward_train(dy[:2], x, mean, invstd, None, 1),
+        "running_mean must have shape (3,)": lambda: tg.forward_infer(
+            x, torch.zeros(c - 1), torch.ones(c), None, None, EPS, axis
+        ),
+        "running_var must have shape (3,)": lambda: tg.forward_infer(
+            x, torch.zeros(c), torch.ones(c, 1), None, None, EPS, axis
+        ),
+        "weight must have shape (3,)": lambda: tg.forward_train(
+            x, torch.ones(c + 1), None, EPS, axis
+        ),
+        "bias must be a floating-point": lambda: tg.elemt(
+            x, mean, invstd, None, torch.zeros(c, dtype=torch.int64), axis
+        ),
+        "invstd must have shape (3,)": lambda: tg.backward_reduce(dy, x, mean, invstd[:2], 1),
+        "sum_dy must have shape (3,)": lambda: tg.backward_elemt(
+            dy, x, mean, invstd, None, torch.zeros(2), torch.zeros(c), 10, axis
+        ),
+        "mask must be the packed uint8": lambda: tg.backward_train(
+            dy, x, mean, invstd, None, axis, mask=mask[:-1]
+        ),
+        "residual has shape": lambda: tg.forward_train(x, None, None, EPS, axis, residual=x[:1]),
+        "axis 4 is out of range": lambda: tg.forward_train(x, None, None, EPS, 4),
+        "axis -5 is out of range": lambda: tg.batch_stats(x, -5),
+    }
+    for message, call in bad.items():
+        with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+            call()
 
 
 # ----------------------------------------------------------------------------- determinism

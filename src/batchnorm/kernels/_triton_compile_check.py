@@ -82,9 +82,15 @@ def variants() -> list[tuple[str, dict, dict, dict]]:
                 )
             )
     stats = ("part_count_ptr", "part_mean_ptr", "part_m2_ptr", "mean_ptr", "var_ptr", "invstd_ptr")
-    out.append(
-        ("_stats_combine_kernel", _pointers("fp32", *stats), {"BLOCK_C": 256}, {"eps": "fp32"})
-    )
+    for index_64 in (False, True):
+        out.append(
+            (
+                "_stats_combine_kernel",
+                _pointers("fp32", *stats) | _pointers("bf16", "x_ptr"),
+                {"BLOCK_C": 256, "INDEX_64": index_64},
+                {"eps": "fp32"},
+            )
+        )
     sums = ("part_sum_dy_ptr", "part_sum_dy_xc_ptr", "invstd_ptr", "sum_dy_ptr", "sum_dy_xhat_ptr")
     out.append(("_backward_combine_kernel", _pointers("fp32", *sums), {"BLOCK_C": 256}, {}))
     return out

@@ -125,13 +125,27 @@ def _load_relu_mask(
 
 # ----------------------------------------------------------------------------- forward: stats
 
-# Per split, for each tile (n_t values, all in registers) the two-pass centred moments
-#     mean_t = sum(x) / n_t,      M2_t = sum((x - mean_t)^2)
+# Every value is first shifted by K, the channel's first value (x[0, c, 0] in the (outer, C,
+# inner) view; 0 if it is not finite), as ``reference.stats`` shifts its first pass: the means
+# merged below are then of x - K, a few standard deviations at most, so float32 keeps their
+# digits where a mean near 1e4 would be off by ulps of 1e4 (~1e-3). Per split, for each tile
+# (n_t values, all in registers) the corrected two-pass moments of d = x - K
+#     mean_t = sum(d) / n_t,   e = d - mean_t,   M2_t = sum(e^2) - sum(e)^2 / n_t
 # merged into the split's running (count, mean, M2) with the exact parallel formula of Chan,
-# Golub & LeVeque (1979), the policy of ``reference.stats``:
+# Golub & LeVeque (1979):
 #     delta = mean_t - mean,  count' = count + n_t,
 #     mean' = mean + delta * n_t / count',  M2' = M2 + M2_t + delta^2 * count * n_t / count'.
-# E[x^2] - E[x]^2 is never formed, so a large mean does not cancel the variance away.
+# E[x^2] - E[x]^2 is never formed, so a large mean does not cancel the variance away. The
+# combine adds K back. A channel holding inf keeps mean inf (both infinities, or a NaN: NaN),
+# as the reference's plain sum gives it.
+
+
+@triton.jit
+def _channel_shift(x_ptr, c, channels, inner, INDEX_64: tl.constexpr):
+    """K per channel lane: the channel's first value in memory order (0 if not finite)."""
+    first = (c.to(tl.int64) if INDEX_64 else c) * inner
+    k = tl.load(x_ptr + first, mask=c < channels, other=0.0).to(tl.float32)
+    return tl.where(k - k == 0.0, k, 0.0)
 
 
 @triton.jit
@@ -139,8 +153,13 @@ def _chan_merge(count, mean, m2, n_b, mean_b, m2_b):
     """``(count, mean, M2)`` of the union of two parts, from each part's (Chan et al.)."""
     total = count + n_b
     delta = mean_b - mean
-    mean += delta * (n_b / total)
-    m2 += m2_b + delta * delta * (count * n_b / total)
+    # With an inf on either side the weighted form gives inf - inf; the sum is what a plain
+    # mean gives (inf, or NaN for both infinities or a NaN).
+    finite = (mean - mean == 0.0) & (mean_b - mean_b == 0.0)
+    mean = tl.where(finite, mean + delta * (n_b / total), mean + mean_b)
+    # delta * (delta * w), not delta * delta * w: for the first part w = 0, and a delta near
+    # the float32 maximum would otherwise make inf * 0 = NaN.
+    m2 += m2_b + delta * (delta * (count * n_b / total))
     return total, mean, m2
 
 
@@ -166,6 +185,7 @@ def _stats_partial_kernel(
     count = 0.0
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    shift = _channel_shift(x_ptr, c, channels, inner, INDEX_64)
     t_start = split * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, tiles)
     for t in range(t_start, t_end):
@@ -177,9 +197,11 @@ def _stats_partial_kernel(
         rows = tl.minimum(outer - (t // tiles_i) * BLOCK_O, BLOCK_O)
         cols = tl.minimum(inner - (t % tiles_i) * BLOCK_I, BLOCK_I)
         n_t = (rows * cols).to(tl.float32)
-        mean_t = tl.sum(tl.sum(x, axis=2), axis=0) / n_t
-        centred = tl.where(valid, x - mean_t[None, :, None], 0.0)
-        m2_t = tl.sum(tl.sum(centred * centred, axis=2), axis=0)
+        d = tl.where(valid, x - shift[None, :, None], 0.0)
+        mean_t = tl.sum(tl.sum(d, axis=2), axis=0) / n_t
+        e = tl.where(valid, d - mean_t[None, :, None], 0.0)
+        s1 = tl.sum(tl.sum(e, axis=2), axis=0)
+        m2_t = tl.sum(tl.sum(e * e, axis=2), axis=0) - s1 * (s1 / n_t)
         count, mean, m2 = _chan_merge(count, mean, m2, n_t, mean_t, m2_t)
     out = split * channels + c
     keep = c < channels
@@ -193,6 +215,8 @@ def _stats_combine_kernel(
     part_count_ptr,
     part_mean_ptr,
     part_m2_ptr,
+    x_ptr,
+    inner,
     mean_ptr,
     var_ptr,
     invstd_ptr,
@@ -200,8 +224,10 @@ def _stats_combine_kernel(
     splits,
     eps,
     BLOCK_C: tl.constexpr,
+    INDEX_64: tl.constexpr,
 ):
-    """Chan's merge of the splits' partials in split order; then var (biased) and invstd."""
+    """Chan's merge of the splits' partials in split order, K added back; then var (biased)
+    and invstd."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     keep = c < channels
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -213,6 +239,7 @@ def _stats_combine_kernel(
         m2_s = tl.load(part_m2_ptr + s * channels + c, mask=keep, other=0.0)
         count, mean, m2 = _chan_merge(count, mean, m2, n_s, mean_s, m2_s)
     var = m2 / count
+    mean += _channel_shift(x_ptr, c, channels, inner, INDEX_64)
     tl.store(mean_ptr + c, mean, mask=keep)
     tl.store(var_ptr + c, var, mask=keep)
     tl.store(invstd_ptr + c, 1.0 / tl.sqrt_rn(var + eps), mask=keep)

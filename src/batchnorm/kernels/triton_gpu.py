@@ -260,6 +260,9 @@ class _View:
 
 
 def _view(x: torch.Tensor, axis: int) -> _View:
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for an input of shape {tuple(x.shape)}")
+    axis %= x.ndim  # the slicing below counts from the front
     channels = x.shape[axis]
     if not x.is_contiguous():
         if not x.movedim(axis, -1).is_contiguous():
@@ -272,14 +275,43 @@ def _view(x: torch.Tensor, axis: int) -> _View:
     return _View(x, _plan_for(outer, channels, inner, x.device))
 
 
+def _channel_vector(v: torch.Tensor, view: _View, name: str) -> torch.Tensor:
+    """A per-channel vector as the kernels read it: ``ptr + c``, so dense (a slice or an
+    expanded vector would be read at the wrong addresses or past its end)."""
+    channels = view.plan.channels
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name} must be a torch tensor, got {type(v).__name__}")
+    if v.shape != (channels,):
+        raise ValueError(
+            f"{name} must have shape ({channels},) for {channels} channels, got {tuple(v.shape)}"
+        )
+    if not v.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
+    if v.device != view.x.device:
+        raise ValueError(f"{name} is on {v.device} but the input is on {view.x.device}")
+    return v.contiguous()
+
+
+def _optional_vector(v: torch.Tensor | None, view: _View, name: str) -> torch.Tensor | None:
+    return None if v is None else _channel_vector(v, view, name)
+
+
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(
         sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True) if size > 1
     )
 
 
-def _in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _in_layout_of(t: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
     """``t`` with the memory layout of the dense tensor ``like`` (copied only if it differs)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch tensor, got {type(t).__name__}")
+    if t.shape != like.shape:  # copy_ would broadcast, and the kernels would read past t
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)} but the input has shape {tuple(like.shape)}"
+        )
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")
     if _same_layout(t, like):
         return t
     out = torch.empty_like(like, dtype=t.dtype)
@@ -320,12 +352,15 @@ def _partials(view: _View, n: int) -> list[torch.Tensor]:
     return [torch.empty(shape, dtype=torch.float32, device=view.x.device) for _ in range(n)]
 
 
-def _launch_combine(kernel: Any, plan: Plan, *args: Any, after: tuple[Any, ...] = ()) -> None:
+def _launch_combine(
+    kernel: Any, plan: Plan, *args: Any, after: tuple[Any, ...] = (), **constants: Any
+) -> None:
     """``kernel(*args, channels, splits, *after)``, one program per block of channels: the merge
-    of the reduction programs' partials."""
+    of the reduction programs' partials. ``index_64=...`` passes the constant ``INDEX_64``."""
     block_c = _channel_block(plan.channels)
+    extra = {name.upper(): value for name, value in constants.items()}
     kernel[(_cdiv(plan.channels, block_c),)](
-        *args, plan.channels, plan.splits, *after, BLOCK_C=block_c
+        *args, plan.channels, plan.splits, *after, BLOCK_C=block_c, **extra
     )
 
 
@@ -341,6 +376,21 @@ def _blocks(plan: Plan) -> dict[str, Any]:
 
 def _empty_mask(view: _View) -> torch.Tensor:
     return torch.empty(view.plan.mask_bytes, dtype=torch.uint8, device=view.x.device)
+
+
+def _check_mask(mask: torch.Tensor | None, view: _View) -> None:
+    """The packed ReLU mask must be the one the fused forward wrote for this input's plan."""
+    if mask is None:
+        return
+    want = view.plan.mask_bytes
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.uint8 or mask.shape != (want,):
+        got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, torch.Tensor) else mask
+        raise ValueError(
+            f"mask must be the packed uint8 ReLU mask of the fused forward for this input "
+            f"(shape ({want},)), got {got}"
+        )
+    if mask.device != view.x.device or not mask.is_contiguous():
+        raise ValueError("mask must be the fused forward's own (dense, same-device) mask")
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -362,8 +412,9 @@ def _stats(view: _View, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.T
             x, *partials, *_geometry(plan, plan.tiles_per_split), **_blocks(plan)
         )
         _launch_combine(
-            k._stats_combine_kernel, plan, *partials, mean, var, invstd, after=(float(eps),)
-        )
+            k._stats_combine_kernel, plan, *partials, x, plan.inner, mean, var, invstd,
+            after=(float(eps),), index_64=plan.index_64,
+        )  # fmt: skip
     return mean, var, invstd
 
 
@@ -391,12 +442,16 @@ def _elemt(
     relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     plan, x = view.plan, view.x
+    mean = _channel_vector(mean, view, "running_mean" if from_var else "mean")
+    invstd_or_var = _channel_vector(invstd_or_var, view, "running_var" if from_var else "invstd")
+    weight = _optional_vector(weight, view, "weight")
+    bias = _optional_vector(bias, view, "bias")
+    if residual is not None:
+        residual = _in_layout_of(residual, x, "residual")
     y = torch.empty_like(x)
     mask = _empty_mask(view) if relu else None
     if x.numel() == 0:
         return y, mask
-    if residual is not None:
-        residual = _in_layout_of(residual, x)
     dummy = mean
     with _device_guard(x):
         _kernels()._forward_elemt_kernel[_elemt_grid(plan)](
@@ -510,6 +565,8 @@ def _backward_reduce(
     mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     plan, x = view.plan, view.x
+    mean, invstd = _channel_vector(mean, view, "mean"), _channel_vector(invstd, view, "invstd")
+    _check_mask(mask, view)
     sum_dy, sum_dy_xhat = _stats_vector(plan.channels, x), _stats_vector(plan.channels, x)
     if plan.channels == 0:
         return sum_dy, sum_dy_xhat
@@ -544,7 +601,7 @@ def backward_reduce(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum_dy, sum_dy_xhat)`` per channel, float32; with ``mask``, dy is ReLU-masked first."""
     view = _view(x, axis)
-    return _backward_reduce(view, _in_layout_of(dy, view.x), mean, invstd, mask)
+    return _backward_reduce(view, _in_layout_of(dy, view.x, "dy"), mean, invstd, mask)
 
 
 def _backward_elemt(
@@ -563,12 +620,17 @@ def _backward_elemt(
     residual_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     plan, x = view.plan, view.x
+    if residual_grad and mask is None:
+        raise ValueError("residual_grad needs the ReLU mask of the fused forward")
+    mean, invstd = _channel_vector(mean, view, "mean"), _channel_vector(invstd, view, "invstd")
+    weight = _optional_vector(weight, view, "weight")
+    sum_dy = _channel_vector(sum_dy, view, "sum_dy")
+    sum_dy_xhat = _channel_vector(sum_dy_xhat, view, "sum_dy_xhat")
+    _check_mask(mask, view)
     dx = torch.empty_like(x)
     dresidual = torch.empty_like(x, dtype=dy.dtype) if residual_grad else None
     if x.numel() == 0:
         return dx, dresidual
-    if residual_grad and mask is None:
-        raise ValueError("residual_grad needs the ReLU mask of the fused forward")
     with _device_guard(x):
         _kernels()._backward_elemt_kernel[_elemt_grid(plan)](
             dy,
@@ -617,7 +679,7 @@ def backward_elemt(
     view = _view(x, axis)
     return _backward_elemt(
         view,
-        _in_layout_of(dy, view.x),
+        _in_layout_of(dy, view.x, "dy"),
         mean,
         invstd,
         weight,
@@ -650,7 +712,7 @@ def backward_train(
     :func:`backward_elemt`.
     """
     view = _view(x, axis)
-    dy = _in_layout_of(dy, view.x)
+    dy = _in_layout_of(dy, view.x, "dy")
     sum_dy, sum_dy_xhat = _backward_reduce(view, dy, mean, invstd, mask)
     dx, dresidual = _backward_elemt(
         view,
