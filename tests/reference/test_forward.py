@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from oracles import bn_numpy, rel_err
@@ -150,6 +152,25 @@ def test_finite_data_near_the_float_max_keeps_a_finite_mean(xp):
         stats = ref.batch_stats(xp.asarray(x, "float32"), 1)
     mean = xp.to_numpy(stats.mean)
     assert mean[0] == 0.0 and mean[1] == 1.5
+
+
+def test_constant_data_near_the_float_max_warns_of_nothing():
+    # The plain-mean fallback is computed for every channel; as a sum of x / count it cannot
+    # overflow where the data is finite, so nothing warns.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for dtype, big in ((np.float32, 3e38), (np.float64, 1.7e308)):
+            stats = ref.batch_stats(np.full((6, 2), big, dtype), 1)
+            assert (stats.mean == dtype(big)).all() and (stats.var == 0).all()
+
+
+def test_batch_stats_reads_nothing_on_the_host():
+    """No value is read back during the statistics (it would synchronise a GPU and break a
+    torch.compile graph): they can be formed on meta tensors, which hold no values."""
+    torch = pytest.importorskip("torch")
+    stats = ref.batch_stats(torch.empty(4, 3, 5, device="meta"), 1)
+    assert stats.mean.shape == (3,) and stats.mean.device.type == "meta"
+    assert stats.var.shape == (3,)
 
 
 def test_merge_stats_is_exact(xp, rng):

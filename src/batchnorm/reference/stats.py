@@ -61,9 +61,11 @@ def batch_stats(x: Array, axis: int = 1) -> BatchStats:
     # A channel led by an inf or NaN is shifted by 0, so that its mean stays the plain one.
     shift = xp.where(xp.isfinite(shift), shift, xp.zeros_like(shift))
     mean = shift + xp.mean(xc - per_channel(shift, x.ndim, axis, xp), axis=axes)
-    unshifted = ~xp.isfinite(mean)
-    if bool(xp.any(unshifted)):  # an inf in the data, or x - K overflowing near the float max
-        mean = xp.where(unshifted, xp.mean(xc, axis=axes), mean)
+    # An inf in the data, or x - K overflowing near the float max: the plain mean instead, as
+    # a sum of x / count so that finite data cannot overflow. Computed for every channel rather
+    # than only when one needs it, because asking whether any does would read a flag on the
+    # host: a GPU sync and a torch.compile graph break.
+    mean = xp.where(xp.isfinite(mean), mean, xp.sum(xc / count, axis=axes))
     centred = xc - per_channel(mean, x.ndim, axis, xp)
     residual = xp.mean(centred, axis=axes)
     var = xp.mean(centred * centred, axis=axes) - residual * residual
