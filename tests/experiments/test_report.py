@@ -184,6 +184,21 @@ def test_replot_refuses_records_of_another_experiment_or_unreadable_ones(tmp_pat
     assert "cannot read" in capsys.readouterr().err
 
 
+def test_threads_bound_numba_as_well_as_torch_and_are_restored():
+    # backend="auto" runs large evaluation batches on numba: its threads count too.
+    import torch
+
+    from batchnorm.experiments.common import torch_threads
+
+    numba = pytest.importorskip("numba")
+    before = (torch.get_num_threads(), numba.get_num_threads())
+    with torch_threads(1):
+        assert (torch.get_num_threads(), numba.get_num_threads()) == (1, 1)
+    assert (torch.get_num_threads(), numba.get_num_threads()) == before
+    with torch_threads(0):  # 0: leave both as they are
+        assert (torch.get_num_threads(), numba.get_num_threads()) == before
+
+
 def test_settings_and_threads_refuse_bad_counts_from_python_too():
     from batchnorm.experiments.common import resolve_settings, torch_threads
 

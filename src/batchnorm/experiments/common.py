@@ -139,21 +139,37 @@ class Timer:
 
 @contextlib.contextmanager
 def torch_threads(threads: int | None = 1) -> Iterator[None]:
-    """Run the block on ``threads`` torch threads, then restore the caller's setting.
+    """Run the block on ``threads`` torch threads, and as many numba threads (the numba backend
+    that ``backend="auto"`` picks for large batches), then restore the caller's settings.
 
-    Small models on shared cores run fastest on one thread (and do not starve neighbours).
+    Small models on shared cores run fastest on one thread (and do not starve neighbours: numba's
+    idle workers spin for a while after each kernel, taking a core from torch or from other jobs).
     """
     import torch
 
     if threads is not None and threads < 0:
         raise ValueError(f"threads must be 0 (torch's own setting) or more, got {threads}")
     previous = torch.get_num_threads()
+    numba = _numba_or_none()
+    numba_previous = numba.get_num_threads() if numba else None
     if threads:
         torch.set_num_threads(int(threads))
+        if numba:
+            numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
     try:
         yield
     finally:
         torch.set_num_threads(previous)
+        if numba:
+            numba.set_num_threads(numba_previous)
+
+
+def _numba_or_none() -> Any:
+    try:
+        import numba
+    except ImportError:
+        return None
+    return numba
 
 
 def mean_and_spread(runs: Sequence[Sequence[float | None]]) -> dict[str, list[float | None]]:
