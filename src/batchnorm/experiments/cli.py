@@ -69,7 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--backend", default=None, help="batch-norm backend (default auto)")
     parser.add_argument(
-        "--threads", type=non_negative_int, default=1, help="torch threads (default 1; 0: torch's)"
+        "--threads",
+        type=non_negative_int,
+        default=1,
+        help="torch and numba threads (default 1; 0: their own settings)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-plot", action="store_true", help="records only, no figures")

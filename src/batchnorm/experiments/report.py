@@ -808,7 +808,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", default="mnist1d", help="data set for the experiments")
     parser.add_argument("--backend", default="auto", help="batch-norm backend (default auto)")
     parser.add_argument(
-        "--threads", type=non_negative_int, default=1, help="torch threads (default 1; 0: torch's)"
+        "--threads",
+        type=non_negative_int,
+        default=1,
+        help="torch and numba threads (default 1; 0: their own settings)",
     )
     parser.add_argument(
         "--skip", action="append", default=[], choices=STAGES, help="leave a stage out (repeatable)"
