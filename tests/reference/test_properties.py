@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import bn_numpy
 
 import batchnorm.reference as ref
 
-TOL = {"float64": 1e-10, "float32": 2e-5}
+#: Measured over 3000 drawn cases: float32 errors reach 0.05 of 2e-5 * kappa (y, dgamma, dbeta)
+#: and 0.002 of it for dx; float64 stays at rounding.
+TOL = {"float64": 1e-10, "float32": 4e-6}
 
 
 @st.composite
@@ -37,25 +40,23 @@ def test_forward_backward_against_float64(case):
     dy = rng.normal(size=shape)
     y, saved = ref.batch_norm_train(x, gamma.astype(dtype), beta.astype(dtype), axis=axis)
     g = ref.backward(dy.astype(dtype), saved)
-    # the float64 path on the same rounded input
-    y64, s64 = ref.batch_norm_train(
-        x.astype(np.float64),
-        gamma.astype(dtype).astype(np.float64),
-        beta.astype(dtype).astype(np.float64),
-        axis=axis,
-    )
-    g64 = ref.backward(dy.astype(dtype).astype(np.float64), s64)
     assert y.dtype == np.dtype(dtype) and g.dx.dtype == np.dtype(dtype)
+    # Oracles on the same rounded inputs, in float64: the textbook forward and the paper's
+    # staged chain rule (neither shares code with the compact forward and backward).
+    x64 = x.astype(np.float64)
+    gamma64, beta64 = gamma.astype(dtype).astype(np.float64), beta.astype(dtype).astype(np.float64)
+    y_want = bn_numpy(x64, gamma64, beta64, axis % x.ndim, 1e-5)
+    staged = ref.staged_backward(dy.astype(dtype).astype(np.float64), x64, gamma64, axis=axis)
     # Rounding x - mean in the input precision costs ulp(|mean|) against a spread of sqrt(var):
     # the error bound scales with that condition number (1e4 + N(0,1) has kappa ~ 1e4).
-    kappa = 1.0 + float(np.max(np.abs(np.asarray(s64.mean)) * np.asarray(s64.invstd)))
+    kappa = 1.0 + float(np.max(np.abs(staged.mean) * staged.invstd))
     tol = TOL[dtype] * kappa
-    for got, want in [(y, y64), (g.dgamma, g64.dgamma), (g.dbeta, g64.dbeta)]:
+    for got, want in [(y, y_want), (g.dgamma, staged.dl_dgamma), (g.dbeta, staged.dl_dbeta)]:
         scale = max(np.max(np.abs(want)), 1.0)
         assert np.max(np.abs(got - want)) <= tol * scale
     # dx: measured against the size of its terms (it can cancel to ~0 at m = 2)
-    term = np.max(np.abs(dy)) * np.max(np.abs(gamma)) * np.max(np.asarray(s64.invstd))
-    assert np.max(np.abs(g.dx - g64.dx)) <= tol * max(term, 1.0) * 10
+    term = np.max(np.abs(dy)) * np.max(np.abs(gamma)) * np.max(staged.invstd)
+    assert np.max(np.abs(g.dx - staged.dl_dx)) <= tol * max(term, 1.0)
 
 
 @settings(max_examples=25, deadline=None)
