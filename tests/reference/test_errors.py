@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from oracles import bn_numpy
 
 import batchnorm.reference as ref
 
@@ -16,10 +17,11 @@ def test_fewer_than_two_values_per_channel(xp):
     # zero-size batch
     with pytest.raises(ValueError, match=r"0 value\(s\) per channel"):
         ref.batch_norm_train(xp.asarray(np.ones((0, 3))))
-    # inference accepts a single value per channel
-    ref.batch_norm_infer(
-        xp.asarray(np.ones((1, 3))), xp.asarray(np.zeros(3)), xp.asarray(np.ones(3))
-    )
+    # inference accepts a single value per channel, and normalises it with the running stats
+    x, mean, var = np.array([[1.0, 2.0, 3.0]]), np.array([0.5, 1.0, 1.5]), np.array([1, 4, 0.25])
+    y = ref.batch_norm_infer(xp.asarray(x), xp.asarray(mean), xp.asarray(var))
+    want = bn_numpy(x, np.ones(3), np.zeros(3), 1, 1e-5, frozen_mean=mean, frozen_var=var)
+    np.testing.assert_allclose(xp.to_numpy(y), want, rtol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["gamma", "beta"])
