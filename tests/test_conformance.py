@@ -507,8 +507,13 @@ def test_conventions_are_inferred_and_reported(tmp_path):
         # Moments per row instead of per channel: not a per-channel affine map of x.
         ("mean = x.mean(axis=0)\n        var = x.var(axis=0)",
          "mean = x.mean(axis=1, keepdims=True)\n        var = x.var(axis=1, keepdims=True)"),
+        # A variance off by a constant factor or term: within one-pass's error budget at a
+        # large offset, but the ordinary cases fail too.
+        ("var = x.var(axis=0)", "var = x.var(axis=0) * 1.5"),
+        ("var = x.var(axis=0)", "var = x.var(axis=0) * 0.5"),
+        ("var = x.var(axis=0)", "var = x.var(axis=0) + 0.5"),
     ],
-    ids=["nan-everywhere", "per-row-moments"],
+    ids=["nan-everywhere", "per-row-moments", "var-times-1.5", "var-times-0.5", "var-plus-0.5"],
 )  # fmt: skip
 def test_a_wrong_forward_that_only_looks_odd_at_large_offsets_is_not_called_one_pass(
     tmp_path, old, new
