@@ -242,7 +242,9 @@ def _stats_combine_kernel(
     mean += _channel_shift(x_ptr, c, channels, inner, INDEX_64)
     tl.store(mean_ptr + c, mean, mask=keep)
     tl.store(var_ptr + c, var, mask=keep)
-    tl.store(invstd_ptr + c, 1.0 / tl.sqrt_rn(var + eps), mask=keep)
+    # Padding lanes (c >= channels) take 1: with eps = 0 their 1/0 would only be noise (the
+    # interpreter warns about it).
+    tl.store(invstd_ptr + c, 1.0 / tl.sqrt_rn(tl.where(keep, var + eps, 1.0)), mask=keep)
 
 
 # ----------------------------------------------------------------------------- forward: elemt
