@@ -733,11 +733,12 @@ def plot(record: dict[str, Any], path: Path) -> Path | None:
     peers = [p for p in record["settings"]["peers"] if any(
         t["peer"] == p for e in entries for t in e["timings"])]  # fmt: skip
     labels = [f"{_shape_str(e['shape'])}\n{e['layout']}" for e in entries]
-    fig, axes = plt.subplots(2, len(OPS), figsize=(4.8 * len(OPS), 7.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(OPS), figsize=(4.8 * len(OPS), 8.0), squeeze=False)
     width = 0.8 / max(len(peers), 1)
     for col, op in enumerate(OPS):
         for row, metric in enumerate(("speedup", "x_copy")):
             ax = axes[row][col]
+            shown = []
             for i, peer in enumerate(peers):
                 values = []
                 for e in entries:
@@ -747,29 +748,38 @@ def plot(record: dict[str, Any], path: Path) -> Path | None:
                     values.append(math.nan if cell is None or cell[metric] is None
                                   else cell[metric])  # fmt: skip
                 xs = [j + (i - (len(peers) - 1) / 2) * width for j in range(len(entries))]
-                ax.bar(xs, values, width, label=peer)
+                bars = ax.bar(xs, values, width, label=peer)
+                # The value on each bar: a log axis spanning less than a decade has few ticks.
+                ax.bar_label(bars, fmt="%.2g", fontsize=7, padding=1)
+                shown += [v for v in values if math.isfinite(v) and v > 0]
             ax.set_yscale("log")
+            if shown:  # room above the tallest bar for its label
+                ax.set_ylim(min(min(shown), 1.0) / 1.6, max(max(shown), 1.0) * 1.8)
             ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
             ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-            ax.tick_params(axis="y", which="both", labelsize=7)
+            ax.tick_params(axis="y", which="both", labelsize=9)
             ax.set_xticks(range(len(entries)))
-            ax.set_xticklabels(labels, fontsize=6)
+            ax.set_xticklabels(labels, fontsize=8)
             if metric == "speedup":
                 ax.axhline(1.0, color="black", lw=0.8)
-                ax.set_title(f"{op}: speed-up over PyTorch eager", fontsize=9)
+                ax.set_title(f"{op}: speed-up over PyTorch eager", fontsize=10)
+                ax.set_ylabel("speed-up (x, log scale)", fontsize=9)
             else:
                 ax.axhline(MODEL_BYTES[op] / MODEL_BYTES["copy"], color="black", lw=0.8, ls="--")
-                ax.set_title(f"{op}: time / copy time (-- bytes model)", fontsize=9)
-    axes[0][0].legend(fontsize=7)
+                ax.set_title(f"{op}: time / copy time (-- bytes model)", fontsize=10)
+                ax.set_ylabel("time / copy time (log scale)", fontsize=9)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper right", ncol=len(peers), fontsize=9)
     m = record["machine"]
     fig.suptitle(
         f"batchnorm bench, {record['settings']['device']} {record['settings']['dtype']}: "
         f"{m.get('cpu', '')} ({m.get('cpu_count')} cores), torch {m.get('torch')}, "
         f"numba {m.get('numba')}",
-        fontsize=9,
+        fontsize=10,
+        x=0.4,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

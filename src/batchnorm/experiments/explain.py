@@ -227,7 +227,7 @@ def format_staged(r: dict[str, Any]) -> str:
         f"  dl/dmu    = {r['dl_dmean']:.6f}       = sum_i dl/dx_hat_i (-invstd)  "
         f"[{r['dl_dmean_direct']:.6f}]",
         f"                                 + dl/dvar * sum_i -2 (x_i - mu_B) / m  "
-        f"[{r['dl_dmean_vanishing']:.1e}: zero, because sum_i (x_i - mu_B) = 0]",
+        f"[{r['dl_dmean_vanishing'] + 0.0:.1e}: zero, because sum_i (x_i - mu_B) = 0]",
         f"  dl/dx     = {_vec(r['dl_dx'])}     = dl/dx_hat_i invstd + dl/dvar 2(x_i - mu_B)/m "
         "+ dl/dmu / m",
         f"  dl/dgamma = {r['dl_dgamma']:.6f}       = sum_i dl/dy_i x_hat_i",
@@ -237,7 +237,7 @@ def format_staged(r: dict[str, Any]) -> str:
         f"{r['max_diff_staged_vs_compact']:.1e}",
         f"  float64 central finite differences of l = sum_i dl/dy_i y_i:      max |diff| = "
         f"{r['max_diff_staged_vs_fd']:.1e}",
-        "if the moments were treated as constants (the seeds' proposal)",
+        "if the moments were treated as constants (what the questions propose)",
     ]
     for name, dx in r["dl_dx_ablations"].items():
         if name == "full":
@@ -253,7 +253,8 @@ def format_two_sample(r: dict[str, Any]) -> str:
     c, steps = r["centring"], r["batch_norm"]["steps"]
     x1, x2 = r["x"]
     lines = [
-        f"The two-sample example (seeds/000): x = ({x1:g}, {x2:g}), y_i = x_i - mean, "
+        f"The two-sample example (“why take the gradient of the batch mean?”): "
+        f"x = ({x1:g}, {x2:g}), y_i = x_i - mean, "
         "dl/dy = (1, 1)",
         f"  with the mean's gradient:  dl/dmean = -(dl/dy_1 + dl/dy_2) = {c['dl_dmean']:g};  "
         f"dl/dx = dl/dy + dl/dmean/2 = {_vec(c['dl_dx_true'], 4)}",

@@ -104,8 +104,8 @@ def plot_explain(directory: str | Path) -> list[Path]:
             fontsize=9,
         )
         ax.set_xlabel("dl/dy index i")
-        ax.set_ylabel("dl/dx index l")
         ax.grid(False)
+    axes[0].set_ylabel("dl/dx index l")  # one label: the panels share their rows
     fig.colorbar(image, ax=axes, shrink=0.8, label="M[l, i]  (dl/dx = M dl/dy)")
     fig.suptitle(f"What backprop multiplies dl/dy by, one channel, m = {record['m']}", y=1.0)
     fig.savefig(directory / "jacobian.png", bbox_inches="tight")

@@ -363,17 +363,19 @@ def _cards(out: Path) -> str:
         cards.append(
             (
                 f"{err['full']:.0e} vs {err['no mean grad']:.2g}",
-                "gradient error vs finite differences: true gradient vs mean treated as a constant",
+                "relative gradient error ‖g − fd‖/‖fd‖ against finite differences: the true "
+                "gradient vs the one with the mean treated as a constant",
             )
         )
     ex = _load(out, "explain", "explain.json")
     if ex:
         steps = ex["two_sample"]["batch_norm"]["steps"]
-        true_dx = ", ".join(f"{abs(v):.0f}" for v in steps["true"]["dl_dx"])
+        true_dx = ", ".join(f"{v + 0.0:.3g}" for v in steps["true"]["dl_dx"])  # + 0.0: no -0
         cards.append(
             (
                 f"dx = ({true_dx})",
-                "the true input gradient in the two-sample example of seeds/000 "
+                "the true input gradient in the two-sample example of the question "
+                "“why take the gradient of the batch mean?” "
                 f"(mean as a constant: {steps['mean constant']['dl_dx'][0]:.2f} each)",
             )
         )
@@ -423,9 +425,12 @@ def _explain_body(out: Path) -> str:
             out,
             graph,
             "Batch norm on three examples: every edge carries its local "
-            "derivative at this batch. Red: the “triangle” of seeds/002 — x1 reaches "
-            "x̂1 directly and through μ. Shift all inputs by δ and the two routes "
-            "cancel exactly, which is why every row of the Jacobian sums to zero.",
+            "derivative at this batch. Red: the “triangle of (gradient) death” of the "
+            "question that asks how to backpropagate through it — x1 reaches x̂1 directly "
+            "and through μ. The two red routes do not cancel each other: shift every input "
+            "by δ and the direct route from x1 is cancelled by the m routes from all the "
+            "inputs through μ (the routes through σ² cancel among themselves), which is why "
+            "every row of the Jacobian J = ∂x̂/∂x sums to zero.",
         )
         if graph
         else '<p class="note">Graphviz is not installed, so the graph is '
@@ -434,11 +439,13 @@ def _explain_body(out: Path) -> str:
     return f"<pre>{_e(text)}</pre>{graph_html}" + _figure(
         out,
         "explain/jacobian.png",
-        "The matrix M with dl/dx = M·dl/dy for one channel of 8 values. With the "
-        "true gradient every column sums to 0 (a backward step never moves the "
-        "batch mean, which the forward ignores) and x̂ is (almost, up to ε) in its "
-        "null space (it never rescales the batch). Drop a moment's gradient and "
-        "that protection is gone.",
+        "The matrix M with dl/dx = M·dl/dy for one channel of 8 values (M is the "
+        "transpose of the Jacobian J above, so its columns are J's rows). With the "
+        "true gradient every column sums to 0: a backward step never moves the "
+        "batch mean, which the forward ignores (“moves batch mean” in the titles is the "
+        "largest |column sum|). And x̂ᵀM is 0 up to ε: a step never rescales the batch "
+        "(“rescales batch” is max |x̂ᵀM|). Drop a moment's gradient and that protection "
+        "is gone.",
     )
 
 
@@ -470,23 +477,32 @@ def _moments_body(out: Path) -> str:
         [
             ("case", "case", ""),
             ("max_abs_grad", "max |gradient|", ".2g"),
-            ("increment_mean", "mean change per step", ".4g"),
-            ("increment_spread", "spread of the change", ".1e"),
-            ("final_param", f"after {minimal['steps']} steps", ".4g"),
+            ("increment_mean", "mean step", ".4g"),
+            ("increment_spread", "range of the step (max − min)", ".1e"),
+            ("final_param", f"value after {minimal['steps']} steps", ".4g"),
             ("max_loss_change", "max loss change", ".1e"),
         ],
     )
-    summary_rows = [{"variant": v, **s} for v, s in mo["summary"].items()]
+    finals: dict[str, list[float]] = {}
+    for run in mo.get("runs", []):
+        if run["history"]:
+            finals.setdefault(run["variant"], []).append(run["history"][-1]["test_accuracy"])
+    summary_rows = []
+    for v, stats in mo["summary"].items():
+        accs = finals.get(v, [])
+        spread = f" ({min(accs):.3f}..{max(accs):.3f})" if len(accs) > 1 else ""
+        summary_rows.append(
+            {"variant": v, **stats, "accuracy": f"{stats['final_test_accuracy']:.3f}{spread}"}
+        )
     summary_table = _table(
         summary_rows,
         [
             ("variant", "gradient", ""),
-            ("final_test_accuracy", "test accuracy", ".3f"),
+            ("accuracy", "test accuracy", ""),
             ("final_train_loss", "train loss", ".3f"),
             ("final_bias_norm", "‖pre-BN biases‖", ".3g"),
             ("initial_weight_norm", "‖weights‖ at start", ".3g"),
             ("final_weight_norm", "‖weights‖ at end", ".3g"),
-            ("gradient_rel_error", "gradient error vs FD", ".2g"),
         ],
     )
     variants = list(mo["variants"])
@@ -497,15 +513,24 @@ def _moments_body(out: Path) -> str:
     )
     check_table = _table(mo["gradient_check"]["table"], check_columns)
     config = mo["config"]
+    summary = mo["summary"]
+
+    def norm(variant: str, key: str) -> str:
+        value = summary.get(variant, {}).get(key)
+        return "–" if value is None else f"{value:.3g}"
+
     return (
         "<h3>The minimal case of the paper's section 2</h3>"
         + _figure(
             out,
             "moments/moments_minimal.png",
-            "x = u + b, x̂ = x − E[x], loss = mean((x̂ − t)²). Treat E[x] as a constant and "
-            "every SGD step moves b by the same amount, forever, while the loss does not "
-            "change in the 16th digit. The true gradient with respect to b is exactly "
-            "zero. Right: the same for a scale c and the standard deviation.",
+            "Left and middle (the shift): x = u + b, x̂ = x − E[x], loss = mean((x̂ − t)²). "
+            "Treat E[x] as a constant and every SGD step moves b by the same amount, "
+            "forever, while the loss does not change in the 16th digit. The true gradient "
+            "with respect to b is exactly zero. Right (the scale): x = c·u normalised by "
+            "its standard deviation. Treated as a constant, the standard deviation lets c "
+            "grow without end as well, though by shrinking steps (c grows like √t, c² by "
+            "about the same amount each step); the true gradient is again zero.",
         )
         + minimal_table
         + "<h3>The ablation in training</h3>"
@@ -513,18 +538,31 @@ def _moments_body(out: Path) -> str:
             out,
             "moments/moments_ablation.png",
             f"{config['data']['name']}, 3×100 sigmoid MLP with BN, SGD lr {config['lr']}, "
-            f"{config['steps']} steps, {config['seeds']} seed(s) (band = min..max). Without "
-            "the mean's gradient the pre-BN biases (whose true gradient is 0) drift "
-            "without bound and the weights grow; without the variance's gradient the "
-            "weights lose the scale invariance that keeps their norm in check.",
+            f"{config['steps']} steps, {config['seeds']} seed(s) (line = mean, band = "
+            "min..max over seeds). Without the mean's gradient the pre-BN biases, whose "
+            "true gradient is 0, drift far from 0 (‖b‖ at the end, mean over seeds: "
+            f"{norm('no mean grad', 'final_bias_norm')} without the mean's gradient, "
+            f"{norm('neither', 'final_bias_norm')} without either, "
+            f"{norm('full', 'final_bias_norm')} with the true gradient). With the true "
+            "gradient ‖w‖ can only grow, and only at second order (the gradient of a "
+            "scale-invariant loss is orthogonal to w, so a step adds lr²‖g‖² to ‖w‖²): "
+            f"{norm('full', 'initial_weight_norm')} → {norm('full', 'final_weight_norm')} "
+            "here. The wrong gradients are not orthogonal to w, and the weights grew more "
+            f"(to {norm('no var grad', 'final_weight_norm')} without the variance's "
+            f"gradient, {norm('no mean grad', 'final_weight_norm')} without the mean's). "
+            "Test accuracy is the mean over seeds, with min..max in brackets.",
         )
         + summary_table
         + "<h3>Which gradient is the gradient?</h3>"
         + _figure(
             out,
             "moments/moments_gradcheck.png",
-            "At one point (the trained network, float64, one mini-batch), each variant's "
-            "gradient against central finite differences of the actual loss.",
+            "At one point — the network trained with the true gradient (seed "
+            f"{config['seed']}), in float64, on one mini-batch — each variant's gradient "
+            "against central finite differences of the actual loss, at "
+            f"{mo['gradient_check']['coordinates_per_tensor']} random coordinates per "
+            "parameter tensor. Relative error = ‖g − fd‖/‖fd‖ over those coordinates "
+            "(‖fd‖ is their norm too, not the whole gradient's).",
         )
         + check_table
         + '<p class="files">Pre-BN biases have a true gradient of zero, so their relative '
@@ -558,8 +596,12 @@ def _ioffe_body(out: Path) -> str:
             f"SGD lr {c['lr']}, {c['steps']} steps. (a) test accuracy, mean of "
             f"{c['seeds']} seeds with min..max band; (b, c) the 15th/50th/85th "
             "percentiles of the input to one sigmoid of the last hidden layer, over the "
-            "test set. With BN the distribution stays put; without it, it drifts and "
-            "spreads while training crawls.",
+            f"test set, for seed {c['seed']}. With BN that input is the BN output, so it "
+            "stays near N(β, γ²) largely by construction, as in the paper; without BN it "
+            "drifts and spreads. Without BN this network stalls early: sigmoid units, a "
+            "small initialisation and lr 0.1 leave the lower layers with vanishing "
+            "gradients, which is the setting of the paper's figure (a ReLU network with He "
+            "initialisation and no BN does learn this data: see the landscape section).",
         )
         + _table(
             rows,
@@ -571,9 +613,10 @@ def _ioffe_body(out: Path) -> str:
                 ("seeds", "per seed", ""),
             ],
         )
-        + f'<p class="files">Reference point (MNIST-1D, lr 0.1, init std 0.1, 5000 steps): '
-        f"about 0.68 with BN, 0.31 without. Gap here: "
-        f"{io['summary']['accuracy_gap']:.3f}.</p>"
+        + '<p class="files">The paper trained this network on MNIST for 50,000 steps '
+        "(its Figure 1a); MNIST is not shipped with any package, so this runs on "
+        f"{_e(c['data']['name'])} for {c['steps']} steps. Accuracy gap with − without BN "
+        f"here: {io['summary']['accuracy_gap']:.3f}.</p>"
     )
 
 
@@ -586,12 +629,19 @@ def _landscape_body(out: Path) -> str:
     return _figure(
         out,
         "landscape/landscape.png",
-        f"{c['data']['name']}, 3×100 {c['activation']} MLP, SGD lr {c['lr']}, "
-        f"{c['steps']} steps; every {c['probe_every']} steps, on that step's batch, "
-        f"the loss and gradient at θ − η·lr·g for {c['etas']} values of η in "
-        f"[{c['eta_range'][0]}, {c['eta_range'][1]}]. Noisy BN: per-unit scale in "
-        f"[1/{c['noise_scale_range']}, {c['noise_scale_range']}] and shift in "
-        f"±{c['noise_shift_range']} after every BN, redrawn every step.",
+        f"{c['data']['name']}, 3×100 {c['activation']} MLP ({c['init_std']} "
+        f"initialisation), SGD lr {c['lr']}, {c['steps']} steps, {c['seeds']} seed(s). "
+        f"Every {c['probe_every']} steps, on that step's batch, the loss and gradient at "
+        f"θ − η·lr·g for {c['etas']} values of η in "
+        f"[{c['eta_range'][0]}, {c['eta_range'][1]}]. (a) the band of losses along that "
+        "step, min..max (the table's “loss range” is the mean of max − min); (b) the "
+        "largest change of the gradient, ‖∇l(θ − η·lr·g) − ∇l(θ)‖; (c) the effective "
+        "β-smoothness, the largest such change divided by the distance moved. Noisy BN: "
+        f"per-unit scale in [1/{c['noise_scale_range']}, {c['noise_scale_range']}] and "
+        f"shift in ±{c['noise_shift_range']} after every BN, redrawn every step. BN "
+        "narrows the loss range and the gradient change along the step most; β, a "
+        "worst case over the step, moves less, and late in training the two β curves "
+        "come close. Test accuracy is the mean over seeds.",
     ) + _table(
         rows,
         [
@@ -615,10 +665,18 @@ def _reparam_body(out: Path) -> str:
             out,
             "reparam/reparam.png",
             "Left: batch norm of a linear unit with population statistics against its "
-            "reparameterisation, on zero-mean correlated data. Right: because the loss "
+            "reparameterisation, on zero-mean correlated data (S = E[xxᵀ], the input's "
+            f"covariance; ε = {_reparam_eps():g} in this check, so that only rounding "
+            "separates the two sides; “effect of ε” is how much the output moves when ε "
+            "shrinks a thousandfold). Unless the data is whitened (S = I), BN is not "
+            "weight normalisation, and the “max |BN − weight norm|” column is large by "
+            "design. Right (ε = "
+            f"{rp['orthogonality'].get('eps', 1e-5):g}, as in training): because the loss "
             "ignores ‖w‖, its true gradient is orthogonal to w; drop the variance's "
-            "gradient and it is not. (With zero-mean input the mean's path adds nothing "
-            "to ∂l/∂w — it matters for the bias, see the moments section.)",
+            "gradient and it is not. The true gradient's |cos| is ε's trace, not rounding: "
+            "with ε > 0 the loss is only nearly scale invariant. (With zero-mean input the "
+            "mean's path adds nothing to ∂l/∂w — it matters for the bias, see the moments "
+            "section.)",
         )
         + _table(
             rp["checks"],
@@ -639,12 +697,30 @@ def _reparam_body(out: Path) -> str:
     )
 
 
+def _reparam_eps() -> float:
+    import inspect
+
+    from . import reparam
+
+    return inspect.signature(reparam.identity_check).parameters["eps"].default
+
+
 def _verify_body(out: Path) -> str:
     ve = _load(out, "verify", "verify.json")
     if not ve:
         return ""
-    return _table(
-        ve["rows"],
+    rows, mutants = [], []
+    for row in ve["rows"]:
+        # "X differs from true dx (1/gap)": a mutant that must be far from the truth; its
+        # "error" is 1/gap, which reads backwards in an error table, so it gets its own.
+        if "(1/gap)" in row["name"] and row.get("error"):
+            gap, least = 1.0 / row["error"], 1.0 / row["tolerance"]
+            name = row["name"].replace(" (1/gap)", "")
+            mutants.append({**row, "name": name, "gap": gap, "least": least})
+        else:
+            rows.append(row)
+    table = _table(
+        rows,
         [
             ("name", "check", ""),
             ("error", "max error", ".2e"),
@@ -652,6 +728,21 @@ def _verify_body(out: Path) -> str:
             ("passed", "result", "pass"),
             ("note", "note", ""),
         ],
+    )
+    if not mutants:
+        return table
+    return (
+        table + "<p>Mutants that must be rejected: a wrong gradient has to differ from the true "
+        "one by a clear margin (relative gap ‖wrong − true‖/‖true‖).</p>"
+        + _table(
+            mutants,
+            [
+                ("name", "mutant", ""),
+                ("gap", "relative gap", ".3g"),
+                ("least", "required at least", ".2g"),
+                ("passed", "result", "pass"),
+            ],
+        )
     )
 
 
@@ -686,9 +777,38 @@ def _bench_body(out: Path) -> str:
                 ("x_copy", "× copy time", ".2f"),
             ],
         )
-        + '<p class="files">Quick shapes on a shared CPU: read the ratios, not the absolute '
-        "times; <code>batchnorm bench</code> runs the real shapes.</p>"
+        + _bench_note(be)
     )
+
+
+def _bench_note(be: dict[str, Any]) -> str:
+    """What the report's quick run (always ``bench.QUICK_SHAPES``) can and cannot say, with
+    its own targets and first-call time."""
+    targets = be.get("summary", {}).get("targets", {})
+    met = [k for k, v in targets.items() if isinstance(v, dict) and v.get("met")]
+    total = sum(isinstance(v, dict) for v in targets.values())
+    first = (be.get("first_call") or {}).get("numba") or {}
+    parts = [
+        "numba is this library's CPU kernels and numpy its reference (the oracle, not a "
+        "competitor); torch is PyTorch eager, the baseline."
+    ]
+    parts.append(
+        "These are the quick shapes: tensors of a few thousand values, where a call's fixed "
+        "cost (Python, thread start-up) outweighs the work, so even the ratios measure "
+        "overhead rather than the kernels, and numba can be slower than PyTorch. "
+        "<code>batchnorm bench</code> runs the real shapes; the repository's README and "
+        "docs/bench.md quote its reference runs."
+    )
+    if total:
+        parts.append(f"Issue targets met in this run: {len(met)} of {total}.")
+    if first.get("first_calls_s") is not None:
+        cached = first.get("jit_cache_hits", 0)
+        parts.append(
+            f"numba's first calls took {first['first_calls_s']:.1f} s "
+            f"({cached} kernel signature(s) from the on-disk JIT cache, "
+            f"{first.get('jit_cache_misses', 0)} compiled)."
+        )
+    return f'<p class="files">{" ".join(parts)}</p>'
 
 
 def render_html(out: str | Path, status: dict[str, Any]) -> str:
@@ -704,7 +824,8 @@ def render_html(out: str | Path, status: dict[str, Any]) -> str:
             "explain",
             "Why the mean and variance carry gradient",
             "The mean and variance are computed from the batch, so it is tempting to treat "
-            "them as constants (seeds/000). But they are functions of the very inputs the "
+            "them as constants (a question asked again and again: “why take the gradient "
+            "of the batch mean?”). But they are functions of the very inputs the "
             "gradient is about to move. Here is the paper's chain rule on a batch of three, "
             "checked against the compact form and finite differences, next to what the "
             "constants version would say.",
