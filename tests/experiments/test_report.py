@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -56,6 +58,19 @@ def test_report_quick_writes_a_page_whose_every_file_exists(tmp_path):
     assert status["stages"]["verify"]["state"] in ("ok", "skipped")
     for section in ("explain", "moments", "ioffe", "landscape", "reparam", "verify", "bench"):
         assert f'id="{section}"' in page
+    # The prose quotes this run's records, not fixed numbers or internal file names.
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+    assert "seeds/0" not in text and "-0.0e+00" not in text and "Reference point" not in text
+    moments = json.loads((out / "moments" / "records.json").read_text())
+    drift = moments["summary"]["no mean grad"]["final_bias_norm"]
+    assert f"{drift:.3g} without the mean's gradient" in text
+    if status["stages"]["verify"]["state"] == "ok":
+        rows = json.loads((out / "verify" / "verify.json").read_text())["rows"]
+        gaps = [1 / r["error"] for r in rows if "(1/gap)" in r["name"]]
+        assert gaps and all(f"{gap:.3g}" in text for gap in gaps)
+    targets = json.loads((out / "bench" / "bench.json").read_text())["summary"]["targets"]
+    met = sum(1 for t in targets.values() if isinstance(t, dict) and t["met"])
+    assert f"Issue targets met in this run: {met} of 4." in text
 
 
 def test_report_survives_a_failing_stage_and_says_so(tmp_path, monkeypatch):
