@@ -141,8 +141,8 @@ def plot_ioffe(directory: str | Path) -> list[Path]:
             steps, _arr(low_q), _arr(high_q), color=COLORS[variant], alpha=0.18, linewidth=0
         )
         ax.plot(steps, _arr(mid_q), color=COLORS[variant], lw=1.6, label=f"{q[1]}th")
-        for values, label in ((low_q, f"{q[0]}th"), (high_q, f"{q[2]}th")):
-            ax.plot(steps, _arr(values), color=COLORS[variant], lw=1.0, ls="--", label=label)
+        for values, label, style in ((high_q, f"{q[2]}th", "--"), (low_q, f"{q[0]}th", ":")):
+            ax.plot(steps, _arr(values), color=COLORS[variant], lw=1.2, ls=style, label=label)
         ax.set(
             title=f"{title}: input to one last-layer sigmoid",
             xlabel=f"training step (seed {first[variant]['seed']})",
@@ -153,7 +153,8 @@ def plot_ioffe(directory: str | Path) -> list[Path]:
     for ax in shared:
         ax.set_ylim(low - 0.1 * (high - low), high + 0.1 * (high - low))
     axes[1].set_ylabel("percentiles over the test set")
-    axes[2].legend(loc="upper right", fontsize=7)
+    # One legend, where (b) leaves room early in training (the styles are the same in (c)).
+    axes[1].legend(loc="lower left", fontsize=7, title="percentile", title_fontsize=7)
     seeds = config["seeds"]
     fig.suptitle(
         f"Ioffe & Szegedy 2015, Figure 1 on {config['data']['name']}: "
@@ -186,12 +187,13 @@ def plot_moments(directory: str | Path) -> list[Path]:
     worst = max(minimal[k]["max_loss_change"] for k, *_ in shift_keys)
     axes[0].set(title="x = u + b, x̂ = x - E[x]: the bias b", xlabel="SGD step", ylabel="b")
     axes[1].set(
-        title=f"... and the loss: change from step 0 (≤ {worst:.0e})",
+        title=f"... the shift's loss: change from step 0 (≤ {worst:.0e})",
         xlabel="SGD step",
         ylabel="loss - loss at step 0",
     )
     axes[1].set_ylim(-1e-15, 1e-15)
     axes[0].legend()
+    axes[1].legend(loc="upper right")
     for key, color, style, width in (
         ("scale/moment as constant", COLORS["no var grad"], "-", 2.4),
         ("scale/true gradient", COLORS["full"], "--", 1.4),
@@ -282,12 +284,12 @@ def plot_landscape(directory: str | Path) -> list[Path]:
     axes[0].set(
         title=f"(a) loss along -g, step {lo:g}..{hi:g} × lr",
         xlabel="training step",
-        ylabel="loss range",
+        ylabel="loss along the step (min..max)",
     )
     axes[1].set(
         title="(b) gradient predictiveness",
         xlabel="training step",
-        ylabel="‖∇l(θ - η g) - ∇l(θ)‖ range",
+        ylabel="‖∇l(θ - η g) - ∇l(θ)‖ (min..max)",
     )
     axes[2].set(
         title="(c) effective β-smoothness",
@@ -299,8 +301,8 @@ def plot_landscape(directory: str | Path) -> list[Path]:
         ax.set_yscale("log")
     axes[0].legend()
     fig.suptitle(
-        "Santurkar et al. 2018, Figure 4: BN makes the landscape along the gradient "
-        "smoother; noisy BN keeps it",
+        "Santurkar et al. 2018, Figure 4: the loss and its gradient along each step, "
+        "without BN, with BN and with noise after BN",
         fontsize=10,
     )
     return [_save(fig, directory / "landscape.png")]
