@@ -616,7 +616,8 @@ def _ioffe_body(out: Path) -> str:
         + '<p class="files">The paper trained this network on MNIST for 50,000 steps '
         "(its Figure 1a); MNIST is not shipped with any package, so this runs on "
         f"{_e(c['data']['name'])} for {c['steps']} steps. Accuracy gap with − without BN "
-        f"here: {io['summary']['accuracy_gap']:.3f}.</p>"
+        f"here: {io['summary']['accuracy_gap']:.3f}. Other data: <code>batchnorm report "
+        "--data digits</code> (scikit-learn's bundled digits) or a file of your own.</p>"
     )
 
 
