@@ -468,6 +468,21 @@ def test_one_pass_variance_fails_only_where_the_offset_is_large(tmp_path):
         assert report.find(case, "forward(train)").mistakes == ("one_pass",)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_one_pass_is_still_named_beside_a_second_named_mistake(tmp_path):
+    # eps outside the sqrt fails the ordinary cases too, but it is named there: the
+    # large-offset failures are still the one-pass variance.
+    source = COURSE.replace(*MUTANTS["one-pass variance"][:2]).replace(
+        "std = np.sqrt(var + eps)", "std = np.sqrt(var) + eps"
+    )
+    assert source.count("np.sqrt(var) + eps") == 1
+    report = bt.check(course_adapter(write(tmp_path, "m.py", source)))
+    assert report.find("m2", "forward(train)").mistakes == ("eps_outside_sqrt",)
+    for case in (c.name for c in bt.CASES if c.large_offset):
+        row = report.find(case, "forward(train)")
+        assert row.verdict == "FAIL" and row.mistakes == ("one_pass",), row
+
+
 def test_conventions_are_inferred_and_reported(tmp_path):
     # cs231n's own convention: momentum weighs the old value; biased running variance.
     cs231n = COURSE.replace(

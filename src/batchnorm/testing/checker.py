@@ -631,15 +631,18 @@ def _one_pass_everywhere(outcomes: Sequence[_Outcome]) -> None:
         return
     for case, q in forwards:
         if q and q.failed and case.large_offset and _ALL_NONFINITE in q.text:
+            q.otherwise = (q.mistakes, q.text)
             q.mistakes, q.text = _named("one_pass")
 
 
 def _one_pass_only_at_large_offsets(outcomes: Sequence[_Outcome]) -> None:
     """The one-pass formula breaks only where the offset is large. If the forward also fails an
-    ordinary case, a large-offset failure is that other mistake showing (a variance off by a
-    constant factor fits one-pass's wide error budget there), not one-pass."""
+    ordinary case with no named mistake, a large-offset failure is most likely that unknown
+    mistake showing (a variance off by a constant factor fits one-pass's wide error budget
+    there), not one-pass. (An ordinary failure that is named, say eps outside the sqrt, is a
+    second mistake and leaves the one-pass diagnosis standing.)"""
     forwards = [(o.case, o.quantities.get("forward(train)")) for o in outcomes]
-    if not any(q and q.failed and not c.large_offset for c, q in forwards):
+    if not any(q and q.failed and not q.mistakes and not c.large_offset for c, q in forwards):
         return
     for case, q in forwards:
         if q and case.large_offset and q.mistakes == ("one_pass",):
