@@ -378,15 +378,27 @@ def test_empty_batch():
     [((4096, 2), _contiguous), ((64, 2, 8, 8), _channels_last), ((8, 2, 16, 32), _contiguous)],
     ids=["nc", "channels_last", "nchw"],
 )
-def test_large_mean_with_default_tiles(shape, layout):
+@pytest.mark.parametrize(
+    "first, spread",
+    [(None, 1.0), (-1e4, 1.0), (None, 0.01)],
+    ids=["plain", "outlier_first_value", "tiny_spread"],
+)
+def test_large_mean_with_default_tiles(shape, layout, first, spread):
     """x = 1e4 + N(0, 1) with the default 2048-value tiles: a plain float32 tile sum is off by
     several ulps of 1e4, which spoils the mean and, through the merge, the variance. The tiles
-    are shifted, so both stay as close as the float32 reference's."""
+    are shifted by the channel's first value, so both stay close to float64. With that value
+    an outlier (-1e4) the shifted sums are about 2e4 and round coarsely; the corrected second
+    pass brings the mean back to within three ulps of 1e4 and keeps the variance. With a spread
+    of 0.01 the tile mean's rounding (half an ulp of 1e4, 5e-4) is a twentieth of the spread:
+    the sum(e)^2 / n_t term takes it out of the variance."""
     g = torch.Generator().manual_seed(12)
-    x = layout((1e4 + torch.randn(shape, generator=g)).to(DEVICE))
+    values = 1e4 + spread * torch.randn(shape, generator=g)
+    if first is not None:
+        values[0] = first  # the first row holds every channel's first value (any layout)
+    x = layout(values.to(DEVICE))
     _, mean, var, _, _ = tg.forward_train(x, None, None, EPS, 1)
     saved = ref.batch_norm_train(*_f64(x), axis=1, eps=EPS)[1]
-    _close(mean, saved.mean, rtol=1e-7, atol=0)
+    _close(mean, saved.mean, rtol=1e-7 if first is None else 3e-7, atol=0)
     _close(var, saved.var, rtol=1e-5, atol=0)
 
 
@@ -396,22 +408,31 @@ def test_large_mean_with_default_tiles(shape, layout):
 def test_extreme_values_as_the_reference(tiles):
     """A constant channel near the float32 maximum has mean 3e38 and variance 0 (no overflow in
     the sums or the merge); a channel holding inf has mean inf, one holding both infinities or a
-    NaN has mean NaN; the ordinary channel beside them is unaffected."""
+    NaN has mean NaN; a channel whose shift is 0 (its first value) and whose other values are
+    3e38 has the reference's finite mean (the tile sums are of x / n_t); an ordinary channel
+    is unaffected."""
     x = torch.randn(40, 5, 3, generator=torch.Generator().manual_seed(3))
     x[:, 0] = 3e38
     x[:, 1] = -3e38
     x[7, 2, 1] = math.inf
     x[3, 3, 0], x[9, 3, 2] = math.inf, -math.inf
     x[5, 4, 1] = math.nan
+    x = torch.cat([x, x[:, :1]], 1)
+    x[:, 5] = 3e38
+    x[0, 5, 0] = 0.0  # the shift is 0: a plain sum of the rest would overflow
     with tg.tuning(**(tiles or {})):
         y, mean, var, _, _ = tg.forward_train(x.to(DEVICE), None, None, EPS, 1)
-        ordinary = tg.forward_train(x[:, :1].normal_().to(DEVICE), None, None, EPS, 1)[1]
+        plain = torch.randn(40, 1, 3, generator=torch.Generator().manual_seed(4))
+        ordinary = tg.forward_train(plain.to(DEVICE), None, None, EPS, 1)[1]
     assert mean[0].item() == pytest.approx(3e38) and mean[1].item() == pytest.approx(-3e38)
     assert var[0].item() == 0.0 and var[1].item() == 0.0
     assert (y[:, :2] == 0).all()
     assert mean[2].item() == math.inf
     assert math.isnan(mean[3].item()) and math.isnan(mean[4].item())
-    expected = ref.batch_stats(x[:, :1].double().numpy(), axis=1)
+    want = ref.batch_stats(x[:, 5:].numpy(), 1)  # float32: mean 2.9e38, variance overflows
+    assert mean[5].item() == pytest.approx(float(want.mean[0]), rel=1e-6)
+    assert not math.isfinite(var[5].item()) and not math.isfinite(float(want.var[0]))
+    expected = ref.batch_stats(plain.double().numpy(), axis=1)
     _close(ordinary, torch.from_numpy(expected.mean), **STATS_TOL)
 
 

@@ -130,7 +130,8 @@ def _load_relu_mask(
 # merged below are then of x - K, a few standard deviations at most, so float32 keeps their
 # digits where a mean near 1e4 would be off by ulps of 1e4 (~1e-3). Per split, for each tile
 # (n_t values, all in registers) the corrected two-pass moments of d = x - K
-#     mean_t = sum(d) / n_t,   e = d - mean_t,   M2_t = sum(e^2) - sum(e)^2 / n_t
+#     m = sum(d / n_t),   e = x - (K + m),   mean_t = m + sum(e) / n_t,
+#     M2_t = sum(e^2) - sum(e)^2 / n_t
 # merged into the split's running (count, mean, M2) with the exact parallel formula of Chan,
 # Golub & LeVeque (1979):
 #     delta = mean_t - mean,  count' = count + n_t,
@@ -197,11 +198,19 @@ def _stats_partial_kernel(
         rows = tl.minimum(outer - (t // tiles_i) * BLOCK_O, BLOCK_O)
         cols = tl.minimum(inner - (t % tiles_i) * BLOCK_I, BLOCK_I)
         n_t = (rows * cols).to(tl.float32)
-        d = tl.where(valid, x - shift[None, :, None], 0.0)
-        mean_t = tl.sum(tl.sum(d, axis=2), axis=0) / n_t
-        e = tl.where(valid, d - mean_t[None, :, None], 0.0)
+        # Summed as d / n_t, like the reference's fallback: finite d cannot overflow the sum.
+        d = tl.where(valid, (x - shift[None, :, None]) * (1.0 / n_t), 0.0)
+        mean_t = tl.sum(tl.sum(d, axis=2), axis=0)
+        # The second pass centres x itself on the tile mean M (x - M is exact where x and M
+        # are within a factor 2), not d, which rounds when K is far from the data.
+        centre = shift + mean_t
+        e = tl.where(valid, x - centre[None, :, None], 0.0)
         s1 = tl.sum(tl.sum(e, axis=2), axis=0)
         m2_t = tl.sum(tl.sum(e * e, axis=2), axis=0) - s1 * (s1 / n_t)
+        # s1 is what the first sum's rounding left, large when K is an outlier: it corrects
+        # the mean as well, which M2 is already about. Where x holds an inf, s1 is NaN and
+        # the mean stays the plain sum's.
+        mean_t = tl.where(s1 - s1 == 0.0, (centre - shift) + s1 / n_t, mean_t)
         count, mean, m2 = _chan_merge(count, mean, m2, n_t, mean_t, m2_t)
     out = split * channels + c
     keep = c < channels
