@@ -66,7 +66,7 @@ def test_report_quick_writes_a_page_whose_every_file_exists(tmp_path):
     assert f"{drift:.3g} without the mean's gradient" in text
     if status["stages"]["verify"]["state"] == "ok":
         rows = json.loads((out / "verify" / "verify.json").read_text())["rows"]
-        gaps = [1 / r["error"] for r in rows if "(1/gap)" in r["name"]]
+        gaps = [1 / r["error"] if r["error"] else 0.0 for r in rows if "(1/gap)" in r["name"]]
         assert gaps and all(f"{gap:.3g}" in text for gap in gaps)
     targets = json.loads((out / "bench" / "bench.json").read_text())["summary"]["targets"]
     met = sum(1 for t in targets.values() if isinstance(t, dict) and t["met"])
@@ -199,6 +199,31 @@ def test_replot_refuses_records_of_another_experiment_or_unreadable_ones(tmp_pat
     assert "cannot read" in capsys.readouterr().err
 
 
+def test_verify_mutants_and_bench_note_read_their_records(tmp_path):
+    # A mutant whose gap is 0 (1/gap = inf, stored as null) is the failure that matters: it
+    # must be shown as a gap of 0 that failed, in the mutants' table.
+    (tmp_path / "verify").mkdir()
+    rows = [
+        {"name": "forward", "error": 1e-16, "tolerance": 1e-12, "passed": True, "note": ""},
+        {"name": "mean as constant differs from true dx (1/gap)", "error": None,
+         "tolerance": 100.0, "passed": False, "note": "relative gap 0"},
+        {"name": "var as constant differs from true dx (1/gap)", "error": 0.25,
+         "tolerance": 100.0, "passed": True, "note": "relative gap 4"},
+    ]  # fmt: skip
+    (tmp_path / "verify" / "verify.json").write_text(json.dumps({"rows": rows}))
+    page = report._verify_body(tmp_path)
+    errors, mutants = page.split("Mutants that must be rejected")
+    assert "(1/gap)" not in page and "forward" in errors
+    assert "mean as constant differs from true dx" in mutants and ">0<" in mutants
+    assert ">4<" in mutants and "FAIL" in mutants
+    record = {
+        "summary": {"targets": {"a": {"met": True}, "b": {"met": False}, "c": {"met": None}}},
+        "first_call": {"numba": {"warm_in_process": True, "first_calls_s": 0.01}},
+    }
+    note = report._bench_note(record)
+    assert "met in this run: 1 of 2." in note and "already compiled" in note
+
+
 def test_threads_bound_numba_as_well_as_torch_and_are_restored():
     # backend="auto" runs large evaluation batches on numba: its threads count too.
     import torch
@@ -206,6 +231,8 @@ def test_threads_bound_numba_as_well_as_torch_and_are_restored():
     from batchnorm.experiments.common import torch_threads
 
     numba = pytest.importorskip("numba")
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one numba thread at most: nothing to bound")
     before = (torch.get_num_threads(), numba.get_num_threads())
     with torch_threads(1):
         assert (torch.get_num_threads(), numba.get_num_threads()) == (1, 1)

@@ -150,7 +150,8 @@ def torch_threads(threads: int | None = 1) -> Iterator[None]:
     if threads is not None and threads < 0:
         raise ValueError(f"threads must be 0 (torch's own setting) or more, got {threads}")
     previous = torch.get_num_threads()
-    numba = _numba_or_none()
+    # Only when asked to set them: the first call starts numba's threading layer.
+    numba = _numba_or_none() if threads else None
     numba_previous = numba.get_num_threads() if numba else None
     if threads:
         torch.set_num_threads(int(threads))

@@ -16,6 +16,7 @@ import datetime as _dt
 import html
 import importlib
 import inspect
+import math
 import os
 import platform
 import sys
@@ -715,8 +716,11 @@ def _verify_body(out: Path) -> str:
     for row in ve["rows"]:
         # "X differs from true dx (1/gap)": a mutant that must be far from the truth; its
         # "error" is 1/gap, which reads backwards in an error table, so it gets its own.
-        if "(1/gap)" in row["name"] and row.get("error"):
-            gap, least = 1.0 / row["error"], 1.0 / row["tolerance"]
+        if "(1/gap)" in row["name"]:
+            # A gap of 0 (the failure that matters) has 1/gap = inf, stored as null.
+            error = row.get("error")
+            gap = 0.0 if error is None or error == math.inf else 1.0 / error
+            least = 1.0 / row["tolerance"]
             name = row["name"].replace(" (1/gap)", "")
             mutants.append({**row, "name": name, "gap": gap, "least": least})
         else:
@@ -787,8 +791,9 @@ def _bench_note(be: dict[str, Any]) -> str:
     """What the report's quick run (always ``bench.QUICK_SHAPES``) can and cannot say, with
     its own targets and first-call time."""
     targets = be.get("summary", {}).get("targets", {})
-    met = [k for k, v in targets.items() if isinstance(v, dict) and v.get("met")]
-    total = sum(isinstance(v, dict) for v in targets.values())
+    judged = [v for v in targets.values() if isinstance(v, dict) and v.get("met") is not None]
+    met = [v for v in judged if v["met"]]
+    total = len(judged)
     first = (be.get("first_call") or {}).get("numba") or {}
     parts = [
         "numba is this library's CPU kernels and numpy its reference (the oracle, not a "
@@ -803,7 +808,9 @@ def _bench_note(be: dict[str, Any]) -> str:
     )
     if total:
         parts.append(f"Issue targets met in this run: {len(met)} of {total}.")
-    if first.get("first_calls_s") is not None:
+    if first.get("warm_in_process"):
+        parts.append("numba's kernels were already compiled in this process.")
+    elif first.get("first_calls_s") is not None:
         cached = first.get("jit_cache_hits", 0)
         parts.append(
             f"numba's first calls took {first['first_calls_s']:.1f} s "
