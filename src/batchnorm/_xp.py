@@ -67,7 +67,7 @@ def per_channel(v: Array, ndim: int, axis: int, xp: Any) -> Array:
 
 def values_per_channel(shape: tuple[int, ...], axis: int) -> int:
     """m: how many values each channel's moments are taken over."""
-    return math.prod(s for i, s in enumerate(shape) if i != axis)
+    return math.prod([s for i, s in enumerate(shape) if i != axis])  # a list: dynamo traces it
 
 
 def check_floating(x: Array, xp: Any, name: str = "input") -> None:
