@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import tempfile
 from pathlib import Path
 
 __all__ = ["positive_int", "non_negative_int", "positive_float", "out_dir"]
@@ -45,8 +46,21 @@ def positive_float(text: str) -> float:
 
 
 def out_dir(text: str) -> Path:
-    """An output directory: it may exist, but not as a file."""
+    """An output directory: it may exist, but not as a file, and it (or, if it is still to be
+    made, its nearest existing parent) must be writable, so that a run cannot do all its work
+    and then fail to write it. Nothing is created here."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot create {text}: {existing} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise argparse.ArgumentTypeError(f"cannot write to {text} ({existing}: {reason})") from None
     return path

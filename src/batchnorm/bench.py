@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._args import non_negative_int, positive_int
+from ._args import non_negative_int, out_dir, positive_int
 
 __all__ = ["main", "PEERS", "Peer", "BackendPeer", "DEFAULT_SHAPES", "QUICK_SHAPES", "run"]
 
@@ -817,7 +817,8 @@ def _parser() -> argparse.ArgumentParser:
         "kernels and PyTorch on this machine; report speed-ups and multiples of copy time.",
     )
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (seconds)")
-    p.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory")
+    # A Path default is not passed through the type: only a given --out is created up front.
+    p.add_argument("--out", type=out_dir, default=Path("bench-out"), help="output directory")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", default="float32",
                    choices=["float32", "float64", "float16", "bfloat16"])  # fmt: skip

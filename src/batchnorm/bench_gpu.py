@@ -41,6 +41,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._args import out_dir
+
 __all__ = ["SCHEMA", "SHAPES", "build_parser", "main", "run_gpu_bench", "summarize"]
 
 SCHEMA = "batchnorm-gpu-bench/1"
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override the reduction grid size aimed at (default 8 per SM)",
     )
     p.add_argument("--device", default=None, help="cuda (default when present) or cpu")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="JSON directory")
+    p.add_argument("--out", type=out_dir, default=Path("benchmarks/results"), help="JSON directory")
     return p
 
 

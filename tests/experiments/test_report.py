@@ -176,6 +176,10 @@ def test_importing_the_experiments_imports_no_heavy_package():
         (["bench", "--quick", "--repeats", "0"], "--repeats: must be at least 1"),
         (["report", "--quick", "--out", "{file}"], "exists and is not a directory"),
         (["explain", "--out", "{file}"], "exists and is not a directory"),
+        (["explain", "--out", "{file}/x"], "afile is not a directory"),
+        (["report", "--quick", "--out", "{file}/x/y"], "afile is not a directory"),
+        (["experiment", "reparam", "--quick", "--out", "{file}/x"], "afile is not a directory"),
+        (["bench", "--quick", "--out", "{file}/x"], "afile is not a directory"),
         (["report", "--quick", "--out", "{dir}", "--data", "bogus"], "--data: unknown data set"),
     ],
 )
