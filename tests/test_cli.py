@@ -30,8 +30,10 @@ def test_verify_fails_on_a_wrong_backward(monkeypatch, capsys):
 
 
 def test_dispatcher_help_and_unknown(capsys):
-    assert cli.main([]) == 0
+    assert cli.main(["--help"]) == 0
     assert "verify" in capsys.readouterr().out
+    assert cli.main([]) == 2
+    assert "a command is required" in capsys.readouterr().err
     assert cli.main(["nonsense"]) == 2
     assert "unknown command" in capsys.readouterr().err
 
