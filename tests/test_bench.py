@@ -62,6 +62,7 @@ def test_quick_bench_writes_the_documented_json(tmp_path, capsys):
         assert summary["targets"][name]["met"] in (True, False)
     out = capsys.readouterr().out
     assert "speed-up" in out and "targets (numba" in out
+    assert "indicative only" in out  # quick shapes: the targets are not for them
 
 
 def test_peer_selection_and_bad_arguments(tmp_path, capsys):

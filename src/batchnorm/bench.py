@@ -699,7 +699,10 @@ def format_table(record: dict[str, Any]) -> str:
             lines.append(f"  {name}: skipped ({reason})")
     targets = record["summary"].get("targets")
     if targets:
-        lines.append(f"targets ({targets['peer']}, across shapes):")
+        ran = {(tuple(e["shape"]), e["layout"]) for e in record["results"]}
+        default = {(tuple(shape), layout) for shape, layout in DEFAULT_SHAPES}
+        note = "" if ran == default else " (set for the default shapes; indicative only here)"
+        lines.append(f"targets ({targets['peer']}, across shapes){note}:")
         for name, cell in targets.items():
             if name == "peer":
                 continue
