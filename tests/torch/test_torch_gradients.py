@@ -309,3 +309,43 @@ def test_torch_func_grad_and_jacrev_match_autograd(backend):
     scale = (module.weight / torch.sqrt(module.running_var + module.eps)).detach()
     want = torch.diag_embed(scale[None, :, None].expand(4, 3, 2).reshape(-1)).reshape(jac.shape)
     torch.testing.assert_close(jac, want)
+
+
+def test_eval_without_grad_skips_autograd_but_grad_and_transforms_do_not(monkeypatch):
+    """Where no gradient can be asked for, the forward is called without the autograd Function
+    (its per-call cost exceeded a small layer's kernels); a gradient, forward-mode AD and a
+    torch.func transform still go through it, and every path gives torch's numbers."""
+    import torch.autograd.forward_ad as fwAD
+
+    import batchnorm.torch.function as fn
+
+    calls = []
+    original = fn.BatchNormFunction.apply
+    monkeypatch.setattr(fn.BatchNormFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    ours, theirs = bt.BatchNorm2d(3, backend="reference"), torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        ours.running_mean.uniform_(-1, 1)
+        ours.running_var.uniform_(0.5, 2)
+        ours.weight.uniform_(0.5, 1.5)
+    theirs.load_state_dict(ours.state_dict())
+    ours.eval(), theirs.eval()
+    x = torch.randn(4, 3, 2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x))
+    assert calls == []
+    ours.weight.requires_grad_(False), theirs.weight.requires_grad_(False)
+    ours.bias.requires_grad_(False), theirs.bias.requires_grad_(False)
+    torch.testing.assert_close(ours(x), theirs(x))  # grad mode on, nothing requires grad
+    assert calls == []
+    xg = x.clone().requires_grad_()
+    ours(xg).sum().backward()
+    assert len(calls) == 1 and xg.grad is not None
+    tangent = torch.randn_like(x)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(ours(fwAD.make_dual(x, tangent))).tangent
+        want = fwAD.unpack_dual(theirs(fwAD.make_dual(x, tangent))).tangent
+    torch.testing.assert_close(got, want)
+    assert len(calls) == 2
+    got = torch.func.jvp(ours, (x,), (tangent,))[1]
+    torch.testing.assert_close(got, torch.func.jvp(theirs, (x,), (tangent,))[1])
+    assert len(calls) > 2

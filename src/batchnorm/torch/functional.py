@@ -14,7 +14,7 @@ import torch
 from .. import reference as ref
 from .._xp import per_channel
 from ..kernels import BackendUnavailable, select_backend
-from .function import AXIS, BatchNormFunction
+from .function import AXIS, apply_batch_norm
 
 __all__ = ["batch_norm", "explain_backend", "BackendUnavailable"]
 
@@ -103,7 +103,7 @@ def _batch_norm(
         return _empty_batch(input, weight, bias), None
 
     chosen, _ = select_backend(input, backend)
-    output, mean, var, _ = BatchNormFunction.apply(
+    output, mean, var, _ = apply_batch_norm(
         input,
         weight,
         bias,
