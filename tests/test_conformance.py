@@ -89,6 +89,17 @@ MUTANTS = {
         {"dx": "var_constant"},
     ),
     "no gradient through either moment": (DX, "dx = dx_hat / std", {}, {"dx": "both_constant"}),
+    "eps ignored (hard-coded 1e-5)": (
+        'eps = bn_param.get("eps", 1e-5)',
+        "eps = 1e-5",
+        {},
+        {
+            "forward(train)": "eps_fixed",
+            "forward(eval)": "eval_eps_fixed",
+            "dx": "eps_fixed",
+            "dgamma": "eps_fixed",
+        },
+    ),
     "eps outside the sqrt": (
         "std = np.sqrt(var + eps)",
         "std = np.sqrt(var) + eps",

@@ -39,6 +39,8 @@ MISTAKES: dict[str, str] = {
     "constants (dx = gamma * dy / sqrt(var + eps))",
     "eps_outside_sqrt": "eps added outside the square root: (x - mean) / (sqrt(var) + eps)",
     "eps_missing": "leaves eps out: (x - mean) / sqrt(var)",
+    "eps_fixed": "ignores the eps it is given: consistent with a hard-coded eps = 1e-5 "
+    "(PyTorch's default)",
     "eps_missing_backward": "dx leaves eps out of its 1/sqrt(var + eps) factor "
     "(gamma / sqrt(var) * ...)",
     "unbiased_normalize": "normalises with the unbiased variance (divides by m - 1; "
@@ -53,6 +55,8 @@ MISTAKES: dict[str, str] = {
     "eval_eps_outside_sqrt": "eval adds eps outside the square root: "
     "(x - running_mean) / (sqrt(running_var) + eps)",
     "eval_eps_missing": "eval leaves eps out: (x - running_mean) / sqrt(running_var)",
+    "eval_eps_fixed": "eval ignores the eps it is given: consistent with a hard-coded "
+    "eps = 1e-5 (PyTorch's default)",
     "forward_stats": "consistent with the (wrong) mean/variance of this implementation's own "
     "forward (see forward(train))",
     "not_updated": "running statistics were not updated",
@@ -127,10 +131,14 @@ def _unbiased_invstd(stats: ref.BatchStats, eps: float) -> np.ndarray:
     return ref.inverse_std(stats.var * stats.count / (stats.count - 1), eps)
 
 
+#: The eps an implementation that ignores its argument most likely hard-codes.
+DEFAULT_EPS = 1e-5
+
+
 def forward_candidates(x, gamma, beta, axis: int, eps: float) -> dict[str, np.ndarray]:
     """Training-forward outputs of the mistakes that change the forward."""
     stats = ref.batch_stats(x, axis)
-    return {
+    out = {
         "eps_outside_sqrt": _train_with(
             x, gamma, beta, axis, stats.mean, _eps_outside(stats.var, eps)
         ),
@@ -139,6 +147,11 @@ def forward_candidates(x, gamma, beta, axis: int, eps: float) -> dict[str, np.nd
             x, gamma, beta, axis, stats.mean, _unbiased_invstd(stats, eps)
         ),
     }
+    if eps != DEFAULT_EPS:  # at the default, ignoring eps changes nothing
+        out["eps_fixed"] = _train_with(
+            x, gamma, beta, axis, stats.mean, ref.inverse_std(stats.var, DEFAULT_EPS)
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -258,6 +271,10 @@ def backward_candidates(
             dy, x, gamma, axis, stats.mean, _unbiased_invstd(stats, eps)
         ),
     }
+    if eps != DEFAULT_EPS:
+        grads["eps_fixed"] = _grads_with(
+            dy, x, gamma, axis, stats.mean, ref.inverse_std(stats.var, DEFAULT_EPS)
+        )
     exact = _grads_with(dy, x, gamma, axis, stats.mean, invstd)
     # Only the leading factor loses eps; x_hat inside the bracket keeps it.
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -278,6 +295,15 @@ def eval_candidates(x, running_mean, running_var, gamma, beta, axis, eps) -> dic
             x, gamma, beta, axis, running_mean, _eps_outside(running_var, eps)
         ),
         "eval_eps_missing": _train_with(x, gamma, beta, axis, running_mean, _no_eps(running_var)),
+        **(
+            {}
+            if eps == DEFAULT_EPS
+            else {
+                "eval_eps_fixed": _train_with(
+                    x, gamma, beta, axis, running_mean, ref.inverse_std(running_var, DEFAULT_EPS)
+                )
+            }
+        ),
     }
 
 
