@@ -230,25 +230,14 @@ def _differentiable_backward(ctx, dy, x, weight, mean, invstd):
     return dx, sum_dy_xhat, sum_dy
 
 
-def apply_batch_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    training: bool,
-    eps: float,
-    backend: Any,
-    through_mean: bool = True,
-    through_var: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def apply_batch_norm(*args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``BatchNormFunction.apply`` where a gradient can be asked for; the same forward called
     directly where none can (no input requires grad, or grad mode is off, and no forward-mode
     AD or torch.func transform is active): an evaluation layer then skips the autograd
     machinery, which on a small layer cost more than the kernel (``Function.apply`` inspects
-    the forward's signature on every call)."""
-    args = (x, weight, bias, running_mean, running_var, training, eps, backend)
-    switches = (through_mean, through_var)
+    the forward's signature on every call). ``args`` are those of ``BatchNormFunction.apply``.
+    """
+    x, weight, bias = args[:3]
     if (
         torch._C._are_functorch_transforms_active()
         or torch.autograd.forward_ad._current_level >= 0
@@ -257,5 +246,5 @@ def apply_batch_norm(
             and any(t is not None and t.requires_grad for t in (x, weight, bias))
         )
     ):
-        return BatchNormFunction.apply(*args, *switches)
-    return BatchNormFunction.forward(*args, *switches)
+        return BatchNormFunction.apply(*args)
+    return BatchNormFunction.forward(*args)
