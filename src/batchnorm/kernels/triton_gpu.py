@@ -355,12 +355,11 @@ def _partials(view: _View, n: int) -> list[torch.Tensor]:
 def _launch_combine(
     kernel: Any, plan: Plan, *args: Any, after: tuple[Any, ...] = (), **constants: Any
 ) -> None:
-    """``kernel(*args, channels, splits, *after)``, one program per block of channels: the merge
-    of the reduction programs' partials. ``index_64=...`` passes the constant ``INDEX_64``."""
+    """``kernel(*args, channels, splits, *after, **constants)``, one program per block of
+    channels: the merge of the reduction programs' partials."""
     block_c = _channel_block(plan.channels)
-    extra = {name.upper(): value for name, value in constants.items()}
     kernel[(_cdiv(plan.channels, block_c),)](
-        *args, plan.channels, plan.splits, *after, BLOCK_C=block_c, **extra
+        *args, plan.channels, plan.splits, *after, BLOCK_C=block_c, **constants
     )
 
 
@@ -413,7 +412,7 @@ def _stats(view: _View, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.T
         )
         _launch_combine(
             k._stats_combine_kernel, plan, *partials, x, plan.inner, mean, var, invstd,
-            after=(float(eps),), index_64=plan.index_64,
+            after=(float(eps),), INDEX_64=plan.index_64,
         )  # fmt: skip
     return mean, var, invstd
 
