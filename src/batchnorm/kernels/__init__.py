@@ -1,10 +1,13 @@
-"""Backends: the same named stages as ``batchnorm.reference``, implemented fast.
+"""Backends: the same named stages as ``batchnorm.reference``, implemented fast, by name.
 
-A backend is an object with the methods of :class:`Backend`, taking arrays (torch tensors; the
-Numba backend also NumPy arrays) whose channel axis has already been validated and normalised.
-Statistics (``mean``, ``var``, ``invstd``) are float32 for float32/float16/bfloat16 input and
-float64 for float64 input. Backends are imported lazily, only when asked for, so importing
-``batchnorm`` never imports numba or triton.
+A backend implements the stage protocol :class:`Backend` (defined, with the compositions
+``forward_train``/``backward_train``, in ``batchnorm.reference.stages``, whose docstring is the
+contract): ``batch_stats``, ``elemt`` (optionally fused with a residual add and ReLU),
+``forward_infer``, ``backward_reduce``, ``backward_elemt`` (with the moments-as-constants
+switches), ``relu_backward``, and optionally fused ``forward_train``/``backward_train``. Inputs
+arrive validated, with a non-negative channel axis. Statistics (``mean``, ``var``, ``invstd``)
+are float32 for float32/float16/bfloat16 input and float64 for float64 input. Backends are
+imported lazily, only when asked for, so importing ``batchnorm`` never imports numba or triton.
 
 ``backend="auto"`` picks the first available of ``AUTO_ORDER[device]``, skipping a backend for
 inputs smaller than its ``auto_min_numel`` (where its launch cost exceeds the work); an
@@ -14,22 +17,33 @@ explicitly named backend that cannot run raises :class:`BackendUnavailable` with
 from __future__ import annotations
 
 import importlib
-from typing import Any, Protocol
+from typing import Any
 
-from .._xp import values_per_channel
-from ..reference import backward_elemt as _ref_backward_elemt
-from ..reference import backward_reduce as _ref_backward_reduce
-from ..reference import batch_norm_infer as _ref_infer
-from ..reference import batch_stats as _ref_stats
-from ..reference import elemt as _ref_elemt
-from ..reference import inverse_std as _ref_inverse_std
+from ..reference.stages import (
+    Backend,
+    BackwardOut,
+    Elemt,
+    ForwardOut,
+    ReferenceStages,
+    backward_train,
+    compose_backward_train,
+    compose_forward_train,
+    forward_train,
+)
 
 __all__ = [
     "Backend",
     "BackendUnavailable",
+    "BackwardOut",
+    "Elemt",
+    "ForwardOut",
     "ReferenceBackend",
     "REGISTRY",
     "AUTO_ORDER",
+    "backward_train",
+    "compose_backward_train",
+    "compose_forward_train",
+    "forward_train",
     "register",
     "get_backend",
     "select_backend",
@@ -43,79 +57,8 @@ class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run on this input; the message says why."""
 
 
-class Backend(Protocol):
-    name: str
-
-    def unavailable_reason(self, x: Array) -> str | None:
-        """``None`` if this backend can run on ``x`` (device, dtype, layout), else why not."""
-
-    def forward_train(
-        self, x: Array, weight: Array | None, bias: Array | None, eps: float, axis: int
-    ) -> tuple[Array, Array, Array, Array]:
-        """Fused stats + elemt. Returns ``(y, mean, var, invstd)``; var is biased."""
-
-    def forward_infer(
-        self,
-        x: Array,
-        running_mean: Array,
-        running_var: Array,
-        weight: Array | None,
-        bias: Array | None,
-        eps: float,
-        axis: int,
-    ) -> Array: ...
-
-    def backward_reduce(
-        self, dy: Array, x: Array, mean: Array, invstd: Array, axis: int
-    ) -> tuple[Array, Array]:
-        """``(sum_dy, sum_dy_xhat)`` per channel."""
-
-    def backward_elemt(
-        self,
-        dy: Array,
-        x: Array,
-        mean: Array,
-        invstd: Array,
-        weight: Array | None,
-        sum_dy: Array,
-        sum_dy_xhat: Array,
-        count: int,
-        axis: int,
-    ) -> Array: ...
-
-    def backward_train(
-        self, dy: Array, x: Array, mean: Array, invstd: Array, weight: Array | None, axis: int
-    ) -> tuple[Array, Array, Array]:
-        """Fused reduce + elemt. Returns ``(dx, dweight, dbias)`` = (dx, sum_dy_xhat, sum_dy)."""
-
-
-class ReferenceBackend:
-    """The array-API reference: any device, any floating dtype; the correctness oracle."""
-
-    name = "reference"
-
-    def unavailable_reason(self, x: Array) -> str | None:
-        return None
-
-    def forward_train(self, x, weight, bias, eps, axis):
-        stats = _ref_stats(x, axis)
-        invstd = _ref_inverse_std(stats.var, eps)
-        return _ref_elemt(x, stats.mean, invstd, weight, bias, axis), stats.mean, stats.var, invstd
-
-    def forward_infer(self, x, running_mean, running_var, weight, bias, eps, axis):
-        return _ref_infer(x, running_mean, running_var, weight, bias, axis=axis, eps=eps)
-
-    def backward_reduce(self, dy, x, mean, invstd, axis):
-        return _ref_backward_reduce(dy, x, mean, invstd, axis)
-
-    def backward_elemt(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, axis):
-        return _ref_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, axis)
-
-    def backward_train(self, dy, x, mean, invstd, weight, axis):
-        sum_dy, sum_dy_xhat = self.backward_reduce(dy, x, mean, invstd, axis)
-        count = values_per_channel(tuple(x.shape), axis)
-        dx = self.backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, axis)
-        return dx, sum_dy_xhat, sum_dy
+#: The array-API reference's stages: any device, any floating dtype; the correctness oracle.
+ReferenceBackend = ReferenceStages
 
 
 #: name -> "module:attribute" of a zero-argument factory or class; imported on first use.

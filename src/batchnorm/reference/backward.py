@@ -24,20 +24,16 @@ from .._xp import (
     Array,
     check_floating,
     check_same_shape,
-    compute_dtype,
     namespace,
     per_channel,
     reduce_axes,
 )
-from .forward import Saved, check_input, normalize
-from .stats import inverse_std
+from .forward import normalize
 
 __all__ = [
     "Grads",
     "backward_reduce",
     "backward_elemt",
-    "backward",
-    "backward_infer",
     "check_grad_output",
 ]
 
@@ -97,60 +93,3 @@ def backward_elemt(
         inner = inner - x_hat * per_channel(sum_dy_xhat / count, nd, axis, xp)
     scale = invstd if gamma is None else xp.astype(gamma, mean.dtype) * invstd
     return xp.astype(inner * per_channel(scale, nd, axis, xp), x.dtype)
-
-
-def backward(
-    dy: Array,
-    saved: Saved,
-    *,
-    through_mean: bool = True,
-    through_var: bool = True,
-) -> Grads:
-    """Gradient of the training forward: ``backward_reduce`` then ``backward_elemt``."""
-    check_grad_output(dy, saved.x)
-    sum_dy, sum_dy_xhat = backward_reduce(dy, saved.x, saved.mean, saved.invstd, saved.axis)
-    dx = backward_elemt(
-        dy,
-        saved.x,
-        saved.mean,
-        saved.invstd,
-        saved.gamma,
-        sum_dy,
-        sum_dy_xhat,
-        saved.count,
-        saved.axis,
-        through_mean=through_mean,
-        through_var=through_var,
-    )
-    return Grads(dx, sum_dy_xhat, sum_dy)
-
-
-def backward_infer(
-    dy: Array,
-    x: Array,
-    running_mean: Array,
-    running_var: Array,
-    gamma: Array | None = None,
-    *,
-    axis: int = 1,
-    eps: float = 1e-5,
-) -> Grads:
-    """Gradient of the inference forward: moments are constants here, dx = gamma*invstd*dy."""
-    xp, axis = check_input(
-        x,
-        axis,
-        eps,
-        training=False,
-        gamma=gamma,
-        running_mean=running_mean,
-        running_var=running_var,
-        need_running=True,
-    )
-    check_grad_output(dy, x)
-    cdt = compute_dtype(x.dtype, xp)
-    mean = xp.astype(running_mean, cdt)
-    invstd = inverse_std(xp.astype(running_var, cdt), eps)
-    sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd, axis)
-    scale = invstd if gamma is None else xp.astype(gamma, cdt) * invstd
-    dx = xp.astype(xp.astype(dy, cdt) * per_channel(scale, x.ndim, axis, xp), x.dtype)
-    return Grads(dx, sum_dy_xhat, sum_dy)

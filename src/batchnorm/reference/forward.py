@@ -20,15 +20,14 @@ from .._xp import (
     per_channel,
     values_per_channel,
 )
-from .stats import batch_stats, inverse_std
+from .stats import inverse_std
 
 __all__ = [
     "Saved",
     "check_input",
     "normalize",
     "elemt",
-    "batch_norm_train",
-    "batch_norm_infer",
+    "batch_norm_infer_unchecked",
     "fold",
 ]
 
@@ -50,6 +49,9 @@ class Saved:
     axis: int
     eps: float
     count: int
+    #: The stages that ran the forward (``backward`` runs the same backend's by default);
+    #: None for the reference's own.
+    backend: Any = None
 
 
 def check_input(
@@ -112,59 +114,31 @@ def elemt(
     gamma: Array | None,
     beta: Array | None,
     axis: int,
+    *,
+    out_dtype: Any = None,
 ) -> Array:
-    """The elementwise stage: ``y = gamma * (x - mean) * invstd + beta``, returned in x's dtype."""
+    """The elementwise stage: ``y = gamma * (x - mean) * invstd + beta``, returned in x's dtype
+    (or ``out_dtype``: the fused activations keep the compute dtype until their last step)."""
     xp = namespace(x)
     y = normalize(x, mean, invstd, axis)
     if gamma is not None:
         y = y * per_channel(xp.astype(gamma, mean.dtype), x.ndim, axis, xp)
     if beta is not None:
         y = y + per_channel(xp.astype(beta, mean.dtype), x.ndim, axis, xp)
-    return xp.astype(y, x.dtype)
+    return xp.astype(y, x.dtype if out_dtype is None else out_dtype)
 
 
-def batch_norm_train(
-    x: Array,
-    gamma: Array | None = None,
-    beta: Array | None = None,
-    *,
-    axis: int = 1,
-    eps: float = 1e-5,
-) -> tuple[Array, Saved]:
-    """Algorithm 1: normalise with the moments of this batch. Returns ``(y, saved)``.
-
-    ``axis`` is the channel axis (1 for (N, C, ...), -1 for channels-last). ``gamma``/``beta``
-    of shape (C,) are optional (no affine transform when omitted).
-    """
-    xp, axis = check_input(x, axis, eps, training=True, gamma=gamma, beta=beta)
-    stats = batch_stats(x, axis)
-    invstd = inverse_std(stats.var, eps)
-    y = elemt(x, stats.mean, invstd, gamma, beta, axis)
-    return y, Saved(x, stats.mean, stats.var, invstd, gamma, axis, float(eps), stats.count)
-
-
-def batch_norm_infer(
+def batch_norm_infer_unchecked(
     x: Array,
     running_mean: Array,
     running_var: Array,
-    gamma: Array | None = None,
-    beta: Array | None = None,
-    *,
-    axis: int = 1,
-    eps: float = 1e-5,
+    gamma: Array | None,
+    beta: Array | None,
+    axis: int,
+    eps: float,
 ) -> Array:
-    """Algorithm 2: normalise with population (running) estimates instead of batch moments."""
-    xp, axis = check_input(
-        x,
-        axis,
-        eps,
-        training=False,
-        gamma=gamma,
-        beta=beta,
-        running_mean=running_mean,
-        running_var=running_var,
-        need_running=True,
-    )
+    """Algorithm 2 on validated arguments: the reference's ``forward_infer`` stage."""
+    xp = namespace(x)
     cdt = compute_dtype(x.dtype, xp)
     mean = xp.astype(running_mean, cdt)
     invstd = inverse_std(xp.astype(running_var, cdt), eps)

@@ -1,0 +1,91 @@
+"""Numba kernels of the fused activation: ``y = relu(bn(x) [+ residual])`` with a 1-bit mask,
+and its backward through the mask.
+
+The mask keeps one bit per element, packed along each kernel row (``view`` of the launcher:
+(outer, C, inner) rows when ``inner`` is long, (outer, C * inner) otherwise), bit ``i % 8`` of
+byte ``i // 8``; a row is padded to whole bytes, so that no byte is shared by two rows and the
+rows can be written by different threads. A bit is set where the ReLU passed its input
+(z > 0): the gradient reaching batch norm's output is ``dy`` there and 0 elsewhere, as PyTorch's
+``threshold_backward`` gives it (0 at z = 0 and at NaN).
+
+``z`` is formed in the compute dtype, the residual added there, and the result rounded once to
+the storage dtype (PyTorch's unfused sequence rounds bn(x) before the add: 16-bit outputs may
+differ in the last bit).
+"""
+
+from __future__ import annotations
+
+import numba
+from numba import prange
+
+from .jit import _JIT, _at, _like, _load, _store
+
+__all__ = ["rows_relu_elemt", "cols_relu_elemt", "rows_relu_backward", "cols_relu_backward"]
+
+
+@numba.njit(**_JIT)
+def _relu_run(x, residual, has_residual, y, bits, mean, scale, shift):
+    """One row: y = relu((x - mean) * scale + shift [+ residual]), bits of z > 0."""
+    n = x.shape[0]
+    for j in range(bits.shape[0]):
+        byte = 0
+        for k in range(min(8, n - 8 * j)):
+            i = 8 * j + k
+            z = (_load(x[i]) - _at(mean, i)) * _at(scale, i) + _at(shift, i)
+            if has_residual:
+                z += _like(_load(residual[i]), z)
+            if z > 0:
+                byte |= 1 << k
+                y[i] = _store(y, z)
+            elif z != z:  # NaN passes through relu, as torch.relu(nan) = nan
+                y[i] = _store(y, z)
+            else:
+                y[i] = _store(y, _like(0.0, z))
+        bits[j] = byte
+
+
+@numba.njit(**_JIT)
+def _relu_backward_run(dy, bits, dz):
+    """One row: dz = dy where the bit is set, 0 elsewhere."""
+    n = dy.shape[0]
+    for j in range(bits.shape[0]):
+        byte = bits[j]
+        for k in range(min(8, n - 8 * j)):
+            i = 8 * j + k
+            if (byte >> k) & 1:
+                dz[i] = dy[i]
+            else:
+                dz[i] = 0
+
+
+@numba.njit(parallel=True, **_JIT)
+def rows_relu_elemt(x, residual, has_residual, mean, scale, shift, y, bits):
+    """Rows view (outer, C, inner); ``bits`` (outer, C, ceil(inner / 8)) uint8."""
+    outer, channels = x.shape[0], x.shape[1]
+    for item in prange(outer * channels):
+        n, c = item // channels, item % channels
+        _relu_run(
+            x[n, c], residual[n, c], has_residual, y[n, c], bits[n, c], mean[c], scale[c],
+            shift[c],
+        )  # fmt: skip
+
+
+@numba.njit(parallel=True, **_JIT)
+def cols_relu_elemt(x, residual, has_residual, mean_w, scale_w, shift_w, y, bits):
+    """Cols view (outer, W) with per-column coefficients; ``bits`` (outer, ceil(W / 8))."""
+    for n in prange(x.shape[0]):
+        _relu_run(x[n], residual[n], has_residual, y[n], bits[n], mean_w, scale_w, shift_w)
+
+
+@numba.njit(parallel=True, **_JIT)
+def rows_relu_backward(dy, bits, dz):
+    outer, channels = dy.shape[0], dy.shape[1]
+    for item in prange(outer * channels):
+        n, c = item // channels, item % channels
+        _relu_backward_run(dy[n, c], bits[n, c], dz[n, c])
+
+
+@numba.njit(parallel=True, **_JIT)
+def cols_relu_backward(dy, bits, dz):
+    for n in prange(dy.shape[0]):
+        _relu_backward_run(dy[n], bits[n], dz[n])

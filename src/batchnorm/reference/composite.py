@@ -1,0 +1,124 @@
+"""The public compositions: Algorithm 1 and 2 and their gradients, on the stages of any backend.
+
+Each validates every argument first (nothing runs on a bad call), then runs the named backend's
+stages through ``stages.forward_train`` / ``stages.backward_train`` (its fused versions where
+it has them). ``backend`` is ``None`` or ``"reference"`` (this package's own stages), a name
+from ``batchnorm.kernels.REGISTRY`` (``"numba"``, ``"triton"``, ``"auto"``), or a backend
+object; a named backend that cannot run on the input raises ``BackendUnavailable`` saying why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._xp import Array, compute_dtype, values_per_channel
+from .backward import Grads, check_grad_output
+from .forward import Saved, check_input
+from .stages import REFERENCE, Backend, backward_train, forward_train
+from .stats import inverse_std
+
+__all__ = ["backward", "backward_infer", "batch_norm_infer", "batch_norm_train", "resolve"]
+
+
+def resolve(backend: Any, x: Array) -> Backend:
+    """The stages ``backend`` names for input ``x`` (see the module docstring)."""
+    if backend is None or backend == "reference":
+        return REFERENCE
+    if isinstance(backend, str):
+        # Names live in the kernels' registry; looking one up is the reference's only reach
+        # above itself, and needs no backend imported until it is asked for.
+        from ..kernels import select_backend
+
+        return select_backend(x, backend)[0]
+    return backend
+
+
+def batch_norm_train(
+    x: Array,
+    gamma: Array | None = None,
+    beta: Array | None = None,
+    *,
+    axis: int = 1,
+    eps: float = 1e-5,
+    backend: Any = None,
+) -> tuple[Array, Saved]:
+    """Algorithm 1: normalise with the moments of this batch. Returns ``(y, saved)``.
+
+    ``axis`` is the channel axis (1 for (N, C, ...), -1 for channels-last). ``gamma``/``beta``
+    of shape (C,) are optional (no affine transform when omitted). ``backend`` picks whose
+    stages run (default: the reference's).
+    """
+    _, axis = check_input(x, axis, eps, training=True, gamma=gamma, beta=beta)
+    stages = resolve(backend, x)
+    out = forward_train(stages, x, gamma, beta, float(eps), axis)
+    count = values_per_channel(tuple(x.shape), axis)
+    saved = Saved(x, out.mean, out.var, out.invstd, gamma, axis, float(eps), count, stages)
+    return out.y, saved
+
+
+def batch_norm_infer(
+    x: Array,
+    running_mean: Array,
+    running_var: Array,
+    gamma: Array | None = None,
+    beta: Array | None = None,
+    *,
+    axis: int = 1,
+    eps: float = 1e-5,
+    backend: Any = None,
+) -> Array:
+    """Algorithm 2: normalise with population (running) estimates instead of batch moments."""
+    _, axis = check_input(
+        x, axis, eps, training=False, gamma=gamma, beta=beta,
+        running_mean=running_mean, running_var=running_var, need_running=True,
+    )  # fmt: skip
+    stages = resolve(backend, x)
+    return stages.forward_infer(x, running_mean, running_var, gamma, beta, float(eps), axis)
+
+
+def backward(
+    dy: Array,
+    saved: Saved,
+    *,
+    through_mean: bool = True,
+    through_var: bool = True,
+    backend: Any = None,
+) -> Grads:
+    """Gradient of the training forward: ``backward_reduce`` then ``backward_elemt`` (or the
+    backend's fused ``backward_train``), on the stages that ran the forward unless ``backend``
+    names others."""
+    check_grad_output(dy, saved.x)
+    stages = saved.backend if backend is None and saved.backend is not None else None
+    stages = stages or resolve(backend, saved.x)
+    out = backward_train(
+        stages, dy, saved.x, saved.mean, saved.invstd, saved.gamma, saved.axis,
+        through_mean=through_mean, through_var=through_var,
+    )  # fmt: skip
+    return Grads(out.dx, out.dgamma, out.dbeta)
+
+
+def backward_infer(
+    dy: Array,
+    x: Array,
+    running_mean: Array,
+    running_var: Array,
+    gamma: Array | None = None,
+    *,
+    axis: int = 1,
+    eps: float = 1e-5,
+    backend: Any = None,
+) -> Grads:
+    """Gradient of the inference forward: moments are constants here, dx = gamma*invstd*dy."""
+    xp, axis = check_input(
+        x, axis, eps, training=False, gamma=gamma,
+        running_mean=running_mean, running_var=running_var, need_running=True,
+    )  # fmt: skip
+    check_grad_output(dy, x)
+    stages = resolve(backend, x)
+    cdt = compute_dtype(x.dtype, xp)
+    mean = xp.astype(running_mean, cdt)
+    invstd = inverse_std(xp.astype(running_var, cdt), eps)
+    out = backward_train(
+        stages, dy, x, mean, invstd, gamma, axis, through_mean=False, through_var=False
+    )
+    return Grads(out.dx, out.dgamma, out.dbeta)

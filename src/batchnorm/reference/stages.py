@@ -1,0 +1,262 @@
+"""The stage protocol: what every backend implements, and the compositions built on it.
+
+Batch normalization is two per-channel reductions with elementwise maps between them. A
+*backend* is an object with these methods (``batchnorm.kernels`` registers them by name; the
+reference's own stages are :class:`ReferenceStages`)::
+
+    batch_stats(x, axis)                                   -> BatchStats(count, mean, var)
+    elemt(x, mean, invstd, gamma, beta, axis, *, residual=None, relu=False)
+                                                           -> Elemt(y, relu_mask)
+    forward_infer(x, running_mean, running_var, gamma, beta, eps, axis)   -> y
+    backward_reduce(dy, x, mean, invstd, axis)             -> (sum_dy, sum_dy_xhat)
+    backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis, *,
+                   through_mean=True, through_var=True)    -> dx
+    relu_backward(dy, x, relu_mask, axis)                  -> dy where the ReLU passed, else 0
+    unavailable_reason(x)                                  -> None, or why it cannot run on x
+
+and optionally the fused compositions ``forward_train`` and ``backward_train`` with the
+signatures of :func:`compose_forward_train` and :func:`compose_backward_train` (less the
+first argument); :func:`forward_train` and :func:`backward_train` call a backend's own where it
+has one, and compose its stages where it has not. ``merge_stats`` (the exact parallel merge) is
+written once, in ``reference.stats``, and serves every backend.
+
+Conventions every backend keeps:
+
+* Inputs are validated by the caller (``reference.check_input`` and friends) and ``axis`` is
+  already a non-negative channel axis. Outputs have x's kind (NumPy array or torch tensor),
+  dtype and memory layout.
+* Statistics and sums (``mean``, ``var``, ``invstd``, ``sum_dy``, ``sum_dy_xhat``) are in the
+  compute dtype: float64 for float64 input, float32 for float32/float16/bfloat16. ``var`` is
+  the biased batch variance; ``count`` is m, the values per channel (a Python int from
+  ``batch_stats``; ``backward_elemt`` also takes the 0-d array ``merge_stats`` returns).
+* ``relu_mask`` is the backend's own record of where the fused ReLU passed its input (the
+  reference: a boolean array; the fast backends: 1 bit per element). Only the backend that
+  wrote it reads it.
+* Room to grow: options of the stages are keyword-only, so a per-position mask (padded
+  sequences) becomes ``batch_stats(x, axis, *, mask=None)`` and
+  ``backward_reduce(..., *, mask=None)`` with a per-channel ``count``, not a second protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+from .._xp import Array, namespace, values_per_channel
+from .backward import backward_elemt, backward_reduce
+from .forward import batch_norm_infer_unchecked, elemt
+from .stats import BatchStats, batch_stats, inverse_std
+
+__all__ = [
+    "Backend",
+    "BackwardOut",
+    "Elemt",
+    "ForwardOut",
+    "REFERENCE",
+    "ReferenceStages",
+    "backward_train",
+    "compose_backward_train",
+    "compose_forward_train",
+    "forward_train",
+]
+
+
+class Elemt(NamedTuple):
+    """What the elementwise stage returns: ``y`` and, with ``relu=True``, the ReLU mask."""
+
+    y: Array
+    relu_mask: Any
+
+
+class ForwardOut(NamedTuple):
+    """A training forward: the output, the batch moments (var biased), invstd and ReLU mask."""
+
+    y: Array
+    mean: Array
+    var: Array
+    invstd: Array
+    relu_mask: Any
+
+
+class BackwardOut(NamedTuple):
+    """A training backward: ``dgamma = sum_dy_xhat``, ``dbeta = sum_dy`` (compute dtype) and,
+    when asked for, the gradient reaching the residual of a fused BN+add+ReLU."""
+
+    dx: Array
+    dgamma: Array
+    dbeta: Array
+    dresidual: Array | None
+
+
+class Backend(Protocol):
+    """The stages, by the names of ``batchnorm.reference``; see the module docstring."""
+
+    name: str
+
+    def unavailable_reason(self, x: Array) -> str | None: ...
+
+    def batch_stats(self, x: Array, axis: int) -> BatchStats: ...
+
+    def elemt(
+        self,
+        x: Array,
+        mean: Array,
+        invstd: Array,
+        gamma: Array | None,
+        beta: Array | None,
+        axis: int,
+        *,
+        residual: Array | None = None,
+        relu: bool = False,
+    ) -> Elemt: ...
+
+    def forward_infer(
+        self,
+        x: Array,
+        running_mean: Array,
+        running_var: Array,
+        gamma: Array | None,
+        beta: Array | None,
+        eps: float,
+        axis: int,
+    ) -> Array: ...
+
+    def backward_reduce(
+        self, dy: Array, x: Array, mean: Array, invstd: Array, axis: int
+    ) -> tuple[Array, Array]: ...
+
+    def backward_elemt(
+        self,
+        dy: Array,
+        x: Array,
+        mean: Array,
+        invstd: Array,
+        gamma: Array | None,
+        sum_dy: Array | None,
+        sum_dy_xhat: Array | None,
+        count: Any,
+        axis: int,
+        *,
+        through_mean: bool = True,
+        through_var: bool = True,
+    ) -> Array: ...
+
+    def relu_backward(self, dy: Array, x: Array, relu_mask: Any, axis: int) -> Array: ...
+
+
+def compose_forward_train(
+    stages: Backend,
+    x: Array,
+    gamma: Array | None,
+    beta: Array | None,
+    eps: float,
+    axis: int,
+    *,
+    residual: Array | None = None,
+    relu: bool = False,
+) -> ForwardOut:
+    """Algorithm 1 from the stages: ``batch_stats`` -> ``inverse_std`` -> ``elemt``."""
+    stats = stages.batch_stats(x, axis)
+    invstd = inverse_std(stats.var, eps)
+    y, relu_mask = stages.elemt(
+        x, stats.mean, invstd, gamma, beta, axis, residual=residual, relu=relu
+    )
+    return ForwardOut(y, stats.mean, stats.var, invstd, relu_mask)
+
+
+def compose_backward_train(
+    stages: Backend,
+    dy: Array,
+    x: Array,
+    mean: Array,
+    invstd: Array,
+    gamma: Array | None,
+    axis: int,
+    *,
+    through_mean: bool = True,
+    through_var: bool = True,
+    relu_mask: Any = None,
+    residual_grad: bool = False,
+) -> BackwardOut:
+    """The compact backward from the stages: [``relu_backward``] -> ``backward_reduce`` ->
+    ``backward_elemt``. With ``relu_mask`` the gradient first goes back through the fused ReLU;
+    that masked gradient is also the residual's (``residual_grad``)."""
+    if relu_mask is not None:
+        dy = stages.relu_backward(dy, x, relu_mask, axis)
+    elif residual_grad:
+        raise ValueError("residual_grad needs the relu_mask of the fused forward")
+    sum_dy, sum_dy_xhat = stages.backward_reduce(dy, x, mean, invstd, axis)
+    count = values_per_channel(tuple(x.shape), axis)
+    dx = stages.backward_elemt(
+        dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis,
+        through_mean=through_mean, through_var=through_var,
+    )  # fmt: skip
+    return BackwardOut(dx, sum_dy_xhat, sum_dy, dy if residual_grad else None)
+
+
+def forward_train(stages: Backend, *args: Any, **kwargs: Any) -> ForwardOut:
+    """The backend's fused ``forward_train`` if it has one, else :func:`compose_forward_train`."""
+    fused = getattr(stages, "forward_train", None)
+    if fused is None:
+        return compose_forward_train(stages, *args, **kwargs)
+    return fused(*args, **kwargs)
+
+
+def backward_train(stages: Backend, *args: Any, **kwargs: Any) -> BackwardOut:
+    """The backend's fused ``backward_train`` if it has one, else
+    :func:`compose_backward_train`."""
+    fused = getattr(stages, "backward_train", None)
+    if fused is None:
+        return compose_backward_train(stages, *args, **kwargs)
+    return fused(*args, **kwargs)
+
+
+class ReferenceStages:
+    """The reference's own stages as a backend: any array-API namespace, device and floating
+    dtype; the oracle every other backend is checked against. No fused compositions: it is
+    exactly :func:`compose_forward_train` / :func:`compose_backward_train` of its stages."""
+
+    name = "reference"
+
+    def unavailable_reason(self, x: Array) -> str | None:
+        return None
+
+    def batch_stats(self, x, axis):
+        return batch_stats(x, axis)
+
+    def elemt(self, x, mean, invstd, gamma, beta, axis, *, residual=None, relu=False):
+        if residual is None and not relu:
+            return Elemt(elemt(x, mean, invstd, gamma, beta, axis), None)
+        # Fused tail in the compute dtype, rounded once to x's dtype.
+        xp = namespace(x)
+        z = elemt(x, mean, invstd, gamma, beta, axis, out_dtype=mean.dtype)
+        if residual is not None:
+            z = z + xp.astype(residual, z.dtype)
+        relu_mask = None
+        if relu:
+            relu_mask = z > 0
+            # where(z > 0 or NaN): torch.relu passes NaN through
+            z = xp.where(relu_mask | xp.isnan(z), z, xp.zeros_like(z))
+        return Elemt(xp.astype(z, x.dtype), relu_mask)
+
+    def forward_infer(self, x, running_mean, running_var, gamma, beta, eps, axis):
+        return batch_norm_infer_unchecked(x, running_mean, running_var, gamma, beta, axis, eps)
+
+    def backward_reduce(self, dy, x, mean, invstd, axis):
+        return backward_reduce(dy, x, mean, invstd, axis)
+
+    def backward_elemt(
+        self, dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis, *,
+        through_mean=True, through_var=True,
+    ):  # fmt: skip
+        return backward_elemt(
+            dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis,
+            through_mean=through_mean, through_var=through_var,
+        )  # fmt: skip
+
+    def relu_backward(self, dy, x, relu_mask, axis):
+        xp = namespace(dy)
+        return xp.where(relu_mask, dy, xp.zeros_like(dy))
+
+
+#: The reference's stages (what ``backend=None`` and ``"reference"`` mean everywhere).
+REFERENCE = ReferenceStages()
