@@ -682,7 +682,7 @@ def test_kernels_compile_for_gpu():
     src = str(Path(batchnorm.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     done = subprocess.run(
-        [sys.executable, "-m", "batchnorm.kernels._triton_compile_check"],
+        [sys.executable, "-m", "batchnorm.kernels.triton_gpu.compile_check"],
         env=env,
         capture_output=True,
         text=True,

@@ -1,7 +1,8 @@
-"""The autograd ``Function``: the backend's stages forward, the library's derived backward.
+"""The autograd ``Function``: the backend's stages forward and backward.
 
-Forward runs ``backend.forward_train`` (fused stats + elemt) or ``backend.forward_infer``;
-backward runs the compact backward of ``batchnorm.reference.backward``::
+Forward runs the backend's ``forward_train`` (its fused one, or ``batch_stats`` + ``elemt``) or
+``forward_infer``; backward runs the same backend's compact backward (``backward_train``, or
+``backward_reduce`` + ``backward_elemt`` with the switches)::
 
     backward_reduce:  sum_dy = sum(dy),  sum_dy_xhat = sum(dy * x_hat)   -> dbias, dweight
     backward_elemt:   dx = weight*invstd/m * (m*dy - sum_dy - x_hat*sum_dy_xhat)
@@ -10,7 +11,8 @@ never autograd over primitive ops. Only ``x``, ``weight``, ``mean`` and ``invstd
 x_hat is recomputed from them in the backward pass.
 
 Double backward: when the backward itself runs with grad enabled (``create_graph=True``), the
-same reference formulas are evaluated with differentiable torch ops, and ``mean``/``invstd`` are
+reference's stages are evaluated with differentiable torch ops (the one backend whose stages
+are themselves differentiable), and ``mean``/``invstd`` are
 *recomputed from x* rather than taken from the saved (constant) tensors, because in training they
 are functions of x and the second derivative must see that. The gradient is then itself a
 differentiable function, as in Chainer, and autograd differentiates the derived formula.
@@ -97,7 +99,7 @@ class BatchNormFunction(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         fmt = memory_format_of(x)
         if training:
-            y, mean, var, invstd = backend.forward_train(x, weight, bias, eps, AXIS)
+            y, mean, var, invstd, _ = ref.forward_train(backend, x, weight, bias, eps, AXIS)
         else:
             y = backend.forward_infer(x, running_mean, running_var, weight, bias, eps, AXIS)
             cdt = compute_dtype(x.dtype, namespace(x))
@@ -180,32 +182,23 @@ class BatchNormFunction(torch.autograd.Function):
 
 def _backend_backward(ctx, dy, x, weight, mean, invstd):
     """First-order backward through the backend's stages (no graph is recorded)."""
-    backend, count = ctx.backend, values_per_channel(tuple(x.shape), AXIS)
+    backend = ctx.backend
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-    if getattr(backend, "name", None) != "reference":
-        # Fast kernels index dy with x's strides.
-        dy = dy.contiguous(memory_format=memory_format_of(x))
-    if need_x and ctx.training and ctx.through_mean and ctx.through_var:
-        return backend.backward_train(dy, x, mean, invstd, weight, AXIS)
+    # In eval the moments are constants (running statistics): both switches off.
+    through_mean = ctx.training and ctx.through_mean
+    through_var = ctx.training and ctx.through_var
+    if need_x and through_mean and through_var:
+        return ref.backward_train(backend, dy, x, mean, invstd, weight, AXIS)[:3]
     sum_dy = sum_dy_xhat = None
-    if need_weight or need_bias or (need_x and ctx.training):
+    if need_weight or need_bias or through_mean or through_var:
         sum_dy, sum_dy_xhat = backend.backward_reduce(dy, x, mean, invstd, AXIS)
     dx = None
     if need_x:
-        # In eval the moments are constants (running statistics): both switches off.
-        dx = ref.backward_elemt(
-            dy,
-            x,
-            mean,
-            invstd,
-            weight,
-            sum_dy,
-            sum_dy_xhat,
-            count,
-            AXIS,
-            through_mean=ctx.training and ctx.through_mean,
-            through_var=ctx.training and ctx.through_var,
-        )
+        count = values_per_channel(tuple(x.shape), AXIS)
+        dx = backend.backward_elemt(
+            dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, AXIS,
+            through_mean=through_mean, through_var=through_var,
+        )  # fmt: skip
     return dx, sum_dy_xhat, sum_dy
 
 

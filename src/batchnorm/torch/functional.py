@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .. import reference as ref
-from .._xp import per_channel
+from .._xp import check_eps, per_channel
 from ..kernels import BackendUnavailable, select_backend
 from .function import AXIS, apply_batch_norm
 
@@ -140,11 +140,15 @@ def check_call(
     training: bool,
     momentum: float | None,
     eps: float,
+    *,
+    global_batch: bool = False,
 ) -> bool:
     """Validate a ``batch_norm`` call completely, before any work or state change.
 
     Returns whether the running statistics are to be updated. Shared with the other layers
-    built on this one (SyncBatchNorm), so every entry point rejects the same inputs.
+    built on this one (SyncBatchNorm, the fused layers), so every entry point rejects the same
+    inputs. ``global_batch``: the batch is spread over ranks, so more than one value per
+    channel is for the caller to check on the global count (eps > 0 is still required).
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
@@ -156,11 +160,13 @@ def check_call(
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var must be given when training=False")
     # An empty batch is legal in PyTorch (it returns an empty output); only m = 1 is an error.
+    if training and global_batch:
+        check_eps(eps)
     ref.check_input(
         input,
         AXIS,
         eps,
-        training=bool(training) and input.numel() > 0,
+        training=bool(training) and input.numel() > 0 and not global_batch,
         gamma=weight,
         beta=bias,
         running_mean=running_mean,

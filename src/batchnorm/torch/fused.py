@@ -3,16 +3,14 @@
     batch_norm_relu:      y = relu(bn(x))
     batch_norm_add_relu:  y = relu(bn(x) + residual)      (the tail of a ResNet block)
 
-On the Triton backend the whole tail is one elementwise pass after the statistics, and instead of
-the activation the forward keeps a 1-bit-per-element mask of where the ReLU passed its input.
-Backward multiplies dy by the mask (the gradient reaching batch norm's output, which is also the
-residual's gradient) and runs the batch-norm backward on it, again in two passes. PyTorch's
-unfused sequence writes and re-reads the intermediate ``bn(x)`` (and ``bn(x) + residual``) and
-keeps the activation for the ReLU's backward.
-
-Everywhere else (CPU without ``TRITON_INTERPRET=1``, float64, an explicitly named other backend)
-the same result comes from ``batchnorm.torch.batch_norm`` followed by torch's add and ReLU, with
-autograd, so the modules run on any device.
+Every backend runs them: the tail is its ``elemt`` stage with ``residual`` and ``relu=True``,
+one elementwise pass after the statistics, and instead of the activation the forward keeps the
+backend's ReLU mask (1 bit per element on Numba and Triton, a boolean array on the reference).
+Backward sends dy back through the mask (the gradient reaching batch norm's output, which is
+also the residual's gradient) and runs the batch-norm backward on it: inside the kernels on
+Triton, as one extra pass on Numba. PyTorch's unfused sequence writes and re-reads the
+intermediate ``bn(x)`` (and ``bn(x) + residual``) and keeps the activation for the ReLU's
+backward. An empty batch takes the unfused sequence, which answers it as PyTorch does.
 
 Semantics are those of ``batchnorm.torch.batch_norm`` (PyTorch's ``F.batch_norm``): running
 statistics are updated in place in training (momentum weights the new batch, unbiased running
@@ -28,8 +26,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from .. import reference as ref
-from .._xp import check_same_shape
-from ..kernels import BackendUnavailable, get_backend
+from .._xp import check_same_shape, compute_dtype
+from ..kernels import select_backend
 from .function import AXIS, memory_format_of
 from .functional import _batch_norm, check_call, check_functional_momentum, write_batch_stats
 from .modules import _check_backend_name, forward_with_buffers
@@ -45,11 +43,11 @@ __all__ = [
 
 class FusedBatchNormReLUFunction(torch.autograd.Function):
     """``y, mean, var = apply(x, weight, bias, residual, running_mean, running_var, training,
-    eps)`` on the Triton kernels; ``residual`` may be None (BN+ReLU).
+    eps, backend)`` on ``backend``'s stages; ``residual`` may be None (BN+ReLU).
 
-    ``mean``/``var`` (float32, var biased) normalised ``x`` and serve the running-statistics
-    update; in eval they are copies of the running statistics. Only ``x``, ``weight``, ``mean``,
-    ``invstd`` and the bit mask are saved. Validation is the caller's job.
+    ``mean``/``var`` (compute dtype, var biased) normalised ``x`` and serve the
+    running-statistics update; in eval they are copies of the running statistics. Only ``x``,
+    ``weight``, ``mean``, ``invstd`` and the ReLU mask are saved. Validation is the caller's job.
     """
 
     @staticmethod
@@ -63,23 +61,23 @@ class FusedBatchNormReLUFunction(torch.autograd.Function):
         running_var: torch.Tensor | None,
         training: bool,
         eps: float,
+        backend: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from ..kernels import triton_gpu
-
         if training:
-            y, mean, var, invstd, mask = triton_gpu.forward_train(
-                x, weight, bias, eps, AXIS, residual=residual, relu=True
+            y, mean, var, invstd, relu_mask = ref.forward_train(
+                backend, x, weight, bias, eps, AXIS, residual=residual, relu=True
             )
         else:
+            cdt = compute_dtype(x.dtype, torch)
             # Copies, so the outputs never alias the caller's buffers.
-            mean = running_mean.to(torch.float32, copy=True)
-            var = running_var.to(torch.float32, copy=True)
+            mean = running_mean.to(cdt, copy=True)
+            var = running_var.to(cdt, copy=True)
             invstd = ref.inverse_std(var, eps)
-            y, mask = triton_gpu.elemt(
+            y, relu_mask = backend.elemt(
                 x, mean, invstd, weight, bias, AXIS, residual=residual, relu=True
             )
-        ctx.save_for_backward(x, weight, mean, invstd, mask)
-        ctx.training = training
+        ctx.save_for_backward(x, weight, mean, invstd, relu_mask)
+        ctx.training, ctx.backend = training, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)
@@ -88,26 +86,16 @@ class FusedBatchNormReLUFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor | None, _dmean: Any, _dvar: Any) -> tuple:
-        from ..kernels import triton_gpu
-
-        nones = (None,) * 4
+        nones = (None,) * 5
         if dy is None:
             return (None,) * 4 + nones
-        x, weight, mean, invstd, mask = ctx.saved_tensors
+        x, weight, mean, invstd, relu_mask = ctx.saved_tensors
         need_x, need_weight, need_bias, need_residual = ctx.needs_input_grad[:4]
         # In eval the moments are the running statistics, constants: both paths off.
-        dx, dweight, dbias, dresidual = triton_gpu.backward_train(
-            dy,
-            x,
-            mean,
-            invstd,
-            weight,
-            AXIS,
-            mask=mask,
-            through_mean=ctx.training,
-            through_var=ctx.training,
-            residual_grad=need_residual,
-        )
+        dx, dweight, dbias, dresidual = ref.backward_train(
+            ctx.backend, dy, x, mean, invstd, weight, AXIS, through_mean=ctx.training,
+            through_var=ctx.training, relu_mask=relu_mask, residual_grad=need_residual,
+        )  # fmt: skip
         fmt = memory_format_of(x)
         return (
             dx.contiguous(memory_format=fmt) if need_x else None,
@@ -131,9 +119,8 @@ def batch_norm_relu(
 ) -> torch.Tensor:
     """``relu(batch_norm(input, ...))``; arguments as ``batchnorm.torch.batch_norm``.
 
-    ``backend="auto"`` runs the fused Triton kernels when they can run on ``input`` and falls
-    back to the unfused sequence otherwise; ``"triton"`` raises ``BackendUnavailable`` instead
-    of falling back; any other backend name runs the unfused sequence on that backend.
+    The chosen backend (``"auto"``: as ``explain_backend`` says) runs the fused stages; a named
+    backend that cannot run on ``input`` raises ``BackendUnavailable``.
     """
     check_functional_momentum(momentum)
     return _fused(
@@ -199,8 +186,8 @@ def _fused(
     num_batches_tracked: int = 0,
 ) -> tuple[torch.Tensor, str | None]:
     """``functional._batch_norm``'s arguments, then the ReLU (after adding ``residual`` when it
-    is not None). Returns ``(output, name of what ran)``: ``"triton (fused)"`` or the unfused
-    backend's."""
+    is not None). Returns ``(output, what ran)``: ``"<backend> (fused)"``, None for an empty
+    batch."""
     _check_backend_name(backend)
     if residual is not None:
         if not isinstance(input, torch.Tensor):
@@ -212,48 +199,24 @@ def _fused(
                 "they must be equal"
             )
     update = check_call(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if not _triton_runs(input, backend):
-        output, name = _batch_norm(
-            input,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            training,
-            momentum,
-            eps,
-            backend=backend,
-            through_mean=True,
-            through_var=True,
+    chosen, _ = select_backend(input, backend)
+    if input.numel() == 0:  # the unfused sequence answers an empty batch as PyTorch does
+        output, _ = _batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+            backend=backend, through_mean=True, through_var=True,
             num_batches_tracked=num_batches_tracked,
-        )
-        if residual is not None:
-            output = output + residual
-        return torch.relu(output), name
-
+        )  # fmt: skip
+        output = output if residual is None else output + residual
+        return torch.relu(output), None
     output, mean, var = FusedBatchNormReLUFunction.apply(
-        input, weight, bias, residual, running_mean, running_var, bool(training), float(eps)
-    )
+        input, weight, bias, residual, running_mean, running_var, bool(training), float(eps),
+        chosen,
+    )  # fmt: skip
     if update:
         write_batch_stats(
             input, running_mean, running_var, mean, var, momentum, num_batches_tracked
         )
-    return output, "triton (fused)"
-
-
-def _triton_runs(input: torch.Tensor, backend: str) -> bool:
-    """Whether the fused kernels take this call; ``backend="triton"`` raises if they cannot."""
-    if backend not in ("auto", "triton"):
-        return False
-    if isinstance(input, torch.Tensor) and input.numel() == 0:
-        return False  # the unfused path answers an empty batch as PyTorch does
-    try:
-        get_backend("triton", input)
-    except BackendUnavailable:
-        if backend == "triton":
-            raise
-        return False
-    return True
+    return output, f"{chosen.name} (fused)"
 
 
 class _FusedBatchNorm2d(_TorchBatchNorm):
@@ -281,7 +244,7 @@ class _FusedBatchNorm2d(_TorchBatchNorm):
             num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra
         )
         self.backend: str = _check_backend_name(backend)
-        #: What the latest forward ran: "triton (fused)" or the unfused backend's name.
+        #: What the latest forward ran: "<backend name> (fused)".
         self.last_backend: str | None = None
 
     @classmethod

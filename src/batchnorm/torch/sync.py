@@ -1,10 +1,12 @@
 """``SyncBatchNorm``: batch statistics of the *global* batch across torch.distributed processes.
 
-The stages are the reference's, with one collective between each pair (design.md)::
+The stages are the chosen backend's (``backend=``, "auto" by default: Numba on CPU, Triton on
+GPU), with one collective between each pair (design.md)::
 
-    forward   batch_stats (local: count, mean, M2)  --all_gather-->  merge_stats (Chan et al.)
-              elemt with the global mean and invstd
-    backward  backward_reduce (local sum_dy, sum_dy_xhat)  --all_reduce-->  backward_elemt
+    forward   backend.batch_stats (local: count, mean, M2)  --all_gather-->  merge_stats (Chan
+              et al., written once in the reference); backend.elemt with the global mean, invstd
+    backward  backend.backward_reduce (local sum_dy, sum_dy_xhat)  --all_reduce-->
+              backend.backward_elemt with the global sums and count
 
 One all_gather of a packed ``[count, mean, M2]`` vector per forward and one all_reduce of
 ``[sum_dy, sum_dy_xhat]`` per backward. The merge is exact for uneven per-rank batches and for
@@ -25,9 +27,10 @@ import torch
 import torch.distributed as dist
 
 from .. import reference as ref
-from .._xp import check_eps, compute_dtype
+from .._xp import compute_dtype
+from ..kernels import select_backend
 from .function import AXIS, memory_format_of
-from .functional import write_running_stats
+from .functional import check_call, write_running_stats
 from .modules import _BatchNorm, _check_backend_name
 
 __all__ = ["SyncBatchNorm", "convert_sync"]
@@ -54,13 +57,13 @@ def _collective(what: str, process_group: Any, fn: Any, *args: Any) -> None:
         ) from exc
 
 
-def _gather_stats(x: torch.Tensor, process_group: Any, world: int) -> ref.BatchStats:
+def _gather_stats(x: torch.Tensor, process_group: Any, world: int, backend: Any) -> ref.BatchStats:
     """Local (count, mean, M2) packed into one vector, one all_gather, exact merge."""
     channels = x.shape[AXIS]
     cdt = compute_dtype(x.dtype, torch)
     count = x.numel() // channels if channels else 0
     if count > 0:
-        local = ref.batch_stats(x, AXIS)
+        local = backend.batch_stats(x, AXIS)
         mean, m2 = local.mean, local.var * count
     else:  # an empty shard still takes part in the collective, contributing nothing
         mean = m2 = torch.zeros(channels, dtype=cdt, device=x.device)
@@ -79,11 +82,11 @@ def _gather_stats(x: torch.Tensor, process_group: Any, world: int) -> ref.BatchS
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """``y, mean, var, count = apply(x, weight, bias, eps, process_group, world)``."""
+    """``y, mean, var, count = apply(x, weight, bias, eps, process_group, world, backend)``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, process_group, world):
-        stats = _gather_stats(x, process_group, world)
+    def forward(ctx, x, weight, bias, eps, process_group, world, backend):
+        stats = _gather_stats(x, process_group, world, backend)
         if x.device.type == "cpu" and float(stats.count) < 2:
             # Checked on CPU only: on a GPU reading the count would stall the stream.
             raise ValueError(
@@ -91,9 +94,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 f"{int(stats.count)} value(s) per channel over all {world} ranks"
             )
         invstd = ref.inverse_std(stats.var, eps)
-        y = ref.elemt(x, stats.mean, invstd, weight, bias, AXIS)
+        y, _ = backend.elemt(x, stats.mean, invstd, weight, bias, AXIS)
         ctx.save_for_backward(x, weight, stats.mean, invstd, stats.count)
-        ctx.process_group = process_group
+        ctx.process_group, ctx.backend = process_group, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(stats.mean, stats.var, stats.count)
         return y.contiguous(memory_format=memory_format_of(x)), stats.mean, stats.var, stats.count
@@ -101,19 +104,22 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar, _dcount):
         x, weight, mean, invstd, count = ctx.saved_tensors
-        sum_dy, sum_dy_xhat = ref.backward_reduce(dy, x, mean, invstd, AXIS)
+        backend = ctx.backend
+        sum_dy, sum_dy_xhat = backend.backward_reduce(dy, x, mean, invstd, AXIS)
         channels = sum_dy.numel()
         combined = torch.cat([sum_dy, sum_dy_xhat])
         _collective(
             "all_reduce of [sum_dy, sum_dy_xhat]", ctx.process_group, dist.all_reduce, combined
         )
-        dx = ref.backward_elemt(
+        # The global count: a Python int on CPU; on a GPU the 0-d tensor (no host sync).
+        count = int(count) if count.device.type == "cpu" else count
+        dx = backend.backward_elemt(
             dy, x, mean, invstd, weight, combined[:channels], combined[channels:], count, AXIS
         )
         dx = dx.contiguous(memory_format=memory_format_of(x))
         dweight = None if weight is None else sum_dy_xhat.to(weight.dtype)
         dbias = None if ctx.bias_dtype is None else sum_dy.to(ctx.bias_dtype)
-        return dx, dweight, dbias, None, None, None
+        return dx, dweight, dbias, None, None, None, None
 
 
 class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
@@ -125,7 +131,8 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     keys are the same, so checkpoints move between the two.
 
     Same constructor as ``torch.nn.SyncBatchNorm`` (``process_group`` included) plus
-    keyword-only ``backend``, used on the local path: in eval mode, outside torch.distributed and
+    keyword-only ``backend`` (whose stages run, synchronised or not; ``last_backend`` says which
+    ran). In eval mode, outside torch.distributed and
     with a world size of 1 the module is exactly our ``BatchNorm`` and communicates nothing.
     Any input rank >= 2 is accepted, as in PyTorch.
 
@@ -165,28 +172,20 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         # normalises with its own batch.
         if not self.training or world <= 1:
             return _BatchNorm.forward(self, input)
-        # Validate everything before any collective or buffer change. (training=False below
-        # only because m > 1 is checked on the global count; eps must still be > 0.)
-        check_eps(self.eps)
-        ref.check_input(
-            input,
-            AXIS,
-            self.eps,
-            training=False,
-            gamma=self.weight,
-            beta=self.bias,
-            running_mean=self.running_mean,
-            running_var=self.running_var,
-        )
-        tracking = self.track_running_stats and self.running_mean is not None
-        if tracking:
-            ref.check_momentum(self.momentum, "torch", "unbiased")
+        # Validate everything before any collective or buffer change; m > 1 is checked on the
+        # global count, after the gather.
+        running = self.running_mean if self.track_running_stats else None
+        tracking = check_call(
+            input, running, self.running_var if running is not None else None, self.weight,
+            self.bias, True, self.momentum, self.eps, global_batch=True,
+        )  # fmt: skip
+        chosen, _ = select_backend(input, self.backend)
         if not self._channels_checked:
             self._check_channels(input.shape[AXIS], rank, world)
         output, mean, var, count = _SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, float(self.eps), self.process_group, world
+            input, self.weight, self.bias, float(self.eps), self.process_group, world, chosen
         )
-        self.last_backend = "reference"
+        self.last_backend = chosen.name
         if tracking:
             seen = int(self.num_batches_tracked) if self.momentum is None else 0
             count_value = int(count) if input.device.type == "cpu" else count

@@ -194,11 +194,12 @@ def relu_elemt(
                 prep.view(prep.phys), prep.view(res), residual is not None, cols(mean),
                 cols(scale), cols(shift), prep.view(y), bits,
             )  # fmt: skip
-    return prep.wrap(y), bits
+    return prep.wrap(y), prep.out_vector(bits)
 
 
-def relu_backward(prep: Prepared, dy: np.ndarray, bits: np.ndarray) -> Array:
+def relu_backward(prep: Prepared, dy: np.ndarray, relu_mask: Array) -> Array:
     """dy where the forward's ReLU passed its input, 0 elsewhere, in x's layout."""
+    bits = relu_mask.numpy() if hasattr(relu_mask, "numpy") else relu_mask
     if bits.shape != prep.bits_shape() or bits.dtype != np.uint8:
         raise ValueError(
             f"relu_mask must be the numba fused forward's mask for this input (uint8 of shape "

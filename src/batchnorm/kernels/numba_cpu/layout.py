@@ -147,6 +147,7 @@ class Prepared:
         return v if self.inner == 1 else np.repeat(v, self.inner)
 
     def out_vector(self, v: np.ndarray) -> Array:
+        """A per-channel result (or the ReLU mask) as the caller's kind."""
         if not self.torch:
             return v
         import torch

@@ -1,6 +1,6 @@
 """Compile every Triton kernel variant for a GPU target without a GPU (triton ships ptxas).
 
-``python -m batchnorm.kernels._triton_compile_check [ARCH]`` (default 90, Hopper) exits 0 when
+``python -m batchnorm.kernels.triton_gpu.compile_check [ARCH]`` (default 90, Hopper) exits 0 when
 every variant lowers to a cubin, 3 when triton or its NVIDIA backend is missing, 1 on a compile
 error. Must run without ``TRITON_INTERPRET=1`` (the interpreter patches ``triton.language``).
 """
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
 
-        from . import _triton_kernels as kernels
+        from . import kernels
     except ImportError as exc:
         print(f"triton with its NVIDIA backend is not installed: {exc}")
         return 3
