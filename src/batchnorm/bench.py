@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ._args import non_negative_int, out_dir, positive_int
+from .reference.stages import backward_train, forward_train
 
 __all__ = ["main", "PEERS", "Peer", "BackendPeer", "DEFAULT_SHAPES", "QUICK_SHAPES", "run"]
 
@@ -193,8 +194,8 @@ class BackendPeer(Peer):
         t_import = time.perf_counter() - t0
         p = problem
         t0 = time.perf_counter()
-        _, mean, _, invstd = backend.forward_train(p.x, p.weight, p.bias, EPS, 1)
-        backend.backward_train(p.dy, p.x, mean, invstd, p.weight, 1)
+        _, mean, _, invstd, _ = forward_train(backend, p.x, p.weight, p.bias, EPS, 1)
+        backward_train(backend, p.dy, p.x, mean, invstd, p.weight, 1)
         backend.forward_infer(p.x, p.running_mean, p.running_var, p.weight, p.bias, EPS, 1)
         _sync(p.device)
         info: dict[str, Any] = {
@@ -210,17 +211,17 @@ class BackendPeer(Peer):
     def ops(self, problem: Problem) -> dict[str, Op]:
         backend = self._backend(problem)
         p = problem
-        saved = backend.forward_train(p.x, p.weight, p.bias, EPS, 1)
+        saved = forward_train(backend, p.x, p.weight, p.bias, EPS, 1)
 
         def forward(_):
-            return backend.forward_train(p.x, p.weight, p.bias, EPS, 1)
+            return forward_train(backend, p.x, p.weight, p.bias, EPS, 1)
 
         def backward(_):
-            return backend.backward_train(p.dy, p.x, saved[1], saved[3], p.weight, 1)
+            return backward_train(backend, p.dy, p.x, saved[1], saved[3], p.weight, 1)
 
         def fwd_bwd(_):
-            _, mean, _, invstd = backend.forward_train(p.x, p.weight, p.bias, EPS, 1)
-            return backend.backward_train(p.dy, p.x, mean, invstd, p.weight, 1)
+            _, mean, _, invstd, _ = forward_train(backend, p.x, p.weight, p.bias, EPS, 1)
+            return backward_train(backend, p.dy, p.x, mean, invstd, p.weight, 1)
 
         def inference(_):
             return backend.forward_infer(
@@ -429,10 +430,10 @@ def _jit_cache_report(backend: str) -> dict[str, Any]:
     """For numba: how many kernel signatures came from the disk cache vs were compiled."""
     if backend != "numba":
         return {}
-    from .kernels import _numba_kernels as k
+    from .kernels.numba_cpu.compiled import _k
 
     hits = misses = 0
-    for value in vars(k).values():
+    for value in vars(_k()).values():
         stats = getattr(value, "stats", None)
         if stats is not None and hasattr(stats, "cache_hits"):
             hits += sum(stats.cache_hits.values())

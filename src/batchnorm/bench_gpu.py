@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ._args import out_dir
+from .reference.stages import backward_train, forward_train
 
 __all__ = ["SCHEMA", "SHAPES", "build_parser", "main", "run_gpu_bench", "summarize"]
 
@@ -328,15 +329,15 @@ def _ops(peer: str, p: _Problem) -> dict[str, Callable[[], Any]]:
         from .kernels import get_backend
 
         backend = get_backend("triton", p.x)
-        saved = backend.forward_train(p.x, p.weight, p.bias, EPS, 1)
+        saved = forward_train(backend, p.x, p.weight, p.bias, EPS, 1)
 
         def fwd_bwd() -> Any:
-            _, mean, _, invstd = backend.forward_train(p.x, p.weight, p.bias, EPS, 1)
-            return backend.backward_train(p.dy, p.x, mean, invstd, p.weight, 1)
+            _, mean, _, invstd, _ = forward_train(backend, p.x, p.weight, p.bias, EPS, 1)
+            return backward_train(backend, p.dy, p.x, mean, invstd, p.weight, 1)
 
         return {
-            "forward": lambda: backend.forward_train(p.x, p.weight, p.bias, EPS, 1),
-            "backward": lambda: backend.backward_train(p.dy, p.x, saved[1], saved[3], p.weight, 1),
+            "forward": lambda: forward_train(backend, p.x, p.weight, p.bias, EPS, 1),
+            "backward": lambda: backward_train(backend, p.dy, p.x, saved[1], saved[3], p.weight, 1),
             "fwd+bwd": fwd_bwd,
             "inference": lambda: backend.forward_infer(
                 p.x, p.running_mean, p.running_var, p.weight, p.bias, EPS, 1

@@ -13,8 +13,8 @@ from ...reference.stages import (
     compose_backward_train,
 )
 from ...reference.stats import BatchStats
+from . import compiled
 from . import launchers as run
-from .compiled import NUMBA_IMPORT_ERROR
 from .layout import Prepared, _dtype_name, _is_torch
 
 __all__ = ["NumbaBackend", "SUPPORTED_DTYPES", "unavailable_reason"]
@@ -27,8 +27,8 @@ SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 def unavailable_reason(x: Array) -> str | None:
     """``None`` if the numba kernels can run on ``x``, else a sentence saying why not."""
-    if NUMBA_IMPORT_ERROR is not None:
-        return NUMBA_IMPORT_ERROR
+    if compiled.NUMBA_IMPORT_ERROR is not None:
+        return compiled.NUMBA_IMPORT_ERROR
     if _is_torch(x):
         if x.device.type != "cpu":
             return f"the input is on device {x.device}; the numba backend runs on CPU tensors only"
