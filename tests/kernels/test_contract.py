@@ -1,0 +1,351 @@
+"""The stage contract, once for every backend in ``batchnorm.kernels.REGISTRY``.
+
+Every stage of every registered backend is checked against the reference's float64 math over a
+table of awkward cases (layouts, ranks, dtypes, m = 2, N = 1, a large offset, an inf channel,
+the moments-as-constants switches), for determinism and for what it returns (kind, dtype,
+layout). A backend added to the registry is covered here without writing a test: the ``toy``
+backend below is registered inside the test, through ``register``, and covered the same way;
+a mutant of it shows the checks fail on a wrong backend.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():  # before triton's first import: run it in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from batchnorm import kernels  # noqa: E402
+from batchnorm import reference as ref  # noqa: E402
+from batchnorm.kernels import BackendUnavailable, get_backend, register  # noqa: E402
+
+# Compile once per worker, with the numba tests.
+pytestmark = pytest.mark.xdist_group("numba")
+
+EPS = 1e-5
+#: Outputs: the compute dtype's rounding, then the output dtype's (half an ulp relative).
+TOL = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+#: Statistics and sums: computed in float32 (float64) from exactly representable inputs.
+STATS_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+
+#: id -> (logical shape, channel axis, layout, offset)
+CASES = {
+    "nc": ((16, 5), 1, "contiguous", 0.5),
+    "nc_m2": ((2, 4), 1, "contiguous", 0.5),
+    "ncl": ((4, 3, 6), 1, "contiguous", 0.5),
+    "ncl_long_rows": ((3, 2, 130), 1, "contiguous", 0.5),
+    "nchw": ((3, 4, 5, 6), 1, "contiguous", 0.5),
+    "nchw_n1": ((1, 3, 4, 4), 1, "contiguous", 0.5),
+    "channels_last": ((3, 4, 5, 6), 1, "channels_last", 0.5),
+    "ncdhw": ((2, 3, 2, 3, 4), 1, "contiguous", 0.5),
+    "axis_last": ((4, 3, 2, 6), 3, "contiguous", 0.5),
+    "strided": ((3, 4, 5, 12), 1, "strided", 0.5),
+    "large_offset": ((64, 4), 1, "contiguous", 1e4),
+}
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SWITCHES = [(True, True), (False, True), (True, False), (False, False)]
+
+
+class ToyBackend:
+    """A backend written from scratch for this test: float64 torch ops, a uint8 ReLU mask, no
+    fused compositions. Registered by the ``backend`` fixture; never by the package."""
+
+    name = "toy"
+
+    def unavailable_reason(self, x):
+        return None if isinstance(x, torch.Tensor) else "the toy backend takes torch tensors"
+
+    @staticmethod
+    def _shape(x, axis):
+        return [x.shape[axis] if i == axis else 1 for i in range(x.dim())]
+
+    @staticmethod
+    def _cdt(x):
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def batch_stats(self, x, axis):
+        dims = [i for i in range(x.dim()) if i != axis]
+        x64 = x.double()
+        count = x.numel() // x.shape[axis] if x.shape[axis] else 0
+        mean = x64.mean(dims)
+        var = ((x64 - mean.view(self._shape(x, axis))) ** 2).mean(dims)
+        return ref.BatchStats(count, mean.to(self._cdt(x)), var.to(self._cdt(x)))
+
+    def _affine(self, x, mean, invstd, gamma, beta, axis):
+        s = self._shape(x, axis)
+        z = (x.double() - mean.double().view(s)) * invstd.double().view(s)
+        if gamma is not None:
+            z = z * gamma.double().view(s)
+        if beta is not None:
+            z = z + beta.double().view(s)
+        return z
+
+    def elemt(self, x, mean, invstd, gamma, beta, axis, *, residual=None, relu=False):
+        z = self._affine(x, mean, invstd, gamma, beta, axis)
+        if residual is not None:
+            z = z + residual.double()
+        mask = None
+        if relu:
+            mask = (z > 0).to(torch.uint8)
+            z = torch.where((z > 0) | z.isnan(), z, torch.zeros_like(z))
+        return ref.Elemt(z.to(x.dtype), mask)
+
+    def forward_infer(self, x, running_mean, running_var, gamma, beta, eps, axis):
+        invstd = 1 / (running_var.double() + eps).sqrt()
+        return self._affine(x, running_mean, invstd, gamma, beta, axis).to(x.dtype)
+
+    def backward_reduce(self, dy, x, mean, invstd, axis):
+        dims = [i for i in range(x.dim()) if i != axis]
+        x_hat = self._affine(x, mean, invstd, None, None, axis)
+        sums = dy.double().sum(dims), (dy.double() * x_hat).sum(dims)
+        return tuple(v.to(mean.dtype) for v in sums)
+
+    def backward_elemt(
+        self, dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis, *,
+        through_mean=True, through_var=True,
+    ):  # fmt: skip
+        s = self._shape(x, axis)
+        inner = dy.double()
+        if through_mean:
+            inner = inner - sum_dy.double().view(s) / count
+        if through_var:
+            x_hat = self._affine(x, mean, invstd, None, None, axis)
+            inner = inner - x_hat * sum_dy_xhat.double().view(s) / count
+        scale = invstd.double() if gamma is None else gamma.double() * invstd.double()
+        return (inner * scale.view(s)).to(x.dtype)
+
+    def relu_backward(self, dy, x, relu_mask, axis):
+        return torch.where(relu_mask.bool(), dy, torch.zeros_like(dy))
+
+
+class MutantBackend(ToyBackend):
+    """The toy backend with the unbiased variance normalising: the contract must reject it."""
+
+    name = "mutant"
+
+    def batch_stats(self, x, axis):
+        stats = super().batch_stats(x, axis)
+        return stats._replace(var=stats.var * stats.count / (stats.count - 1))
+
+
+def _registered(monkeypatch, name, cls):
+    monkeypatch.setattr(kernels, "REGISTRY", dict(kernels.REGISTRY))
+    monkeypatch.setattr(kernels, "_instances", dict(kernels._instances))
+    register(name, f"{__name__}:{cls.__name__}")
+
+
+@pytest.fixture(params=[*kernels.REGISTRY, "toy"])
+def backend(request, monkeypatch):
+    """Every registered backend by name, and the toy one registered here."""
+    if request.param == "toy":
+        _registered(monkeypatch, "toy", ToyBackend)
+    return request.param
+
+
+def _make(case, dtype, seed=0):
+    shape, axis, layout, offset = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    base = list(shape)
+    if layout == "strided":
+        base[-1] *= 2
+    values = torch.randn(base, generator=g, dtype=torch.float64)
+    scales = torch.linspace(0.5, 2.0, shape[axis], dtype=torch.float64)
+    values = values * scales.view([-1 if i == axis else 1 for i in range(len(shape))])
+    x = (values + offset).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        x = x[..., ::2]
+    return x, axis
+
+
+def _vectors(channels, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    gamma = (torch.rand(channels, generator=g, dtype=torch.float64) + 0.5).to(cdt)
+    beta = (torch.randn(channels, generator=g, dtype=torch.float64) * 0.5).to(cdt)
+    return gamma, beta
+
+
+def _like(x, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty_like(x)
+    out.copy_(torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype))
+    return out
+
+
+def _check(got, want, tol, name, scale=None):
+    """``got`` within ``tol`` of ``want`` relative to ``scale`` (default: want's largest)."""
+    got, want = got.detach().double(), want.detach().double()
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    scale = want.abs().max().item() if scale is None else scale
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    assert err <= tol * max(scale, 1e-30), f"{name}: max error {err:.3g} > {tol} x {scale:.3g}"
+
+
+def _stages(name, x):
+    try:
+        return get_backend(name, x)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def check_contract(stages, case, dtype):
+    """Every stage of ``stages`` against the reference in float64 on one case; raises
+    AssertionError naming the stage that disagrees."""
+    x, axis = _make(case, dtype)
+    x64 = x.double()
+    channels = x.shape[axis]
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    gamma, beta = _vectors(channels, dtype)
+    dy, residual = _like(x, 2), _like(x, 3)
+    tol, stol = TOL[dtype], STATS_TOL[dtype]
+    m = x.numel() // channels
+
+    stats = stages.batch_stats(x, axis)
+    want = ref.batch_stats(x64, axis)
+    assert int(stats.count) == m, f"batch_stats: count {stats.count} != {m}"
+    assert stats.mean.dtype == cdt and stats.var.dtype == cdt, "batch_stats: compute dtype"
+    spread = want.var.max().item() ** 0.5
+    _check(stats.mean, want.mean, stol, "batch_stats mean", abs(want.mean).max().item() + spread)
+    _check(stats.var, want.var, stol, "batch_stats var")
+
+    # The elementwise stages on the reference's own (float64) moments, rounded to cdt.
+    mean, invstd = want.mean.to(cdt), ref.inverse_std(want.var, EPS).to(cdt)
+    mean64, invstd64 = mean.double(), invstd.double()
+    y_scale = (gamma.double().abs() * 3 + beta.double().abs()).max().item()
+    y, relu_mask = stages.elemt(x, mean, invstd, gamma, beta, axis)
+    assert relu_mask is None, "elemt: a mask without relu"
+    assert y.dtype == x.dtype and y.shape == x.shape, "elemt: dtype or shape"
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        assert y.is_contiguous(memory_format=torch.channels_last), "elemt: layout"
+    want_y = ref.elemt(x64, mean64, invstd64, gamma.double(), beta.double(), axis)
+    _check(y, want_y, tol, "elemt", y_scale)
+
+    fused, relu_mask = stages.elemt(
+        x, mean, invstd, gamma, beta, axis, residual=residual, relu=True
+    )
+    z = want_y + residual.double()
+    _check(fused, z.clamp(min=0), tol, "elemt(residual, relu)", y_scale + 3)
+    passed = stages.relu_backward(torch.ones_like(x), x, relu_mask, axis)
+    clear = (z.abs() > 4 * tol * (y_scale + 3)).double()  # away from the kink, rounding aside
+    _check(passed.double() * clear, (z > 0).double() * clear, 0.0, "relu_backward", 1.0)
+
+    running_var = gamma.double() ** 2 + 0.5
+    _check(
+        stages.forward_infer(x, beta, running_var.to(cdt), gamma, beta, EPS, axis),
+        ref.batch_norm_infer(x64, beta.double(), running_var, gamma.double(), beta.double(),
+                             axis=axis, eps=EPS),
+        tol, "forward_infer",
+    )  # fmt: skip
+
+    sums = stages.backward_reduce(dy, x, mean, invstd, axis)
+    want_sums = ref.backward_reduce(dy.double(), x64, mean64, invstd64, axis)
+    for got_s, want_s, name in zip(sums, want_sums, ("sum_dy", "sum_dy_xhat"), strict=True):
+        assert got_s.dtype == cdt, f"backward_reduce: {name} dtype {got_s.dtype}"
+        _check(got_s, want_s, stol * 10, f"backward_reduce {name}", m**0.5 * 3)
+
+    sums64 = [s.double() for s in want_sums]
+    dx_scale = (gamma.double() * invstd64).max().item() * 4
+    for through_mean, through_var in SWITCHES:
+        dx = stages.backward_elemt(
+            dy, x, mean, invstd, gamma, *[s.to(cdt) for s in sums64], m, axis,
+            through_mean=through_mean, through_var=through_var,
+        )  # fmt: skip
+        want_dx = ref.backward_elemt(
+            dy.double(), x64, mean64, invstd64, gamma.double(), *sums64, m, axis,
+            through_mean=through_mean, through_var=through_var,
+        )  # fmt: skip
+        _check(dx, want_dx, tol, f"backward_elemt({through_mean=}, {through_var=})", dx_scale)
+
+    # The compositions: the backend's fused ones where it has them, else its stages composed.
+    out = ref.forward_train(stages, x, gamma, beta, EPS, axis, residual=residual, relu=True)
+    want_out = ref.compose_forward_train(
+        ref.REFERENCE, x64, gamma.double(), beta.double(), EPS, axis,
+        residual=residual.double(), relu=True,
+    )  # fmt: skip
+    _check(out.y, want_out.y, tol * 4, "forward_train y", y_scale + 3)
+    _check(
+        out.var, want_out.var, max(stol, 1e-4 if case == "large_offset" else 0), "forward_train var"
+    )
+    grads = ref.backward_train(
+        stages, dy, x, out.mean, out.invstd, gamma, axis, relu_mask=out.relu_mask,
+        residual_grad=True,
+    )  # fmt: skip
+    want_grads = ref.compose_backward_train(
+        ref.REFERENCE, dy.double(), x64, out.mean.double(), out.invstd.double(), gamma.double(),
+        axis, relu_mask=want_out.relu_mask, residual_grad=True,
+    )  # fmt: skip
+    clear = want_out.y.abs() > 1e-2 * (y_scale + 3)  # where both agree on the ReLU
+    _check(grads.dx * clear, want_grads.dx * clear, tol * 4, "backward_train dx", dx_scale)
+    _check(grads.dresidual * clear, want_grads.dresidual * clear, 0.0, "backward_train dres", 1)
+
+    # Deterministic: the same call twice gives the same bits.
+    again = stages.batch_stats(x, axis)
+    assert torch.equal(again.mean, stats.mean) and torch.equal(again.var, stats.var), "repeat"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_stage_matches_the_reference(backend, case, dtype):
+    x, _ = _make(case, dtype)
+    stages = _stages(backend, x)
+    check_contract(stages, case, dtype)
+
+
+def test_the_contract_rejects_a_wrong_backend(monkeypatch):
+    _registered(monkeypatch, "mutant", MutantBackend)
+    x, _ = _make("nc", torch.float64)
+    with pytest.raises(AssertionError, match="batch_stats var"):
+        check_contract(get_backend("mutant", x), "nc", torch.float64)
+
+
+def test_empty_and_inf_channels(backend):
+    x = torch.randn(4, 3, 5)
+    stages = _stages(backend, x)
+    x[:, 1, 0] = float("inf")
+    stats = stages.batch_stats(x, 1)
+    want = ref.batch_stats(x.double(), 1)
+    assert torch.equal(stats.mean.isinf(), want.mean.isinf())
+    assert torch.equal(stats.mean.isnan(), want.mean.isnan())
+    finite = want.mean.isfinite()
+    _check(stats.mean[finite], want.mean[finite], 2e-5, "finite channels")
+    empty = torch.zeros(0, 3, 5)
+    y, _ = stages.elemt(empty, torch.zeros(3), torch.ones(3), None, None, 1)
+    assert y.shape == empty.shape
+    sums = stages.backward_reduce(empty, empty, torch.zeros(3), torch.ones(3), 1)
+    assert all(torch.equal(s, torch.zeros(3)) for s in sums)
+
+
+def test_compositions_validate_before_any_stage_runs(backend, monkeypatch):
+    """A bad call through the public compositions names the bad value and runs no stage."""
+    x = torch.randn(4, 3, 5)
+    stages = _stages(backend, x)
+    calls = []
+    for name in ("batch_stats", "elemt", "forward_infer", "backward_reduce"):
+        original = getattr(stages, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(stages, name, spy, raising=False)
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        ref.batch_norm_train(x, torch.ones(4), backend=stages)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ref.batch_norm_train(x[:1, :, :1], backend=stages)
+    with pytest.raises(ValueError, match="running_mean"):
+        ref.batch_norm_infer(x, None, torch.ones(3), backend=stages)
+    assert calls == []
+    y, saved = ref.batch_norm_train(x, backend=stages)
+    assert saved.backend is stages
+    with pytest.raises(ValueError, match="shape"):
+        ref.backward(torch.ones(4, 3, 6), saved)
