@@ -55,18 +55,19 @@ def launch(tmp_path, mode, world, *opts, timeout=180, expect_ok=True):
     return [np.load(o) if o.exists() else None for o in outs], procs, logs
 
 
-def single_process(sizes, dtype):
+def single_process(sizes, dtype, channels=None, hw=(4, 5)):
     """The oracle: PyTorch's own BatchNorm2d on the concatenated batch."""
     sys.path.insert(0, str(WORKER.parent))
     from worker import CHANNELS, global_batch
 
-    bn = torch.nn.BatchNorm2d(CHANNELS, momentum=0.3).to(dtype)
+    channels = channels or CHANNELS
+    bn = torch.nn.BatchNorm2d(channels, momentum=0.3).to(dtype)
     with torch.no_grad():
-        bn.weight.copy_(torch.linspace(0.5, 1.5, CHANNELS))
-        bn.bias.copy_(torch.linspace(-1, 1, CHANNELS))
+        bn.weight.copy_(torch.linspace(0.5, 1.5, channels))
+        bn.bias.copy_(torch.linspace(-1, 1, channels))
     expected = {}
     for step in range(2):
-        x, dy = global_batch(sizes, dtype, seed=step)
+        x, dy = global_batch(sizes, dtype, step, channels, hw)
         x.requires_grad_(True)
         bn.zero_grad()
         y = bn(x)
@@ -80,14 +81,37 @@ def single_process(sizes, dtype):
     return expected, bn
 
 
-@pytest.mark.parametrize(
-    "sizes,dtype,tol",
-    [("3,5", "float64", 1e-10), ("4,0,3", "float64", 1e-10), ("2,1,6", "float32", 1e-5)],
-)
-def test_matches_single_process_on_concatenated_batch(tmp_path, sizes, dtype, tol):
+#: (sizes, dtype, tol, backend, channels, hw): uneven and empty ranks on each CPU backend, and
+#: the issue's (16, 32, 28, 28) float32 shards, where "auto" must pick the Numba stages.
+SYNC_CASES = [
+    ("3,5", "float64", 1e-10, "reference", 3, "4,5"),
+    ("4,0,3", "float64", 1e-10, "reference", 3, "4,5"),
+    ("2,1,6", "float32", 1e-5, "reference", 3, "4,5"),
+    ("3,5", "float64", 1e-10, "numba", 3, "4,5"),
+    ("4,0,3", "float64", 1e-10, "numba", 3, "4,5"),
+    ("2,1,6", "float32", 1e-5, "numba", 3, "4,5"),
+    ("16,16", "float32", 1e-5, "auto", 32, "28,28"),
+    ("16,16", "float64", 1e-10, "auto", 32, "28,28"),
+]
+
+
+@pytest.mark.parametrize("sizes,dtype,tol,backend,channels,hw", SYNC_CASES)
+def test_matches_single_process_on_concatenated_batch(
+    tmp_path, sizes, dtype, tol, backend, channels, hw
+):
+    if backend != "reference":
+        pytest.importorskip("numba")
     counts = [int(s) for s in sizes.split(",")]
-    results, _, _ = launch(tmp_path, "bn", len(counts), f"sizes={sizes}", f"dtype={dtype}")
-    expected, bn = single_process(counts, getattr(torch, dtype))
+    results, _, _ = launch(
+        tmp_path, "bn", len(counts), f"sizes={sizes}", f"dtype={dtype}", f"backend={backend}",
+        f"channels={channels}", f"hw={hw}",
+    )  # fmt: skip
+    shape = tuple(int(v) for v in hw.split(","))
+    expected, bn = single_process(counts, getattr(torch, dtype), channels, shape)
+    ran = "numba" if backend == "auto" else backend
+    for count, r in zip(counts, results, strict=True):
+        # An empty shard has nothing to run a kernel on: auto gives it the reference.
+        assert str(r["backend0"]) == (ran if count or backend != "auto" else "reference")
 
     def close(got, want):
         scale = max(np.max(np.abs(want)), 1.0)

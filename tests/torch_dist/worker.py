@@ -19,13 +19,20 @@ from batchnorm.torch import BatchNorm2d, SyncBatchNorm, convert_sync
 CHANNELS = 3
 
 
-def global_batch(sizes, dtype, seed=0):
+def global_batch(sizes, dtype, seed=0, channels=CHANNELS, hw=(4, 5)):
     """Every rank builds the same global batch and takes its own slice."""
     g = torch.Generator().manual_seed(seed)
     n = sum(sizes)
-    x = torch.randn(n, CHANNELS, 4, 5, generator=g, dtype=torch.float64) * 2 + 0.5
-    dy = torch.randn(n, CHANNELS, 4, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(n, channels, *hw, generator=g, dtype=torch.float64) * 2 + 0.5
+    dy = torch.randn(n, channels, *hw, generator=g, dtype=torch.float64)
     return x.to(dtype), dy.to(dtype)
+
+
+def shape_options(opts):
+    """``channels=C`` and ``hw=H,W`` (defaults: CHANNELS and 4,5)."""
+    channels = int(opts.get("channels", CHANNELS))
+    hw = tuple(int(v) for v in opts.get("hw", "4,5").split(","))
+    return channels, hw
 
 
 def small_cnn(dtype):
@@ -47,13 +54,14 @@ def run_bn(rank, world, opts, out):
     sizes = [int(s) for s in opts["sizes"].split(",")]
     dtype = getattr(torch, opts.get("dtype", "float64"))
     channels_last = opts.get("channels_last") == "1"
-    bn = SyncBatchNorm(CHANNELS, momentum=0.3).to(dtype)
+    channels, hw = shape_options(opts)
+    bn = SyncBatchNorm(channels, momentum=0.3, backend=opts.get("backend", "auto")).to(dtype)
     with torch.no_grad():
-        bn.weight.copy_(torch.linspace(0.5, 1.5, CHANNELS))
-        bn.bias.copy_(torch.linspace(-1, 1, CHANNELS))
+        bn.weight.copy_(torch.linspace(0.5, 1.5, channels))
+        bn.bias.copy_(torch.linspace(-1, 1, channels))
     results = {}
     for step in range(2):
-        x_all, dy_all = global_batch(sizes, dtype, seed=step)
+        x_all, dy_all = global_batch(sizes, dtype, step, channels, hw)
         start = sum(sizes[:rank])
         x = x_all[start : start + sizes[rank]].clone()
         dy = dy_all[start : start + sizes[rank]]
@@ -70,6 +78,7 @@ def run_bn(rank, world, opts, out):
         results[f"channels_last{step}"] = np.array(
             y.is_contiguous(memory_format=torch.channels_last)
         )
+        results[f"backend{step}"] = np.array(bn.last_backend)
     results["running_mean"] = bn.running_mean.double().numpy()
     results["running_var"] = bn.running_var.double().numpy()
     results["num_batches_tracked"] = bn.num_batches_tracked.numpy()
