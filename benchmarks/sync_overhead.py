@@ -2,11 +2,14 @@
 
     .venv/bin/python benchmarks/sync_overhead.py [--shape 16,32,28,28] [--steps 30] [--out DIR]
 
-Each of 2 processes runs forward + backward of one layer on its own shard, alternating the
-three layers step by step so machine noise hits them alike: ``torch.nn.BatchNorm2d`` and our
-``BatchNorm2d`` (local statistics, no communication) and our ``SyncBatchNorm`` (one all_gather
-forward, one all_reduce backward). Prints median per-step times and the overhead ratio and
-writes JSON to ``benchmarks/results/``.
+Each of 2 processes (one thread each, torch and numba) runs forward + backward of one layer on
+its own shard, alternating the layers step by step so machine noise hits them alike:
+``torch.nn.BatchNorm2d`` and our ``BatchNorm2d`` (local statistics, no communication), and our
+``SyncBatchNorm`` (one all_gather forward, one all_reduce backward) twice: on the reference's
+stages (``backend="reference"``: what it always ran before the stage protocol) and with
+``backend="auto"`` (the Numba stages on CPU). Prints median per-step times, the overhead over
+local batch norm and the speed-up of the backend's stages, and writes JSON to
+``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -24,16 +27,26 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+SYNC_BEFORE = "batchnorm SyncBatchNorm (reference stages)"
+SYNC_AFTER = "batchnorm SyncBatchNorm (auto)"
+
 
 def worker(rank, world, init, shape, steps, out):
     from batchnorm.torch import BatchNorm2d, SyncBatchNorm
 
     torch.set_num_threads(1)
+    try:
+        import numba
+
+        numba.set_num_threads(1)  # one core per process, as torch
+    except ImportError:
+        pass
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     layers = {
         "torch.nn.BatchNorm2d": torch.nn.BatchNorm2d(shape[1]),
         "batchnorm BatchNorm2d (local)": BatchNorm2d(shape[1]),
-        "batchnorm SyncBatchNorm": SyncBatchNorm(shape[1]),
+        SYNC_BEFORE: SyncBatchNorm(shape[1], backend="reference"),
+        SYNC_AFTER: SyncBatchNorm(shape[1]),
     }
     x = torch.randn(*shape, requires_grad=True)
     dy = torch.randn(*shape)
@@ -47,7 +60,9 @@ def worker(rank, world, init, shape, steps, out):
             if step >= 3:  # warm-up
                 times[name].append(elapsed)
     if rank == 0:
-        Path(out).write_text(json.dumps({k: float(np.median(v)) for k, v in times.items()}))
+        medians = {k: float(np.median(v)) for k, v in times.items()}
+        ran = {k: getattr(layer, "last_backend", None) for k, layer in layers.items()}
+        Path(out).write_text(json.dumps({"medians": medians, "backends": ran}))
     dist.destroy_process_group()
 
 
@@ -61,7 +76,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result_file = Path(tmp) / "times.json"
         mp.spawn(worker, args=(2, Path(tmp) / "rdzv", shape, args.steps, result_file), nprocs=2)
-        medians = json.loads(result_file.read_text())
+        measured = json.loads(result_file.read_text())
+    medians = measured["medians"]
     local = medians["batchnorm BatchNorm2d (local)"]
     report = {
         "benchmark": "sync_overhead",
@@ -69,14 +85,22 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor() or ''} CPU, 2 processes, gloo",
         "torch": torch.__version__,
         "shape_per_process": shape,
+        "steps": args.steps,
         "median_step_seconds": medians,
-        "sync_over_local": medians["batchnorm SyncBatchNorm"] / local,
+        "last_backend": measured["backends"],
+        "sync_over_local": medians[SYNC_AFTER] / local,
+        "sync_speedup_from_backend_stages": medians[SYNC_BEFORE] / medians[SYNC_AFTER],
     }
     for name, t in medians.items():
-        print(f"{name:<32} {t * 1e3:8.3f} ms/step   x{t / local:.2f} of local")
+        ran = measured["backends"].get(name)
+        label = f"{name} [{ran}]" if ran else name
+        print(f"{label:<52} {t * 1e3:8.3f} ms/step   x{t / local:.2f} of local")
+    print(
+        f"SyncBatchNorm on its backend's stages: {report['sync_speedup_from_backend_stages']:.2f}x"
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"sync-cpu-{report['date']}.json"
+    path = out / f"sync-cpu-{report['date']}-stages.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
 

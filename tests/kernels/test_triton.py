@@ -178,7 +178,7 @@ def test_plan_spreads_few_channels_over_many_programs():
 
 @pytest.mark.parametrize("inner, block", [(49, 64), (196, 32), (3136, 512), (16384, 1024), (5, 8)])
 def test_block_i_limits_padding(inner, block):
-    assert tg._pick_block_i(inner, 1024) == block
+    assert tg.plan._pick_block_i(inner, 1024) == block
 
 
 def test_small_tiles_split_channels():
@@ -186,10 +186,10 @@ def test_small_tiles_split_channels():
     with tg.tuning(**SMALL_TILES):
         for layout in ("nchw", "channels_last", "ncdhw", "channels_last_3d"):
             x, axis = _input(layout, torch.float32)
-            plan = tg._view(x, axis).plan
+            plan = tg.layout._view(x, axis).plan
             assert plan.splits > 1 and plan.tiles_per_split > 1, (layout, plan)
         x, axis = _input("axis_last", torch.float32)
-        assert tg._view(x, axis).plan.channel_blocks > 1
+        assert tg.layout._view(x, axis).plan.channel_blocks > 1
 
 
 def test_bad_plan_arguments():

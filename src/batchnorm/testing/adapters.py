@@ -12,6 +12,7 @@ PyTorch is imported only by the PyTorch adapters, when a session is opened.
 
 from __future__ import annotations
 
+import functools
 import os
 import sysconfig
 import traceback
@@ -619,8 +620,9 @@ class _FunctionalSession:
 
 
 class BackendStyle:
-    """A backend of ``batchnorm.kernels.REGISTRY``, called through its stage protocol
-    (``forward_train``, ``backward_train``, ``forward_infer``) on torch tensors.
+    """A backend of ``batchnorm.kernels.REGISTRY``, called through its stage protocol on torch
+    tensors: ``forward_train`` and ``backward_train`` (its fused ones, or its stages composed)
+    and ``forward_infer``.
 
     Backends keep no running statistics (the modules do, with ``reference.update_running_stats``),
     so those are not checked here; the eval forward uses the case's running statistics.
@@ -667,24 +669,28 @@ class _BackendSession:
 
     def forward_train(self, x: np.ndarray) -> np.ndarray:
         self.x = self.io.tensor(x)
+        from ..reference.stages import forward_train
+
         value = call_user(
             "forward_train",
-            self.backend.forward_train,
+            functools.partial(forward_train, self.backend),
             self.x,
             self.weight,
             self.bias,
             self.case.eps,
             self.case.channel_axis,
         )
-        y, self.mean, _var, self.invstd = _returned(
-            "forward_train", value, ("y", "mean", "var", "invstd")
+        y, self.mean, _var, self.invstd, _ = _returned(
+            "forward_train", value, ("y", "mean", "var", "invstd", "relu_mask")
         )
         return _as_float64("forward_train", "y", y)
 
     def backward(self, dy: np.ndarray):
+        from ..reference.stages import backward_train
+
         value = call_user(
             "backward_train",
-            self.backend.backward_train,
+            functools.partial(backward_train, self.backend),
             self.io.tensor(dy),
             self.x,
             self.mean,
@@ -692,7 +698,9 @@ class _BackendSession:
             self.weight,
             self.case.channel_axis,
         )
-        dx, dweight, dbias = _returned("backward_train", value, ("dx", "dweight", "dbias"))
+        dx, dweight, dbias, _ = _returned(
+            "backward_train", value, ("dx", "dweight", "dbias", "dresidual")
+        )
         dx = _as_float64("backward_train", "dx", dx)
         if dx.shape != self.case.shape:
             raise ImplementationError(
