@@ -93,10 +93,12 @@ def _batch_norm(
     through_mean: bool,
     through_var: bool,
     num_batches_tracked: int = 0,
+    stats_sink: Any = None,
 ) -> tuple[torch.Tensor, str | None]:
     """``batch_norm`` plus the modules' needs: returns ``(output, name of the backend used)``.
 
-    ``num_batches_tracked`` (batches seen before this one) serves ``momentum=None``.
+    ``num_batches_tracked`` (batches seen before this one) serves ``momentum=None``;
+    ``stats_sink`` receives the batch statistics instead of the buffers (see ``lifecycle``).
     """
     update = check_call(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if input.numel() == 0:
@@ -117,8 +119,9 @@ def _batch_norm(
     )
     if update:
         write_batch_stats(
-            input, running_mean, running_var, mean, var, momentum, num_batches_tracked
-        )
+            input, running_mean, running_var, mean, var, momentum, num_batches_tracked,
+            stats_sink=stats_sink,
+        )  # fmt: skip
     return output, chosen.name
 
 
@@ -206,9 +209,16 @@ def write_batch_stats(
     var: torch.Tensor,
     momentum: float | None,
     num_batches_tracked: int = 0,
+    *,
+    stats_sink: Any = None,
 ) -> None:
-    """``write_running_stats`` for the ``mean`` and ``var`` of the whole local batch ``input``."""
+    """``write_running_stats`` for the ``mean`` and ``var`` of the whole local batch ``input``,
+    or, where a ``stats_sink`` is given (``lifecycle``: accumulation, PreciseBN, checkpoint
+    recomputation), those statistics handed to it and the buffers left alone."""
     count = input.numel() // input.shape[AXIS]
+    if stats_sink is not None:
+        stats_sink(mean, var, count)
+        return
     write_running_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
 
 

@@ -184,6 +184,7 @@ def _fused(
     backend: str,
     residual: torch.Tensor | None,
     num_batches_tracked: int = 0,
+    stats_sink: Any = None,
 ) -> tuple[torch.Tensor, str | None]:
     """``functional._batch_norm``'s arguments, then the ReLU (after adding ``residual`` when it
     is not None). Returns ``(output, what ran)``: ``"<backend> (fused)"``, None for an empty
@@ -204,7 +205,7 @@ def _fused(
         output, _ = _batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             backend=backend, through_mean=True, through_var=True,
-            num_batches_tracked=num_batches_tracked,
+            num_batches_tracked=num_batches_tracked, stats_sink=stats_sink,
         )  # fmt: skip
         output = output if residual is None else output + residual
         return torch.relu(output), None
@@ -214,8 +215,9 @@ def _fused(
     )  # fmt: skip
     if update:
         write_batch_stats(
-            input, running_mean, running_var, mean, var, momentum, num_batches_tracked
-        )
+            input, running_mean, running_var, mean, var, momentum, num_batches_tracked,
+            stats_sink=stats_sink,
+        )  # fmt: skip
     return output, f"{chosen.name} (fused)"
 
 

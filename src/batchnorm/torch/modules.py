@@ -19,6 +19,7 @@ import torch
 
 from .. import kernels
 from .functional import _batch_norm
+from .stats_sink import stats_sink_for
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -56,6 +57,10 @@ def forward_with_buffers(
     if module.momentum is None and module.training and not counting:
         # PyTorch's factor is then 0: the running statistics stay as they are.
         use_buffers = use_buffers and not module.track_running_stats
+    # Accumulation or a checkpoint's recomputation takes the statistics instead of the buffers
+    # and counts the batch itself (or not at all).
+    sink = stats_sink_for(module) if counting or (module.training and use_buffers) else None
+    counting = counting and sink is None
     # Read only when needed: on a GPU, int() of a device tensor is a synchronisation.
     seen = int(module.num_batches_tracked) if counting and module.momentum is None else 0
     output, module.last_backend = batch_norm(
@@ -69,6 +74,7 @@ def forward_with_buffers(
         module.eps,
         backend=module.backend,
         num_batches_tracked=seen,
+        stats_sink=sink,
         **options,
     )
     # Counted after the forward succeeded, so a rejected batch changes no buffer.

@@ -32,6 +32,7 @@ from ..kernels import select_backend
 from .function import AXIS, memory_format_of
 from .functional import check_call, write_running_stats
 from .modules import _BatchNorm, _check_backend_name
+from .stats_sink import stats_sink_for
 
 __all__ = ["SyncBatchNorm", "convert_sync"]
 
@@ -58,7 +59,7 @@ def _collective(what: str, process_group: Any, fn: Any, *args: Any) -> None:
 
 
 def _gather_stats(x: torch.Tensor, process_group: Any, world: int, backend: Any) -> ref.BatchStats:
-    """Local (count, mean, M2) packed into one vector, one all_gather, exact merge."""
+    """Local (count, mean, M2) of ``x`` on ``backend``'s stages, merged over the ranks."""
     channels = x.shape[AXIS]
     cdt = compute_dtype(x.dtype, torch)
     count = x.numel() // channels if channels else 0
@@ -67,8 +68,19 @@ def _gather_stats(x: torch.Tensor, process_group: Any, world: int, backend: Any)
         mean, m2 = local.mean, local.var * count
     else:  # an empty shard still takes part in the collective, contributing nothing
         mean = m2 = torch.zeros(channels, dtype=cdt, device=x.device)
-    packed = torch.cat([torch.full((1,), count, dtype=cdt, device=x.device), mean, m2])
-    gathered = torch.empty((world, packed.numel()), dtype=cdt, device=x.device)
+    return gather_merge(count, mean, m2, process_group, world)
+
+
+def gather_merge(
+    count: Any, mean: torch.Tensor, m2: torch.Tensor, process_group: Any, world: int
+) -> ref.BatchStats:
+    """Every rank's ``(count, mean, M2)`` packed into one vector, one all_gather, and the exact
+    merge (Chan et al.) in the same order on every rank, so all hold bitwise the same result.
+    Shared by SyncBatchNorm's forward and PreciseBN (``lifecycle.recompute_stats``)."""
+    channels = mean.shape[0]
+    count_part = torch.as_tensor(count, dtype=mean.dtype, device=mean.device).reshape(1)
+    packed = torch.cat([count_part, mean, m2])
+    gathered = torch.empty((world, packed.numel()), dtype=mean.dtype, device=mean.device)
     _collective(
         "all_gather of batch statistics",
         process_group,
@@ -159,6 +171,9 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         # What the local path (our BatchNorm's forward) reads.
         self.through_mean = self.through_var = True
         self.last_backend: str | None = None
+        #: True: normalise with this rank's batch alone (PreciseBN sets it while it pools
+        #: statistics, so that ranks with fewer batches never wait in a collective).
+        self.local_batch = False
         self._channels_checked = False
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -170,7 +185,7 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         rank, world = _world(self.process_group)
         # world < 1: this rank is not in process_group; like torch.nn.SyncBatchNorm, it then
         # normalises with its own batch.
-        if not self.training or world <= 1:
+        if not self.training or world <= 1 or self.local_batch:
             return _BatchNorm.forward(self, input)
         # Validate everything before any collective or buffer change; m > 1 is checked on the
         # global count, after the gather.
@@ -187,8 +202,12 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         )
         self.last_backend = chosen.name
         if tracking:
-            seen = int(self.num_batches_tracked) if self.momentum is None else 0
             count_value = int(count) if input.device.type == "cpu" else count
+            sink = stats_sink_for(self)
+            if sink is not None:  # accumulation or a checkpoint's recomputation: not now
+                sink(mean, var, count_value)
+                return output
+            seen = int(self.num_batches_tracked) if self.momentum is None else 0
             write_running_stats(
                 self.running_mean, self.running_var, mean, var, count_value, self.momentum, seen
             )
