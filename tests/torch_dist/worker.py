@@ -85,6 +85,42 @@ def run_bn(rank, world, opts, out):
     np.savez(out, **results)
 
 
+def precise_model():
+    """Our BatchNorm2d, torch.nn's and our SyncBatchNorm, for PreciseBN across ranks."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(CHANNELS, 4, 3),
+        BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        SyncBatchNorm(4),
+    ).double()
+
+
+def precise_batches(counts):
+    """Every rank builds the same list of batches; rank r takes the r-th run of counts[r]."""
+    g = torch.Generator().manual_seed(7)
+    batches = [
+        torch.randn(3 + i % 3, CHANNELS, 6, 6, generator=g, dtype=torch.float64) * 2 + 1
+        for i in range(sum(counts))
+    ]
+    starts = [sum(counts[:r]) for r in range(len(counts))]
+    return batches, [batches[s : s + c] for s, c in zip(starts, counts, strict=True)]
+
+
+def run_precise(rank, world, opts, out):
+    from batchnorm.torch.lifecycle import recompute_stats
+
+    counts = [int(c) for c in opts["batches"].split(",")]
+    model = precise_model()
+    _, shards = precise_batches(counts)
+    summary = recompute_stats(model, shards[rank], estimator=opts.get("estimator", "population"))
+    state = {k: v.double().numpy() for k, v in model.state_dict().items() if "running" in k}
+    np.savez(out, count=np.array(summary["1"].count), **state)
+
+
 def run_ddp(rank, world, opts, out):
     steps, n = int(opts.get("steps", 20)), int(opts.get("n", 12))
     model = convert_sync(small_cnn(torch.float64))
@@ -161,6 +197,7 @@ def main(argv):
     )
     modes = {"bn": run_bn, "ddp": run_ddp, "die": run_die, "mismatch": run_mismatch}
     modes["edges"] = run_edges
+    modes["precise"] = run_precise
     modes[mode](rank, world, opts, out)
     if mode != "die":
         dist.barrier()

@@ -12,6 +12,9 @@ Importing this sub-package imports torch (``import batchnorm`` alone does not).
 * ``explain_backend(x, backend="auto")``: which backend would run on ``x`` and why.
 * ``BatchNormReLU2d`` / ``BatchNormAddReLU2d``, ``batch_norm_relu`` / ``batch_norm_add_relu``:
   batch norm fused with the ReLU (and residual add) after it (``fused.py``).
+* ``accumulate_stats(model)``, ``recompute_stats(model, batches)`` (PreciseBN): running
+  statistics under gradient accumulation and recomputed exactly (``lifecycle.py``); a
+  forward recomputed by activation checkpointing never counts its batch (``stats_sink.py``).
 * ``symbolic_trace`` / ``Tracer``: ``torch.fx`` tracing that keeps these layers as leaves, as
   ``torch.fx`` does for ``torch.nn``'s own (``fx.py``).
 """
@@ -22,6 +25,7 @@ from .function import BatchNormFunction
 from .functional import batch_norm, explain_backend
 from .fused import BatchNormAddReLU2d, BatchNormReLU2d, batch_norm_add_relu, batch_norm_relu
 from .fx import Tracer, symbolic_trace
+from .lifecycle import LayerStats, accumulate_stats, recompute_stats
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .sync import SyncBatchNorm, convert_sync
 
@@ -34,13 +38,16 @@ __all__ = [
     "BatchNormFunction",
     "BatchNormReLU2d",
     "SyncBatchNorm",
+    "LayerStats",
     "Tracer",
+    "accumulate_stats",
     "batch_norm",
     "batch_norm_add_relu",
     "batch_norm_relu",
     "convert",
     "convert_sync",
     "explain_backend",
+    "recompute_stats",
     "revert",
     "symbolic_trace",
 ]
