@@ -15,12 +15,22 @@ Importing this sub-package imports torch (``import batchnorm`` alone does not).
 * ``accumulate_stats(model)``, ``recompute_stats(model, batches)`` (PreciseBN): running
   statistics under gradient accumulation and recomputed exactly (``lifecycle.py``); a
   forward recomputed by activation checkpointing never counts its batch (``stats_sink.py``).
+* ``FrozenBatchNorm1d/2d/3d``, ``FrozenBatchNorm`` (any rank), ``freeze(model)`` /
+  ``unfreeze(model)``: running statistics fixed through ``model.train()`` (``frozen.py``).
 * ``symbolic_trace`` / ``Tracer``: ``torch.fx`` tracing that keeps these layers as leaves, as
   ``torch.fx`` does for ``torch.nn``'s own (``fx.py``).
 """
 
 from ..kernels import BackendUnavailable
 from .convert import convert, revert
+from .frozen import (
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    freeze,
+    unfreeze,
+)
 from .function import BatchNormFunction
 from .functional import batch_norm, explain_backend
 from .fused import BatchNormAddReLU2d, BatchNormReLU2d, batch_norm_add_relu, batch_norm_relu
@@ -37,6 +47,10 @@ __all__ = [
     "BatchNormAddReLU2d",
     "BatchNormFunction",
     "BatchNormReLU2d",
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
     "SyncBatchNorm",
     "LayerStats",
     "Tracer",
@@ -47,7 +61,9 @@ __all__ = [
     "convert",
     "convert_sync",
     "explain_backend",
+    "freeze",
     "recompute_stats",
     "revert",
     "symbolic_trace",
+    "unfreeze",
 ]
