@@ -208,3 +208,50 @@ def test_reparam_run_writes_records(tmp_path):
     assert record["summary"]["passed"]
     for name in ("records.json", "identity.csv", "orthogonality.csv", "reparam.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------- precise
+
+
+def test_precise_run_writes_records_and_the_lifecycle_table(tmp_path):
+    from batchnorm.experiments import precise
+
+    with torch_threads(1):
+        record = precise.run(
+            tmp_path, data="digits", steps=40, seeds=2, quick=True, progress=False, plot=True
+        )
+    assert read_json(tmp_path / "records.json")["experiment"] == "precise"
+    assert (tmp_path / "precise.png").exists() and (tmp_path / "lifecycle.csv").exists()
+    assert len(record["runs"]) == 2
+    for run in record["runs"]:
+        steps = [row["step"] for row in run["history"]]
+        assert steps[0] == 0 and steps[-1] == 40
+        for row in run["history"]:
+            assert 0 <= row["ema"] <= 1 and 0 <= row["precise"] <= 1
+            assert row["gap"] == pytest.approx(row["precise"] - row["ema"])
+    table = {(r["case"], r["layer"]): r for r in record["lifecycle"]}
+    # The facts the table shows, each against its oracle: PyTorch's layer counts a
+    # checkpointed batch twice and updates per micro-batch; ours matches the exact layer.
+    assert table["checkpointing", "torch.nn"]["num_batches_tracked"] == 8
+    assert table["accumulation", "torch.nn"]["num_batches_tracked"] == 16
+    for case in ("checkpointing", "accumulation"):
+        ours = table[case, "batchnorm"]
+        assert ours["num_batches_tracked"] == ours["exact_num_batches_tracked"] == 4
+        assert ours["running_var_error"] <= 1e-12
+        assert table[case, "torch.nn"]["running_var_error"] > 1e-3
+
+
+def test_precise_statistics_fix_a_lagging_average():
+    """The mechanism the experiment shows, on a frozen network whose EMA is stale: PreciseBN
+    brings the running statistics to the exact ones of the final weights."""
+    from batchnorm.torch import BatchNorm1d, recompute_stats
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), BatchNorm1d(3)).double()
+    with torch.no_grad():
+        model[0].weight.mul_(5)  # the weights moved; the running statistics did not
+    x = torch.randn(200, 4, dtype=torch.float64)
+    recompute_stats(model, x.split(50))
+    h = model[0](x).detach()
+    torch.testing.assert_close(model[1].running_mean, h.mean(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(model[1].running_var, h.var(0), rtol=0, atol=1e-12)

@@ -25,6 +25,7 @@ DESCRIPTIONS = {
     "moments": "why the mean and variance carry gradient: section 2 case + ablation + grad check",
     "landscape": "Santurkar et al. 2018: loss/gradient along the gradient, BN vs none vs noisy BN",
     "reparam": "Kohler et al. 2019: BN(x^T w) = gamma x^T w / ||w||_S, checked in float64",
+    "precise": "Wu & Johnson 2021: EMA statistics that lag vs PreciseBN; checkpoint/accumulation",
 }
 
 #: command-line option -> keyword of ``run``; an experiment that lacks the keyword refuses it.

@@ -339,10 +339,37 @@ def plot_reparam(directory: str | Path) -> list[Path]:
     return [_save(fig, directory / "reparam.png")]
 
 
+def plot_precise(directory: str | Path) -> list[Path]:
+    directory = Path(directory)
+    record = read_json(directory / "records.json")
+    curves = record["curves"]
+    steps = _arr(curves["step"])
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.3))
+    _band(axes[0], steps, curves["ema"], COLORS["plain"], "EMA running statistics")
+    _band(axes[0], steps, curves["precise"], COLORS["bn"], "PreciseBN statistics")
+    settings = record["settings"]
+    axes[0].set(
+        title=f"test accuracy (lr {settings['lr']:g}, BN momentum {settings['bn_momentum']:g})",
+        xlabel="SGD step",
+        ylabel="test accuracy, eval mode",
+    )
+    axes[0].legend(fontsize=8)
+    _band(axes[1], steps, curves["gap"], COLORS["noisy"], "PreciseBN − EMA")
+    axes[1].axhline(0, color="#444444", lw=0.8, ls="--")
+    axes[1].set(
+        title=f"the gap, {settings['seeds']} seeds (band: min to max)",
+        xlabel="SGD step",
+        ylabel="accuracy difference",
+    )
+    return [_save(fig, directory / "precise.png")]
+
+
 PLOTTERS: dict[str, Any] = {
     "explain": plot_explain,
     "ioffe": plot_ioffe,
     "moments": plot_moments,
     "landscape": plot_landscape,
     "reparam": plot_reparam,
+    "precise": plot_precise,
 }

@@ -31,7 +31,7 @@ from .data import DATASETS, load_dataset
 
 __all__ = ["main", "build_report", "render_html", "STAGES"]
 
-STAGES = ("verify", "bench", "explain", "ioffe", "moments", "landscape", "reparam")
+STAGES = ("verify", "bench", "explain", "ioffe", "moments", "landscape", "reparam", "precise")
 
 
 class Skipped(Exception):
@@ -148,7 +148,10 @@ RUNNERS: dict[str, Callable[[Path, dict[str, Any]], dict[str, Any]]] = {
     "verify": _stage_verify,
     "bench": _stage_bench,
     "explain": _stage_explain,
-    **{name: _experiment_stage(name) for name in ("ioffe", "moments", "landscape", "reparam")},
+    **{
+        name: _experiment_stage(name)
+        for name in ("ioffe", "moments", "landscape", "reparam", "precise")
+    },
 }
 
 
@@ -386,6 +389,16 @@ def _cards(out: Path) -> str:
             (
                 f"{rp['summary']['max_abs_error']:.0e}",
                 "max |BN(xᵀw) − γ xᵀw/‖w‖_S − β| in float64 (Kohler et al.)",
+            )
+        )
+    pr = _load(out, "precise")
+    if pr:
+        s = pr["summary"]
+        cards.append(
+            (
+                f"{s['final_precise_accuracy']:.2f} vs {s['final_ema_accuracy']:.2f}",
+                "test accuracy with PreciseBN statistics vs the moving average, same weights "
+                f"({pr['settings']['seeds']} seeds)",
             )
         )
     ve = _load(out, "verify", "verify.json")
@@ -700,6 +713,49 @@ def _reparam_body(out: Path) -> str:
     )
 
 
+def _precise_body(out: Path) -> str:
+    pr = _load(out, "precise")
+    if not pr:
+        return ""
+    s, settings = pr["summary"], pr["settings"]
+    last = pr["curves"]["step"][-1]
+    return (
+        _figure(
+            out,
+            "precise/precise.png",
+            f"A small 1-D CNN on {_e(pr['data'])}, SGD with learning rate {settings['lr']:g} "
+            f"and momentum {settings['momentum']:g}, batch-norm momentum "
+            f"{settings['bn_momentum']:g} ({settings['seeds']} seeds; band: min to max). "
+            "Every few steps the same weights are evaluated twice: with the running "
+            "statistics the training kept (an exponential moving average over past weights) "
+            f"and with statistics recomputed on {settings['precise_samples']} training "
+            "samples with the weights fixed (<code>batchnorm.torch.recompute_stats</code>). "
+            f"After {last} steps: {s['final_ema_accuracy']:.3f} test accuracy with the "
+            f"moving average, {s['final_precise_accuracy']:.3f} with PreciseBN; over all "
+            f"evaluations after the first the mean gap is {s['mean_gap']:+.3f} "
+            f"(largest {s['max_gap']:+.3f}), and PreciseBN was ahead in "
+            f"{100 * s['precise_better_fraction']:.0f}% of them.",
+        )
+        + "<p>The same running statistics under activation checkpointing and gradient "
+        "accumulation, after a few steps of one <code>BatchNorm1d(3)</code> (float64), "
+        "against the exact values (a plain layer over the whole batch). PyTorch's layer "
+        "counts a checkpointed batch twice (its forward runs again in the backward) and "
+        "updates once per micro-batch; ours counts once and, inside "
+        "<code>accumulate_stats</code>, updates once with the merged statistics.</p>"
+        + _table(
+            pr["lifecycle"],
+            [
+                ("case", "case", ""),
+                ("layer", "layer", ""),
+                ("num_batches_tracked", "batches counted", ""),
+                ("exact_num_batches_tracked", "exact", ""),
+                ("running_mean_error", "max |running mean − exact|", ".1e"),
+                ("running_var_error", "max |running var − exact|", ".1e"),
+            ],
+        )
+    )
+
+
 def _reparam_eps() -> float:
     import inspect
 
@@ -882,6 +938,17 @@ def render_html(out: str | Path, status: dict[str, Any]) -> str:
             out,
         ),
         _section(
+            "precise",
+            "When the moving average lags: PreciseBN (Wu & Johnson 2021)",
+            "At inference batch norm uses running statistics, an exponential moving average "
+            "of batch statistics over training: statistics of weights that no longer exist. "
+            "With a large learning rate or a small batch-norm momentum the eval-mode model "
+            "suffers; recomputing the statistics with the final weights fixes it.",
+            _precise_body(out),
+            status,
+            out,
+        ),
+        _section(
             "verify",
             "The reference against its oracles",
             "<code>batchnorm verify</code>: finite differences, the staged derivation, the "
@@ -901,7 +968,16 @@ def render_html(out: str | Path, status: dict[str, Any]) -> str:
     ]
     nav = "".join(
         f'<a href="#{s}">{s}</a>'
-        for s in ("explain", "moments", "ioffe", "landscape", "reparam", "verify", "bench")
+        for s in (
+            "explain",
+            "moments",
+            "ioffe",
+            "landscape",
+            "reparam",
+            "precise",
+            "verify",
+            "bench",
+        )
     )
     failed = [k for k, v in status["stages"].items() if v["state"] == "failed"]
     banner = f'<div class="error">Failed stages: {_e(", ".join(failed))}</div>' if failed else ""
