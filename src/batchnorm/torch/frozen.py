@@ -277,6 +277,9 @@ def _check_freezable(layer: torch.nn.Module, name: str) -> None:
         )
     if not isinstance(layer, _TorchBatchNorm):
         raise TypeError(f"{name} is a {type(layer).__name__}, not a batch-norm layer")
+    if torch.nn.parameter.is_lazy(layer.running_mean):
+        # A Lazy* layer becomes torch.nn.BatchNormNd at its first forward, shapes known.
+        raise ValueError(f"{name} ({type(layer).__name__}) is uninitialized: run a forward first")
     if _frozen_class(layer) is None:
         # An unknown _BatchNorm subclass may compute anything in its forward (as the fused
         # layers do); freezing it as plain batch norm could silently change the model.
@@ -285,8 +288,6 @@ def _check_freezable(layer: torch.nn.Module, name: str) -> None:
             "torch.nn.BatchNorm1d/2d/3d or a SyncBatchNorm; freeze() cannot tell what its "
             "eval forward computes"
         )
-    if torch.nn.parameter.is_lazy(layer.running_mean):
-        raise ValueError(f"{name} ({type(layer).__name__}) is uninitialized: run a forward first")
     if layer.running_mean is None or layer.running_var is None:
         raise ValueError(
             f"{name} ({type(layer).__name__}) has track_running_stats=False: it has no running "
