@@ -313,3 +313,14 @@ def test_precise_bad_input_changes_nothing(kwargs, error, match):
 def test_precise_needs_a_batch_norm_layer():
     with pytest.raises(ValueError, match="no batch-norm layer"):
         recompute_stats(torch.nn.Linear(3, 3), [torch.randn(2, 3)])
+
+
+def test_accumulation_of_half_precision_activations_merges_in_float64():
+    layer = bt.BatchNorm1d(3)  # float32 buffers, bfloat16 activations (autocast-style)
+    xs = [(torch.randn(16, 3) * 2 + 5).to(torch.bfloat16) for _ in range(3)]
+    with accumulate_stats(layer):
+        for x in xs:
+            layer(x)
+    mean, var = _pooled(xs)  # of the bfloat16 values themselves, in float64
+    torch.testing.assert_close(layer.running_mean.double(), 0.1 * mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.running_var.double(), 0.9 + 0.1 * var, rtol=1e-6, atol=1e-6)
