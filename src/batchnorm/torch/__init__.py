@@ -17,6 +17,8 @@ Importing this sub-package imports torch (``import batchnorm`` alone does not).
   forward recomputed by activation checkpointing never counts its batch (``stats_sink.py``).
 * ``FrozenBatchNorm1d/2d/3d``, ``FrozenBatchNorm`` (any rank), ``freeze(model)`` /
   ``unfreeze(model)``: running statistics fixed through ``model.train()`` (``frozen.py``).
+* ``GhostBatchNorm1d/2d/3d``, ``BatchRenorm1d/2d/3d``: small-batch variants on the same
+  stages (``variants.py``).
 * ``symbolic_trace`` / ``Tracer``: ``torch.fx`` tracing that keeps these layers as leaves, as
   ``torch.fx`` does for ``torch.nn``'s own (``fx.py``).
 """
@@ -38,8 +40,22 @@ from .fx import Tracer, symbolic_trace
 from .lifecycle import LayerStats, accumulate_stats, recompute_stats
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .sync import SyncBatchNorm, convert_sync
+from .variants import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+)
 
 __all__ = [
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
     "BackendUnavailable",
     "BatchNorm1d",
     "BatchNorm2d",

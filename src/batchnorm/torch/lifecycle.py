@@ -87,11 +87,15 @@ def accumulate_stats(model: torch.nn.Module) -> Iterator[None]:
         if not len(collected):
             continue
         merged = collected.merged()
-        seen = int(layer.num_batches_tracked) if layer.momentum is None else 0
-        write_running_stats(
-            layer.running_mean, layer.running_var, merged.mean, merged.var, int(merged.count),
-            layer.momentum, seen,
-        )  # fmt: skip
+        own = getattr(layer, "_write_batch_stats", None)  # a variant's own convention
+        if own is not None:
+            own(merged.mean, merged.var, int(merged.count))
+        else:
+            seen = int(layer.num_batches_tracked) if layer.momentum is None else 0
+            write_running_stats(
+                layer.running_mean, layer.running_var, merged.mean, merged.var,
+                int(merged.count), layer.momentum, seen,
+            )  # fmt: skip
         with torch.no_grad():
             layer.num_batches_tracked.add_(1)
 
