@@ -34,3 +34,34 @@ def test_ranks_agree_with_the_single_process_result(tmp_path, batches, estimator
                 np.testing.assert_allclose(r[key], value.double().numpy(), rtol=0, atol=1e-10)
                 # Bitwise the same on every rank: one merge, in one order, everywhere.
                 assert np.array_equal(r[key], results[0][key]), key
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_masked_sync_batch_norm_equals_the_single_process_masked_result(tmp_path, backend):
+    """Two ranks with different masks: the ranks are weighted by their real positions."""
+    if backend == "numba":
+        pytest.importorskip("numba")
+    import torch
+
+    import batchnorm.torch as bt
+
+    results, _, _ = launch(tmp_path, "masked", 2, f"backend={backend}")
+    sys.path.insert(0, str(WORKER.parent))
+    from worker import masked_batch
+
+    parts = [masked_batch(rank) for rank in range(2)]
+    x = torch.cat([p[0] for p in parts]).requires_grad_(True)
+    mask = torch.cat([p[1] for p in parts])
+    bn = bt.BatchNorm1d(x.shape[1], backend="reference").double()
+    y = bn(x, mask=mask)
+    weights = torch.cat([torch.linspace(-1, 1, p[0].numel()).view_as(p[0]) for p in parts])
+    (y.nan_to_num() * weights).sum().backward()
+    np.testing.assert_allclose(np.concatenate([r["y"] for r in results]), y.detach().numpy(),
+                               rtol=0, atol=1e-10)  # fmt: skip
+    np.testing.assert_allclose(np.concatenate([r["dx"] for r in results]), x.grad.numpy(),
+                               rtol=0, atol=1e-10)  # fmt: skip
+    np.testing.assert_allclose(sum(r["dweight"] for r in results), bn.weight.grad.numpy(),
+                               rtol=0, atol=1e-10)  # fmt: skip
+    for r in results:
+        np.testing.assert_allclose(r["running_var"], bn.running_var.numpy(), rtol=0, atol=1e-10)
+        np.testing.assert_allclose(r["running_mean"], bn.running_mean.numpy(), rtol=0, atol=1e-10)

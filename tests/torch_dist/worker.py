@@ -121,6 +121,27 @@ def run_precise(rank, world, opts, out):
     np.savez(out, count=np.array(summary["1"].count), **state)
 
 
+def masked_batch(rank):
+    """Rank r's (N, C, L) batch and its mask; the ranks' masks differ (one rank pads more)."""
+    g = torch.Generator().manual_seed(11 + rank)
+    x = torch.randn(3, CHANNELS, 8, generator=g, dtype=torch.float64) * 2 + rank
+    lengths = torch.tensor([8, 3, 5]) if rank == 0 else torch.tensor([2, 0, 6])
+    mask = torch.arange(8)[None, :] < lengths[:, None]
+    return x.masked_fill(~mask[:, None, :], float("nan")), mask
+
+
+def run_masked(rank, world, opts, out):
+    bn = SyncBatchNorm(CHANNELS, backend=opts.get("backend", "auto")).double()
+    x, mask = masked_batch(rank)
+    x.requires_grad_(True)
+    y = bn(x, mask=mask)
+    (y.nan_to_num() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    np.savez(
+        out, y=y.detach().numpy(), dx=x.grad.numpy(), running_mean=bn.running_mean.numpy(),
+        running_var=bn.running_var.numpy(), dweight=bn.weight.grad.numpy(),
+    )  # fmt: skip
+
+
 def run_ddp(rank, world, opts, out):
     steps, n = int(opts.get("steps", 20)), int(opts.get("n", 12))
     model = convert_sync(small_cnn(torch.float64))
@@ -198,6 +219,7 @@ def main(argv):
     modes = {"bn": run_bn, "ddp": run_ddp, "die": run_die, "mismatch": run_mismatch}
     modes["edges"] = run_edges
     modes["precise"] = run_precise
+    modes["masked"] = run_masked
     modes[mode](rank, world, opts, out)
     if mode != "die":
         dist.barrier()

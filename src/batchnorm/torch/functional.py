@@ -15,6 +15,7 @@ from .. import reference as ref
 from .._xp import check_eps, per_channel
 from ..kernels import BackendUnavailable, select_backend
 from .function import AXIS, apply_batch_norm
+from .masked import check_mask, compact, expand
 
 __all__ = ["batch_norm", "explain_backend", "BackendUnavailable"]
 
@@ -43,6 +44,7 @@ def batch_norm(
     backend: str = "auto",
     through_mean: bool = True,
     through_var: bool = True,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batch normalization over the channel axis 1 of an (N, C, *) input.
 
@@ -56,6 +58,9 @@ def batch_norm(
       a named backend that cannot run raises ``BackendUnavailable``.
     * ``through_mean=False`` / ``through_var=False``: the moments-as-constants gradients of
       ``batchnorm.reference.backward_elemt`` (training only; the forward is unchanged).
+    * ``mask``: a boolean tensor of the input's shape without the channel axis (True = a real
+      value): statistics, running statistics and gradients over the real positions only, 0
+      written at the padded ones (``masked.py``).
     * A batch whose statistics are not finite leaves those channels' running statistics
       untouched and warns (PyTorch writes the NaN/inf into them).
     * Bad arguments raise ``ValueError``/``TypeError`` naming the bad shape or value, before any
@@ -75,6 +80,7 @@ def batch_norm(
         backend=backend,
         through_mean=through_mean,
         through_var=through_var,
+        mask=mask,
     )
     return output
 
@@ -94,12 +100,21 @@ def _batch_norm(
     through_var: bool,
     num_batches_tracked: int = 0,
     stats_sink: Any = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, str | None]:
     """``batch_norm`` plus the modules' needs: returns ``(output, name of the backend used)``.
 
     ``num_batches_tracked`` (batches seen before this one) serves ``momentum=None``;
     ``stats_sink`` receives the batch statistics instead of the buffers (see ``lifecycle``).
     """
+    if mask is not None:  # the real positions, as a batch of their own (masked.py)
+        real = compact(input, check_mask(mask, input))
+        output, name = _batch_norm(
+            real, running_mean, running_var, weight, bias, training, momentum, eps,
+            backend=backend, through_mean=through_mean, through_var=through_var,
+            num_batches_tracked=num_batches_tracked, stats_sink=stats_sink,
+        )  # fmt: skip
+        return expand(output, mask, input), name
     update = check_call(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if input.numel() == 0:
         return _empty_batch(input, weight, bias), None

@@ -118,13 +118,16 @@ class _BatchNorm(torch.nn.Module):
         #: batch, which runs none).
         self.last_backend: str | None = None
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` (optional, boolean, the input's shape without the channel axis, True = a
+        real value): batch norm over the real positions only, 0 at the padded ones."""
         return forward_with_buffers(
             self,
             input,
             _batch_norm,
             through_mean=self.through_mean,
             through_var=self.through_var,
+            mask=mask,
         )
 
     def extra_repr(self) -> str:

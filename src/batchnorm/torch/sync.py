@@ -31,6 +31,7 @@ from .._xp import compute_dtype
 from ..kernels import select_backend
 from .function import AXIS, memory_format_of
 from .functional import check_call, write_running_stats
+from .masked import check_mask, compact, expand
 from .modules import _BatchNorm, _check_backend_name
 from .stats_sink import stats_sink_for
 
@@ -180,8 +181,13 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` as for ``BatchNorm1d``: each rank's real positions only, the ranks weighted
+        by their counts of real values (the exact merge does that by itself)."""
         self._check_input_dim(input)
+        if mask is not None:
+            real = compact(input, check_mask(mask, input))
+            return expand(self.forward(real), mask, input)
         rank, world = _world(self.process_group)
         # world < 1: this rank is not in process_group; like torch.nn.SyncBatchNorm, it then
         # normalises with its own batch.
