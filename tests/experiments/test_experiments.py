@@ -255,3 +255,34 @@ def test_precise_statistics_fix_a_lagging_average():
     h = model[0](x).detach()
     torch.testing.assert_close(model[1].running_mean, h.mean(0), rtol=0, atol=1e-12)
     torch.testing.assert_close(model[1].running_var, h.var(0), rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- small-batch
+
+
+def test_padding_moves_plain_batch_norm_and_not_the_masked_form():
+    from batchnorm.experiments.small_batch import padding_drift
+
+    rows = padding_drift(max_pad=16, step=8)
+    assert [r["padding"] for r in rows] == [0, 8, 16]
+    assert rows[0]["plain_drift"] == 0 and rows[-1]["plain_drift"] > 0.1
+    assert all(r["masked_drift"] == 0 for r in rows)
+
+
+def test_small_batch_run_writes_records(tmp_path, monkeypatch):
+    from batchnorm.experiments import small_batch
+
+    tiny = {"sizes": (2, 8), "seeds": 2, "samples": 64, "ghost_batch": 16}
+    monkeypatch.setattr(small_batch, "QUICK", tiny)
+    with torch_threads(1):
+        record = small_batch.run(tmp_path, data="digits", quick=True, progress=False)
+    assert read_json(tmp_path / "records.json")["experiment"] == "small-batch"
+    assert (tmp_path / "small_batch.png").exists() and (tmp_path / "padding.csv").exists()
+    assert record["sizes"] == [2, 8]
+    for norm in ("bn", "renorm", "ghost", "group"):
+        spread = record["curves"][norm]
+        assert len(spread["mean"]) == 2
+        assert all(lo <= m <= hi for lo, m, hi in
+                   zip(spread["min"], spread["mean"], spread["max"], strict=True))  # fmt: skip
+    acc = record["summary"]["accuracy"]
+    assert record["summary"]["bn_drop"] == pytest.approx(acc["bn"]["8"] - acc["bn"]["2"])

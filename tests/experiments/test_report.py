@@ -41,8 +41,9 @@ def test_report_quick_writes_a_page_whose_every_file_exists(tmp_path):
     page = (out / "index.html").read_text()
     parser = _Links()
     parser.feed(page)
-    # explain: graph (if dot) + jacobian; moments 3; ioffe 1; landscape 1; reparam 1; precise 1
-    assert len(parser.images) >= 8
+    # explain: graph (if dot) + jacobian; moments 3; ioffe, landscape, reparam, precise,
+    # small-batch 1 each
+    assert len(parser.images) >= 9
     for reference in parser.images + parser.links:
         parsed = urlparse(reference)
         if parsed.scheme or reference.startswith("#"):
@@ -53,10 +54,11 @@ def test_report_quick_writes_a_page_whose_every_file_exists(tmp_path):
         target = out / unquote(parsed.path)
         assert target.is_file() and target.stat().st_size > 0, f"{reference} is missing"
     status = json.loads((out / "report.json").read_text())
-    for stage in ("explain", "ioffe", "moments", "landscape", "reparam", "precise"):
+    for stage in ("explain", "ioffe", "moments", "landscape", "reparam", "precise", "small-batch"):
         assert status["stages"][stage]["state"] == "ok", (stage, status["stages"][stage])
     assert status["stages"]["verify"]["state"] in ("ok", "skipped")
-    sections = ("explain", "moments", "ioffe", "landscape", "reparam", "precise", "verify")
+    sections = ("explain", "moments", "ioffe", "landscape", "reparam", "precise", "small-batch")
+    sections = (*sections, "verify")
     for section in (*sections, "bench"):
         assert f'id="{section}"' in page
     # The prose quotes this run's records, not fixed numbers or internal file names.
@@ -127,7 +129,7 @@ def test_report_calls_bench_and_skips_a_missing_verify(tmp_path, monkeypatch):
     fake.format_table = lambda record: "a table"
     monkeypatch.setitem(sys.modules, "batchnorm.bench", fake)
     monkeypatch.setitem(sys.modules, "batchnorm.verify", None)  # import raises ImportError
-    skip = ["explain", "ioffe", "moments", "landscape", "reparam", "precise"]
+    skip = ["explain", "ioffe", "moments", "landscape", "reparam", "precise", "small-batch"]
     status = report.build_report(tmp_path, quick=True, progress=False, skip=skip)
     assert status["stages"]["bench"]["state"] == "ok"
     assert calls == {"shapes": fake.QUICK_SHAPES, "repeats": 5}
@@ -150,6 +152,7 @@ def test_importing_the_experiments_imports_no_heavy_package():
             "cli",
             "reparam",
             "precise",
+            "small_batch",
             "moments",
             "ioffe",
             "landscape",

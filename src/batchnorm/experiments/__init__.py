@@ -5,4 +5,4 @@ records; ``report`` runs everything and writes ``index.html``. Modules import to
 and tqdm lazily (inside functions), so ``import batchnorm.experiments`` stays cheap.
 """
 
-EXPERIMENTS = ("ioffe", "moments", "landscape", "reparam", "precise")
+EXPERIMENTS = ("ioffe", "moments", "landscape", "reparam", "precise", "small-batch")

@@ -26,6 +26,7 @@ DESCRIPTIONS = {
     "landscape": "Santurkar et al. 2018: loss/gradient along the gradient, BN vs none vs noisy BN",
     "reparam": "Kohler et al. 2019: BN(x^T w) = gamma x^T w / ||w||_S, checked in float64",
     "precise": "Wu & Johnson 2021: EMA statistics that lag vs PreciseBN; checkpoint/accumulation",
+    "small-batch": "BN, Batch Renorm, Ghost BN, GroupNorm against batch size; padding drift",
 }
 
 #: command-line option -> keyword of ``run``; an experiment that lacks the keyword refuses it.
@@ -36,7 +37,7 @@ def run_experiment(name: str, out: str | Path, **kwargs: Any) -> dict[str, Any]:
     """Import ``batchnorm.experiments.NAME`` and call its ``run(out, **kwargs)``."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; known: {list(EXPERIMENTS)}")
-    module = importlib.import_module(f"batchnorm.experiments.{name}")
+    module = importlib.import_module(f"batchnorm.experiments.{name.replace('-', '_')}")
     accepted = inspect.signature(module.run).parameters
     refused = sorted(k for k in kwargs if k not in accepted)
     if refused:
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchnorm experiment",
         description="Run one experiment; it writes records.json, CSV tables and PNG figures.",
-        epilog="experiments:\n" + "\n".join(f"  {k:<10} {v}" for k, v in DESCRIPTIONS.items()),
+        epilog="experiments:\n" + "\n".join(f"  {k:<11} {v}" for k, v in DESCRIPTIONS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("name", choices=[*EXPERIMENTS, "list"], help="experiment to run")

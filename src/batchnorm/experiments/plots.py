@@ -365,6 +365,41 @@ def plot_precise(directory: str | Path) -> list[Path]:
     return [_save(fig, directory / "precise.png")]
 
 
+def plot_small_batch(directory: str | Path) -> list[Path]:
+    directory = Path(directory)
+    record = read_json(directory / "records.json")
+    sizes = _arr(record["sizes"])
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.3))
+    styles = {
+        "bn": (COLORS["bn"], "batch norm"),
+        "renorm": (COLORS["no mean grad"], "Batch Renorm"),
+        "ghost": (COLORS["noisy"], f"Ghost (batches of {record['settings']['ghost_batch']})"),
+        "group": (COLORS["plain"], "GroupNorm (no batch)"),
+    }
+    for name, (color, label) in styles.items():
+        _band(axes[0], sizes, record["curves"][name], color, label)
+    axes[0].set_xscale("log", base=2)
+    axes[0].set(
+        title=f"test accuracy, {record['settings']['seeds']} seeds",
+        xlabel="samples per batch (Ghost: per virtual batch)",
+        ylabel="test accuracy",
+    )
+    axes[0].legend(fontsize=8)
+    pad = record["padding"]
+    x = [r["padding"] for r in pad]
+    axes[1].plot(x, [r["plain_drift"] for r in pad], color=COLORS["plain"], label="plain BN")
+    axes[1].plot(x, [r["masked_drift"] for r in pad], color=COLORS["bn"], label="masked BN",
+                 ls="--")  # fmt: skip
+    axes[1].set(
+        title="padding moves plain BN's real outputs",
+        xlabel="padding length (zeros)",
+        ylabel="max |change| at real positions",
+    )
+    axes[1].legend(fontsize=8)
+    return [_save(fig, directory / "small_batch.png")]
+
+
 PLOTTERS: dict[str, Any] = {
     "explain": plot_explain,
     "ioffe": plot_ioffe,
@@ -372,4 +407,5 @@ PLOTTERS: dict[str, Any] = {
     "landscape": plot_landscape,
     "reparam": plot_reparam,
     "precise": plot_precise,
+    "small-batch": plot_small_batch,
 }
