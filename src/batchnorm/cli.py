@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "explain": ("batchnorm.experiments.explain:main", "print and draw the backward stage by stage"),
     "experiment": ("batchnorm.experiments.cli:main", "run one experiment, write its records"),
     "report": ("batchnorm.experiments.report:main", "run everything, write DIR/index.html"),
+    "doctor": ("batchnorm.doctor_cli:main", "check a trained model's batch norm, say the fix"),
 }
 
 

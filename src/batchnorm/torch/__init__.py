@@ -19,12 +19,17 @@ Importing this sub-package imports torch (``import batchnorm`` alone does not).
   ``unfreeze(model)``: running statistics fixed through ``model.train()`` (``frozen.py``).
 * ``GhostBatchNorm1d/2d/3d``, ``BatchRenorm1d/2d/3d``: small-batch variants on the same
   stages (``variants.py``).
+* ``fold(model, example_inputs=None)``: a new model with batch norm folded into the
+  neighbouring Conv/ConvTranspose/Linear, and a report (``fold.py``, ``fold_patterns.py``);
+  ``doctor(model, batches=None)``: findings on a trained model's batch norm (``doctor.py``).
 * ``symbolic_trace`` / ``Tracer``: ``torch.fx`` tracing that keeps these layers as leaves, as
   ``torch.fx`` does for ``torch.nn``'s own (``fx.py``).
 """
 
 from ..kernels import BackendUnavailable
 from .convert import convert, revert
+from .doctor import DoctorReport, Finding, doctor
+from .fold import FoldPair, FoldReport, FoldResult, fold
 from .frozen import (
     FrozenBatchNorm,
     FrozenBatchNorm1d,
@@ -68,6 +73,13 @@ __all__ = [
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
     "SyncBatchNorm",
+    "DoctorReport",
+    "Finding",
+    "FoldPair",
+    "FoldReport",
+    "FoldResult",
+    "doctor",
+    "fold",
     "LayerStats",
     "Tracer",
     "accumulate_stats",
