@@ -81,7 +81,7 @@ def test_report_survives_a_failing_stage_and_says_so(tmp_path, monkeypatch):
         raise RuntimeError("deliberately broken")
 
     monkeypatch.setitem(report.RUNNERS, "reparam", broken)
-    skip = ["verify", "bench", "ioffe", "moments", "landscape"]
+    skip = ["verify", "bench", "ioffe", "moments", "landscape", "precise", "small-batch"]
     argv = ["--out", str(tmp_path), "--no-progress"] + [f"--skip={s}" for s in skip]
     assert report.main(argv) == 1
     page = (tmp_path / "index.html").read_text()
