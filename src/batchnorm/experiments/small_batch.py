@@ -26,7 +26,7 @@ from .common import Timer, mean_and_spread, resolve_settings, write_records
 
 __all__ = ["run", "DEFAULTS", "QUICK", "padding_drift"]
 
-DEFAULTS = {"sizes": (2, 4, 8, 16, 32, 64), "seeds": 3, "samples": 12000, "ghost_batch": 64}
+DEFAULTS = {"sizes": (2, 4, 8, 16, 32, 64), "seeds": 3, "samples": 6000, "ghost_batch": 64}
 QUICK = {"sizes": (2, 8, 32), "seeds": 2, "samples": 1500, "ghost_batch": 64}
 NORMS = {
     "bn": "batch norm",
