@@ -94,8 +94,8 @@ class ToyBackend:
             z = z + residual.double()
         mask = None
         if relu:
-            mask = (z > 0).to(torch.uint8)
-            z = torch.where((z > 0) | z.isnan(), z, torch.zeros_like(z))
+            mask = (~(z <= 0)).to(torch.uint8)  # NaN passes, as torch.relu
+            z = torch.where(mask.bool(), z, torch.zeros_like(z))
         return ref.Elemt(z.to(x.dtype), mask)
 
     def forward_infer(self, x, running_mean, running_var, gamma, beta, eps, axis):

@@ -263,3 +263,19 @@ def test_auto_runs_the_numba_fused_kernels_on_a_large_cpu_tensor():
     saved = _saved_bytes(lambda: module(x, residual))
     assert module.last_backend == "numba (fused)"
     assert saved <= x.numel() * 4 + x.numel() // 8 + 16 * 16 + 64 * 16
+
+
+def test_fused_relu_passes_nan_and_its_gradient_as_torch(backend):
+    """torch.relu(nan) is nan and passes its gradient; the fused layers must agree."""
+    x, residual, _ = _inputs(torch.float32, torch.contiguous_format, 42)
+    require(backend, x)
+    x[:, 1, 0, 0] = float("nan")  # channel 1's statistics, and so its outputs, are NaN
+    x.requires_grad_()
+    residual.requires_grad_()
+    y = batch_norm_add_relu(x, residual, None, None, training=True, backend=backend)
+    y.sum().backward()
+    x64, r64 = (t.detach().double().requires_grad_() for t in (x, residual))
+    y_ref = torch.relu(F.batch_norm(x64, None, None, training=True) + r64)
+    y_ref.sum().backward()
+    assert torch.equal(y.isnan(), y_ref.isnan())
+    torch.testing.assert_close(residual.grad.double(), r64.grad, rtol=0, atol=0)

@@ -324,3 +324,60 @@ def test_accumulation_of_half_precision_activations_merges_in_float64():
     mean, var = _pooled(xs)  # of the bfloat16 values themselves, in float64
     torch.testing.assert_close(layer.running_mean.double(), 0.1 * mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(layer.running_var.double(), 0.9 + 0.1 * var, rtol=1e-6, atol=1e-6)
+
+
+def test_precise_pools_only_the_real_positions_of_a_masked_layer(backend):
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bt.BatchNorm1d(3, backend=backend)
+
+        def forward(self, x, mask):
+            return self.bn(x, mask=mask)
+
+    model = Masked().double()
+    x = torch.randn(4, 3, 10, dtype=torch.float64)
+    require(backend, x)
+    mask = torch.zeros(4, 10, dtype=torch.bool)
+    mask[:, :5] = True
+    x = x.masked_fill(~mask[:, None, :], 100.0)  # padding far off: it must not count
+    recompute_stats(model, [{"x": x, "mask": mask}], progress=False)
+    real = x.transpose(1, 2)[mask]
+    torch.testing.assert_close(model.bn.running_mean, real.mean(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(model.bn.running_var, real.var(0), rtol=0, atol=1e-12)
+
+
+def test_precise_takes_no_more_batches_than_it_uses_and_leaves_the_iterator_open():
+    taken = []
+
+    def loader():
+        for i in range(10):
+            taken.append(i)
+            yield torch.randn(4, 3, dtype=torch.float64)
+
+    it = loader()
+    recompute_stats(bt.BatchNorm1d(3).double(), it, num_batches=2, progress=False)
+    assert taken == [0, 1]
+    next(it)  # still open
+    assert taken == [0, 1, 2]
+    taken.clear()
+    recompute_stats(bt.BatchNorm1d(3).double(), loader(), num_samples=5, progress=False)
+    assert taken == [0, 1]  # 4 + 4 >= 5
+
+
+def test_precise_inside_accumulation_is_refused_and_changes_nothing():
+    layer = bt.BatchNorm1d(3).double()
+    with accumulate_stats(layer):
+        layer(torch.randn(4, 3, dtype=torch.float64))
+        with pytest.raises(ValueError, match="inside accumulate_stats"):
+            recompute_stats(layer, [torch.randn(4, 3, dtype=torch.float64)], progress=False)
+        layer(torch.randn(4, 3, dtype=torch.float64))
+    assert int(layer.num_batches_tracked) == 1  # still one accumulated update
+
+
+def test_batch_renorm_refuses_checkpoint_recomputation():
+    layer = bt.BatchRenorm1d(3).double()
+    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    y = checkpoint(layer, x, use_reentrant=False)
+    with pytest.raises(RuntimeError, match="cannot be recomputed by activation checkpointing"):
+        y.pow(3).sum().backward()

@@ -233,9 +233,9 @@ class ReferenceStages:
             z = z + xp.astype(residual, z.dtype)
         relu_mask = None
         if relu:
-            relu_mask = z > 0
-            # where(z > 0 or NaN): torch.relu passes NaN through
-            z = xp.where(relu_mask | xp.isnan(z), z, xp.zeros_like(z))
+            # "not z <= 0": NaN passes through, value and gradient, as in torch.relu
+            relu_mask = ~(z <= 0)
+            z = xp.where(relu_mask, z, xp.zeros_like(z))
         return Elemt(xp.astype(z, x.dtype), relu_mask)
 
     def forward_infer(self, x, running_mean, running_var, gamma, beta, eps, axis):

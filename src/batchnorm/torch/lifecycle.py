@@ -32,7 +32,7 @@ from .. import reference as ref
 from ..kernels import select_backend
 from .function import AXIS
 from .functional import write_running_stats
-from .stats_sink import DROP, Collector
+from .stats_sink import Collector
 from .sync import _world, gather_merge
 
 __all__ = ["LayerStats", "accumulate_stats", "recompute_stats"]
@@ -176,8 +176,9 @@ def recompute_stats(
     * ``batches``: an iterable of tensors, of tuples/lists starting with the input (a
       DataLoader of (input, target)), or of dicts of keyword arguments; tensors are moved to
       the model's device. It may be shorter than the limits.
-    * ``num_samples`` / ``num_batches``: stop after that many samples (first dimension) or
-      batches, whichever comes first; by default all of ``batches``.
+    * ``num_samples`` / ``num_batches``: stop once that many samples (first dimension; the
+      last batch is used whole) or batches are used, whichever comes first; by default all of
+      ``batches``. No batch is taken from ``batches`` beyond those used.
     * ``estimator="population"`` (default): the pooled mean and unbiased variance of all the
       activations, as if they were one batch (merged exactly in float64). ``"average"``:
       Algorithm 2 of Ioffe & Szegedy, the average of the per-batch means and of the per-batch
@@ -206,43 +207,53 @@ def recompute_stats(
     if not layers:
         raise ValueError("model has no batch-norm layer with running statistics to recompute")
 
+    busy = [name for name, layer in layers if getattr(layer, "_stats_sink", None) is not None]
+    if busy:
+        raise ValueError(f"layers {busy[:5]} are inside accumulate_stats: recompute after it")
     collectors = {name: Collector() for name, _ in layers}
     modes = {module: module.training for module in model.modules()}
     saved = {name: _buffers(layer) for name, layer in layers}
+    # Our layers hand their statistics (of the real positions, under a mask) to a sink; for
+    # torch.nn's, a hook computes them from the layer's input.
+    ours = [(name, layer) for name, layer in layers if hasattr(layer, "last_backend")]
     handles = [
         layer.register_forward_pre_hook(
             _pool_hook(collectors[name], getattr(layer, "backend", "auto")), with_kwargs=True
         )
         for name, layer in layers
+        if not hasattr(layer, "last_backend")
     ]
     local = [layer for _, layer in layers if hasattr(layer, "local_batch")]
-    ours = [layer for _, layer in layers if hasattr(layer, "last_backend")]
     seen_batches = seen_samples = 0
+    bar = None
     try:
         model.eval()
         for _, layer in layers:
             layer.train()
         for layer in local:
             layer.local_batch = True
-        for layer in ours:  # the hooks pool the statistics: the layers need not write them
-            layer._stats_sink = DROP
+        for name, layer in ours:
+            layer._stats_sink = collectors[name]
         bar = _progress(batches, num_batches, progress)
+        device = _device_of(model)
         with torch.no_grad():
-            for batch in bar:
+            for batch in bar if bar is not None else batches:
+                seen_samples += _call(model, batch, device)
+                seen_batches += 1
+                # Checked after each batch, so that no batch is taken from the caller's
+                # iterator that is not used.
                 if num_batches is not None and seen_batches >= num_batches:
                     break
                 if num_samples is not None and seen_samples >= num_samples:
                     break
-                seen_samples += _call(model, batch, _device_of(model))
-                seen_batches += 1
-        if hasattr(bar, "close"):
-            bar.close()
     finally:
+        if bar is not None:
+            bar.close()
         for handle in handles:
             handle.remove()
         for layer in local:
             layer.local_batch = False
-        for layer in ours:
+        for _, layer in ours:
             layer._stats_sink = None
         for module, training in modes.items():
             module.training = training
@@ -336,13 +347,15 @@ def _largest(values: torch.Tensor) -> float:
 
 
 def _progress(batches: Iterable[Any], num_batches: int | None, progress: bool | None) -> Any:
-    """``batches`` behind a tqdm bar where tqdm is installed (``progress=None``: on a terminal)."""
+    """A tqdm bar over ``batches`` (``progress=None``: on a terminal only), or None where none is
+    wanted or tqdm is missing. Only a bar this function made is closed afterwards: the caller's
+    own iterator is left as it is."""
     if progress is False:
-        return batches
+        return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return batches
+        return None
     total = num_batches
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from .. import reference as ref
 from .._xp import compute_dtype
@@ -69,7 +70,8 @@ def _gather_stats(x: torch.Tensor, process_group: Any, world: int, backend: Any)
         mean, m2 = local.mean, local.var * count
     else:  # an empty shard still takes part in the collective, contributing nothing
         mean = m2 = torch.zeros(channels, dtype=cdt, device=x.device)
-    return gather_merge(count, mean, m2, process_group, world)
+    merged = gather_merge(count, mean, m2, process_group, world)
+    return ref.BatchStats(merged.count, merged.mean.to(cdt), merged.var.to(cdt))
 
 
 def gather_merge(
@@ -79,9 +81,11 @@ def gather_merge(
     merge (Chan et al.) in the same order on every rank, so all hold bitwise the same result.
     Shared by SyncBatchNorm's forward and PreciseBN (``lifecycle.recompute_stats``)."""
     channels = mean.shape[0]
-    count_part = torch.as_tensor(count, dtype=mean.dtype, device=mean.device).reshape(1)
-    packed = torch.cat([count_part, mean, m2])
-    gathered = torch.empty((world, packed.numel()), dtype=mean.dtype, device=mean.device)
+    # float64 on the wire and in the merge: the design's exact merge, whatever the compute dtype
+    f64 = torch.float64
+    count_part = torch.as_tensor(count, dtype=f64, device=mean.device).reshape(1)
+    packed = torch.cat([count_part, mean.to(f64), m2.to(f64)])
+    gathered = torch.empty((world, packed.numel()), dtype=f64, device=mean.device)
     _collective(
         "all_gather of batch statistics",
         process_group,
@@ -115,6 +119,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return y.contiguous(memory_format=memory_format_of(x)), stats.mean, stats.var, stats.count
 
     @staticmethod
+    @once_differentiable  # no double backward through the collectives: a clear error instead
     def backward(ctx, dy, _dmean, _dvar, _dcount):
         x, weight, mean, invstd, count = ctx.saved_tensors
         backend = ctx.backend

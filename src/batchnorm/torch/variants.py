@@ -18,6 +18,8 @@
   ``reference.variants.update_renorm_stats``). ``r_max``/``d_max`` are relaxed from (1, 0) after
   ``warmup`` steps to their final values at ``r_max_at``/``d_max_at`` (``PAPER_SCHEDULE`` is
   the paper's); the step is ``num_batches_tracked``, a buffer, so it survives a state dict.
+  Not inside an activation-checkpointed block (refused with a clear error: its recomputed
+  correction would differ).
 
 Both subclass ``torch.nn.BatchNormNd`` (their eval is plain batch norm: folding and freezing
 apply) and take ``backend=`` like the other layers.
@@ -43,7 +45,7 @@ from ..reference.variants import (
 from .function import AXIS, apply_batch_norm, memory_format_of
 from .functional import check_call, write_running_stats
 from .modules import _BatchNorm
-from .stats_sink import stats_sink_for
+from .stats_sink import recomputing, stats_sink_for
 
 __all__ = [
     "PAPER_SCHEDULE",
@@ -260,6 +262,14 @@ class _BatchRenorm(_BatchNorm):
         )  # fmt: skip
         if input.numel() == 0:
             return super().forward(input)
+        if recomputing():
+            # r and d depend on running statistics that the first forward has since updated:
+            # recomputed, they would differ, and so would the gradient.
+            raise RuntimeError(
+                f"{type(self).__name__} cannot be recomputed by activation checkpointing: its "
+                "correction depends on running statistics the first forward updated; leave it "
+                "outside the checkpointed block"
+            )
         chosen, _ = select_backend(input, self.backend)
         r_max, d_max = self.limits()
         cdt = compute_dtype(input.dtype, torch)

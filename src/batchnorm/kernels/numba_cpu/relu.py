@@ -4,9 +4,10 @@ and its backward through the mask.
 The mask keeps one bit per element, packed along each kernel row (``view`` of the launcher:
 (outer, C, inner) rows when ``inner`` is long, (outer, C * inner) otherwise), bit ``i % 8`` of
 byte ``i // 8``; a row is padded to whole bytes, so that no byte is shared by two rows and the
-rows can be written by different threads. A bit is set where the ReLU passed its input
-(z > 0): the gradient reaching batch norm's output is ``dy`` there and 0 elsewhere, as PyTorch's
-``threshold_backward`` gives it (0 at z = 0 and at NaN).
+rows can be written by different threads. A bit is set where the ReLU passed its input, i.e.
+where ``not z <= 0`` (z > 0, and NaN, which ``torch.relu`` passes through with its gradient):
+the gradient reaching batch norm's output is ``dy`` there and 0 elsewhere (0 at z = 0), as
+PyTorch's ``threshold_backward`` and the Triton kernels give it.
 
 ``z`` is formed in the compute dtype, the residual added there, and the result rounded once to
 the storage dtype (PyTorch's unfused sequence rounds bn(x) before the add: 16-bit outputs may
@@ -34,13 +35,11 @@ def _relu_run(x, residual, has_residual, y, bits, mean, scale, shift):
             z = (_load(x[i]) - _at(mean, i)) * _at(scale, i) + _at(shift, i)
             if has_residual:
                 z += _like(_load(residual[i]), z)
-            if z > 0:
+            if z <= 0:
+                y[i] = _store(y, _like(0.0, z))
+            else:  # z > 0 or NaN: passed through, value and gradient, as torch.relu
                 byte |= 1 << k
                 y[i] = _store(y, z)
-            elif z != z:  # NaN passes through relu, as torch.relu(nan) = nan
-                y[i] = _store(y, z)
-            else:
-                y[i] = _store(y, _like(0.0, z))
         bits[j] = byte
 
 
