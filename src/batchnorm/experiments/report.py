@@ -776,10 +776,10 @@ def _small_batch_body(out: Path) -> str:
     ]
     small, large = sizes[0], sizes[-1]
     verdict = (
-        f"Batch norm loses {s['bn_drop']:.3f} test accuracy from {large} down to {small} "
+        f"batch norm loses {s['bn_drop']:.3f} test accuracy from {large} down to {small} "
         "samples per batch here"
         if s["bn_drop"] > 0
-        else f"Batch norm does not degrade from {large} down to {small} samples per batch here "
+        else f"batch norm does not degrade from {large} down to {small} samples per batch here "
         f"(it gains {-s['bn_drop']:.3f}): with the same number of samples, small batches take "
         "many more SGD steps on this small problem, which outweighs their noisier statistics"
     )
