@@ -13,6 +13,7 @@ PyTorch is imported only by the PyTorch adapters, when a session is opened.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sysconfig
 import traceback
@@ -207,7 +208,25 @@ class _Layout:
 def _numpy_unsupported(case: Case, layout: str) -> str | None:
     if case.dtype not in _NUMPY_DTYPES:
         return f"NumPy has no {case.dtype}"
+    if case.mask:
+        return _NO_MASK_STYLE
     return None
+
+
+#: Why the styles that cannot take a mask skip the masked cases.
+_NO_MASK_STYLE = "masked cases: this style has no mask argument (module and functional do)"
+
+
+def _takes_mask(fn: Any) -> bool:
+    """Whether ``fn`` accepts a ``mask=`` keyword (by name, or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins)
+        return False
+    return any(
+        (p.name == "mask" and p.kind != p.POSITIONAL_ONLY) or p.kind == p.VAR_KEYWORD
+        for p in params
+    )
 
 
 class _NumpySession:
@@ -410,6 +429,12 @@ class _TorchIO:
             )
         return _as_float64(stage, name, value.movedim(1, self.case.channel_axis))
 
+    def mask_kwargs(self, data: CaseData) -> dict[str, Any]:
+        """``{"mask": (N, L) bool tensor}`` for a masked case, else ``{}``."""
+        if data.mask is None:
+            return {}
+        return {"mask": self.torch.tensor(data.mask, dtype=self.torch.bool, device=self.device)}
+
     def vector(self, stage: str, name: str, value: Any) -> np.ndarray:
         if value is None:
             raise ImplementationError(f"{stage}: {name} is None (no gradient reached it)")
@@ -444,6 +469,10 @@ class ModuleStyle:
         self.signature = f"{names}(num_features, eps=, momentum=[, affine=False]) on {device}"
 
     def unsupported(self, case: Case) -> str | None:
+        cls = self.cls_for(case)
+        if case.mask and not _takes_mask(getattr(cls, "forward", None)):
+            name = getattr(cls, "__name__", "module")
+            return f"masked cases: {name}.forward has no mask parameter"
         return None
 
     def cls_for(self, case: Case) -> Any:
@@ -492,13 +521,15 @@ class _ModuleSession:
                 self.module.running_var.copy_(io.tensor(data.running_var))
         self.x: Any = None
         self.y: Any = None
+        #: a masked case's mask, handed to every forward as ``mask=``
+        self.kwargs = io.mask_kwargs(data)
 
     def forward_train(self, x: np.ndarray) -> np.ndarray:
         call_user("module.train", self.module.train)
         for param in self.params.values():
             param.grad = None
         self.x = self.io.tensor(x, requires_grad=True)
-        self.y = call_user("forward", self.module, self.io.channels_first(self.x))
+        self.y = call_user("forward", self.module, self.io.channels_first(self.x), **self.kwargs)
         return self.io.output("forward", "output", self.y)
 
     def backward(self, dy: np.ndarray):
@@ -528,7 +559,12 @@ class _ModuleSession:
     def forward_eval(self, x: np.ndarray) -> np.ndarray:
         call_user("module.eval", self.module.eval)
         with self.io.torch.no_grad():
-            y = call_user("forward (eval)", self.module, self.io.channels_first(self.io.tensor(x)))
+            y = call_user(
+                "forward (eval)",
+                self.module,
+                self.io.channels_first(self.io.tensor(x)),
+                **self.kwargs,
+            )
         return self.io.output("forward (eval)", "output", y)
 
 
@@ -553,6 +589,8 @@ class FunctionalStyle:
         )
 
     def unsupported(self, case: Case) -> str | None:
+        if case.mask and not _takes_mask(self.fn):
+            return f"masked cases: {getattr(self.fn, '__name__', 'fn')} has no mask parameter"
         return None
 
     def session(self, data: CaseData, momentum: float) -> Session:
@@ -569,6 +607,7 @@ class _FunctionalSession:
         if data.case.affine:
             self.weight = io.tensor(data.gamma, requires_grad=True)
             self.bias = io.tensor(data.beta, requires_grad=True)
+        self.kwargs = io.mask_kwargs(data)
 
     def _call(self, stage: str, x: Any, training: bool) -> Any:
         return call_user(
@@ -582,6 +621,7 @@ class _FunctionalSession:
             training=training,
             momentum=self.momentum,
             eps=self.case.eps,
+            **self.kwargs,
         )
 
     def forward_train(self, x: np.ndarray) -> np.ndarray:
@@ -646,6 +686,11 @@ class BackendStyle:
     def unsupported(self, case: Case) -> str | None:
         from ..kernels import BackendUnavailable, select_backend
 
+        if case.mask:
+            return (
+                "masked cases: the stage protocol takes no mask (batchnorm.torch gathers the "
+                "real positions; check it with --style module or functional)"
+            )
         try:
             select_backend(_TorchIO(case, self.device).tensor(np.zeros(case.shape)), self.name)
         except BackendUnavailable as exc:

@@ -42,7 +42,10 @@ __all__ = [
     "Case",
     "CaseData",
     "CASES",
+    "MASKS",
     "make_data",
+    "real_values",
+    "with_padding",
     "round_to_dtype",
     "tolerance",
     "select_cases",
@@ -76,12 +79,24 @@ QUANTITIES: tuple[str, ...] = (
 )
 
 
+#: Mask patterns of the masked cases: (N, L) booleans, True = a real value.
+MASKS: dict[str, str] = {
+    "random": "each position real with probability 0.6",
+    "all-but-one": "one real position per sequence, the rest padding",
+    "empty-seq": "prefix lengths, one sequence entirely padding",
+}
+
+
 @dataclass(frozen=True)
 class Case:
     """One conformance problem.
 
     ``x`` has per-channel means ``offset + scale * N(0, 1)`` and standard deviations
     ``scale * U(0.5, 2)``; ``axis`` is the channel axis (1 or -1).
+
+    ``mask`` (a key of :data:`MASKS`) makes it a masked case: (N, C, L) input with an (N, L)
+    mask, padded positions filled with large values (``offset + scale * U(1e3, 1e4)``) or
+    NaN (``pad_nan``), so that an implementation that reads them fails.
     """
 
     name: str
@@ -93,6 +108,8 @@ class Case:
     offset: float = 0.0
     scale: float = 1.0
     steps: int = 3
+    mask: str = ""
+    pad_nan: bool = False
     what: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -103,6 +120,13 @@ class Case:
             raise ValueError(f"case {self.name!r}: steps must be >= 1, got {self.steps}")
         if values_per_channel(self.shape, self.channel_axis) < 2:
             raise ValueError(f"case {self.name!r}: m must be >= 2 to train, shape {self.shape}")
+        if self.mask and (self.mask not in MASKS or len(self.shape) != 3 or self.axis != 1):
+            raise ValueError(
+                f"case {self.name!r}: mask must be one of {tuple(MASKS)}, on (N, C, L) input "
+                f"with axis 1; got mask {self.mask!r}, shape {self.shape}, axis {self.axis}"
+            )
+        if self.mask and self.shape[0] < 2:
+            raise ValueError(f"case {self.name!r}: a masked case needs N >= 2 for m >= 2")
 
     @property
     def channel_axis(self) -> int:
@@ -114,7 +138,7 @@ class Case:
 
     @property
     def m(self) -> int:
-        """Values per channel."""
+        """Values per channel (padding included, for a masked case)."""
         return values_per_channel(self.shape, self.channel_axis)
 
     @property
@@ -172,6 +196,22 @@ def _table() -> tuple[Case, ...]:
         Case(
             "no-affine-rank4-bf16", r4, dtype="bfloat16", affine=False, what="bfloat16, affine off"
         ),
+        *(
+            Case(f"masked-{kind}{tag}", shape, dtype=dtype, mask=kind, what=f"mask: {what}")
+            for tag, dtype in (("", "float32"), ("-f64", "float64"))
+            for kind, shape, what in (
+                ("random", (4, 3, 10), "random positions, large values in the padding"),
+                ("all-but-one", (5, 3, 6), "one real position per sequence (m = N = 5)"),
+                ("empty-seq", (4, 3, 8), "one sequence entirely padding"),
+            )
+        ),
+        Case(
+            "masked-nan-pad",
+            (4, 3, 8),
+            mask="empty-seq",
+            pad_nan=True,
+            what="mask: NaN in the padding, one sequence entirely padding",
+        ),
     )
 
 
@@ -211,9 +251,11 @@ def tolerance(case: Case, quantity: str, compute: str | None = None) -> float:
 def _condition(case: Case) -> float:
     data = make_data(case)
     axes = reduce_axes(len(case.shape), case.channel_axis)
+    if data.mask is not None:  # the real values only, as (m, C) rows
+        axes = (0,)
     return max(
         float(np.max(np.max(np.abs(x), axis=axes) / np.std(x, axis=axes)))
-        for x in (*data.xs, data.x_eval)
+        for x in (real_values(x, data.mask) for x in (*data.xs, data.x_eval))
     )
 
 
@@ -242,6 +284,40 @@ class CaseData:
     beta: np.ndarray | None
     running_mean: np.ndarray
     running_var: np.ndarray
+    #: (N, L) booleans of a masked case (True = a real value), else None
+    mask: np.ndarray | None = None
+
+
+def real_values(arr: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The real positions of an (N, C, L) array as (m, C) rows (``arr`` itself if no mask)."""
+    return arr if mask is None else np.moveaxis(arr, 1, -1)[mask]
+
+
+def with_padding(rows: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """(m, C) ``rows`` back at the real positions of an (N, C, L) array, 0 at the padding
+    (``rows`` itself if no mask)."""
+    if mask is None:
+        return rows
+    out = np.zeros((*mask.shape, rows.shape[-1]))
+    out[mask] = rows
+    return np.moveaxis(out, -1, 1)
+
+
+def _make_mask(case: Case, rng: np.random.Generator) -> np.ndarray:
+    n, _, length = case.shape
+    if case.mask == "random":
+        mask = rng.random((n, length)) < 0.6
+        mask[0, 0] = mask[1, 0] = True  # m >= 2 whatever the draw
+    elif case.mask == "all-but-one":
+        mask = np.zeros((n, length), dtype=bool)
+        mask[np.arange(n), rng.integers(0, length, n)] = True
+    else:  # "empty-seq"
+        lengths = rng.integers(1, length + 1, n)
+        lengths[rng.integers(0, n)] = 0
+        mask = np.arange(length)[None, :] < lengths[:, None]
+        if mask.sum() < 2:
+            mask[np.flatnonzero(lengths)[0], :2] = True
+    return mask
 
 
 def make_data(case: Case) -> CaseData:
@@ -271,7 +347,17 @@ def make_data(case: Case) -> CaseData:
         means.reshape(c) + case.scale * rng.uniform(-1.0, 1.0, c), case.dtype
     )
     running_var = round_to_dtype((stds.reshape(c) ** 2) * rng.uniform(0.3, 3.0, c), case.dtype)
-    return CaseData(case, xs, dys, x_eval, gamma, beta, running_mean, running_var)
+    mask = None
+    if case.mask:  # drawn last: the unmasked cases' data do not depend on it
+        mask = _make_mask(case, rng)
+        pads = np.broadcast_to(~mask[:, None, :], case.shape)
+
+        def padded(x: np.ndarray) -> np.ndarray:
+            fill = case.offset + case.scale * rng.uniform(1e3, 1e4, case.shape)
+            return np.where(pads, np.nan if case.pad_nan else round_to_dtype(fill, case.dtype), x)
+
+        xs, x_eval = tuple(padded(x) for x in xs), padded(x_eval)
+    return CaseData(case, xs, dys, x_eval, gamma, beta, running_mean, running_var, mask)
 
 
 def _check_unique(cases: tuple[Case, ...]) -> None:

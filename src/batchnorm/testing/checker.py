@@ -22,7 +22,16 @@ import numpy as np
 from .. import reference as ref
 from .._xp import per_channel, reduce_axes
 from .adapters import Adapter, ImplementationError, Session
-from .cases import CASES, QUANTITIES, Case, CaseData, make_data, tolerance
+from .cases import (
+    CASES,
+    QUANTITIES,
+    Case,
+    CaseData,
+    make_data,
+    real_values,
+    tolerance,
+    with_padding,
+)
 from .mistakes import (
     MISTAKES,
     Implied,
@@ -32,6 +41,8 @@ from .mistakes import (
     forward_candidates,
     implied_stats,
     one_pass_fits,
+    padding_counted,
+    padding_counted_grads,
     rel_error,
 )
 
@@ -321,24 +332,33 @@ def _run_steps(
     adapter: Adapter, session: Session, data: CaseData, out: _Outcome, track: bool, momentum: float
 ) -> bool:
     """The training steps; False if the forward could not run (the case stops there)."""
-    case, ax, eps = data.case, data.case.channel_axis, data.case.eps
+    case, eps, mask = data.case, data.case.eps, data.mask
+    # A masked case's expected values: the reference on the real positions as (m, C) rows,
+    # scattered back with 0 at the padding. Unmasked, real_values and with_padding do nothing.
+    ax = case.channel_axis if mask is None else 1
     gamma, beta = data.gamma, data.beta
     backward_ok = True
     for step in range(case.steps):
-        x, dy = data.xs[step], data.dys[step]
+        x_all, dy = data.xs[step], data.dys[step]
+        x = real_values(x_all, mask)
         y_ref, saved = ref.batch_norm_train(x, gamma, beta, axis=ax, eps=eps)
+        y_ref = with_padding(y_ref, mask)
         prev = _read_running(session, out) if track and out.running_error is None else None
         try:
-            y = session.forward_train(x)
+            y = session.forward_train(x_all)
         except ImplementationError as exc:
             out.error("forward(train)", str(exc))
             return False
-        implied = implied_stats(x, y, gamma, beta, ax)
+        implied = implied_stats(x, real_values(y, mask), gamma, beta, ax)
         fwd = out.quantity("forward(train)")
         tol = fwd.tol
 
-        def diagnose_forward(y=y, x=x, y_ref=y_ref, tol=tol, fwd=fwd):
-            key = first_fit(y, forward_candidates(x, gamma, beta, ax, eps), tol)
+        def diagnose_forward(y=y, x=x, x_all=x_all, y_ref=y_ref, tol=tol, fwd=fwd):
+            candidates = forward_candidates(x, gamma, beta, ax, eps)
+            candidates = {k: with_padding(v, mask) for k, v in candidates.items()}
+            if mask is not None:
+                candidates["padding_counted"] = padding_counted(x_all, mask, gamma, beta, eps)
+            key = first_fit(y, candidates, tol)
             if key is not None:
                 return _named(key)
             if one_pass_fits(case, x, y, gamma, beta):
@@ -349,11 +369,11 @@ def _run_steps(
         fwd.update(rel_error(y, y_ref), diagnose_forward)
 
         if backward_ok:
-            backward_ok = _run_backward(adapter, session, data, out, x, dy, saved, implied)
+            backward_ok = _run_backward(adapter, session, data, out, x_all, dy, saved, implied)
         if prev is not None:
             cur = _read_running(session, out)
             if cur is not None:
-                _record_running(out, x, ax, momentum, prev, cur, implied, eps)
+                _record_running(out, x_all, mask, momentum, prev, cur, implied, eps)
     return True
 
 
@@ -362,18 +382,23 @@ def _run_backward(
     session: Session,
     data: CaseData,
     out: _Outcome,
-    x: np.ndarray,
-    dy: np.ndarray,
+    x_all: np.ndarray,
+    dy_all: np.ndarray,
     saved: ref.Saved,
     implied: Implied | None,
 ) -> bool:
-    ax, eps, gamma = data.case.channel_axis, data.case.eps, data.gamma
+    """Unmasked, ``x_all`` and ``dy_all`` are the case's arrays; masked, the expected values
+    are computed on their real positions and compared with 0 at the padding."""
+    eps, gamma, mask = data.case.eps, data.gamma, data.mask
+    ax = data.case.channel_axis if mask is None else 1
+    x, dy = real_values(x_all, mask), real_values(dy_all, mask)
     try:
-        dx, dgamma, dbeta = session.backward(dy)
+        dx, dgamma, dbeta = session.backward(dy_all)
     except ImplementationError as exc:
         out.error("backward", str(exc))
         return False
     g = ref.backward(dy, saved)
+    g = ref.Grads(with_padding(g.dx, mask), g.dgamma, g.dbeta)
     forward_failed = out.quantity("forward(train)").failed
     # Error scales: the size of the terms each gradient sums (it may cancel to nearly 0, as
     # dx does at m = 2), so that rounding is judged against what it acts on.
@@ -389,7 +414,14 @@ def _run_backward(
 
     def candidates() -> dict[str, ref.Grads]:
         if "c" not in cache:
-            cache["c"] = backward_candidates(dy, x, gamma, ax, eps, implied)
+            found = backward_candidates(dy, x, gamma, ax, eps, implied)
+            cache["c"] = {
+                k: ref.Grads(with_padding(v.dx, mask), v.dgamma, v.dbeta) for k, v in found.items()
+            }
+            if mask is not None:
+                cache["c"]["padding_counted"] = padding_counted_grads(
+                    x_all, dy_all, mask, gamma, eps
+                )
         return cache["c"]
 
     q = out.quantity("dx")
@@ -448,8 +480,8 @@ def _read_running(session: Session, out: _Outcome) -> tuple[np.ndarray, np.ndarr
 
 def _record_running(
     out: _Outcome,
-    x: np.ndarray,
-    ax: int,
+    x_all: np.ndarray,
+    mask: np.ndarray | None,
     momentum: float,
     prev: tuple[np.ndarray, np.ndarray],
     cur: tuple[np.ndarray, np.ndarray],
@@ -457,7 +489,10 @@ def _record_running(
     eps: float,
 ) -> None:
     assert out.running is not None
-    stats = ref.batch_stats(x, ax)
+    ax = out.case.channel_axis if mask is None else 1
+    stats = ref.batch_stats(real_values(x_all, mask), ax)
+    # A masked case: what the statistics of every position, padding included, would give.
+    every = None if mask is None else ref.batch_stats(x_all, 1)
     predictions: dict[Any, tuple[np.ndarray, np.ndarray]] = {}
     for conv, var in _COMBOS:
         new = ref.update_running_stats(
@@ -487,28 +522,48 @@ def _record_running(
                 warn=False,
             )
             predictions[("forward_stats", conv, var)] = (new.running_mean, new.running_var)
+        if every is not None:
+            new = ref.update_running_stats(
+                prev[0],
+                prev[1],
+                0,
+                every.mean,
+                every.var,
+                every.count,
+                momentum=momentum,
+                convention=conv,
+                variance=var,
+                warn=False,
+            )
+            predictions[("padding_counted", conv, var)] = (new.running_mean, new.running_var)
     predictions["not_updated"] = prev
-    # Scale: the larger of the two values each update mixes.
-    unbiased = stats.var * stats.count / (stats.count - 1)
-    scales = (
-        max(float(np.max(np.abs(prev[0]))), float(np.max(np.abs(stats.mean)))),
-        max(float(np.max(np.abs(prev[1]))), float(np.max(unbiased))),
-    )
+
+    def scales(batch: ref.BatchStats) -> tuple[float, float]:
+        """The larger of the two values each update mixes."""
+        unbiased = batch.var * batch.count / (batch.count - 1)
+        return (
+            max(float(np.max(np.abs(prev[0]))), float(np.max(np.abs(batch.mean)))),
+            max(float(np.max(np.abs(prev[1]))), float(np.max(unbiased))),
+        )
+
     for key, (mean, var) in predictions.items():
         errors = out.running.setdefault(key, [0.0, 0.0])
+        # the padding's statistics are on their own scale (float32 rounds them there)
+        scale = scales(every if every is not None and key[0] == "padding_counted" else stats)
         for i, (actual, expected) in enumerate(((cur[0], mean), (cur[1], var))):
-            e = rel_error(actual, expected, scales[i])
+            e = rel_error(actual, expected, scale[i])
             errors[i] = max(errors[i], math.inf if math.isnan(e) else e)
 
 
 def _run_eval(session: Session, data: CaseData, out: _Outcome, track: bool) -> None:
-    ax, eps, gamma, beta = data.case.channel_axis, data.case.eps, data.gamma, data.beta
+    eps, gamma, beta, mask = data.case.eps, data.gamma, data.beta, data.mask
+    ax = data.case.channel_axis if mask is None else 1
     prev = _read_running(session, out) if track and out.running_error is None else None
     if prev is None:
         prev = (data.running_mean, data.running_var)
-    x = data.x_eval
+    x = real_values(data.x_eval, mask)
     try:
-        y = session.forward_eval(x)
+        y = session.forward_eval(data.x_eval)
     except ImplementationError as exc:
         out.error("forward(eval)", str(exc))
         return
@@ -516,13 +571,16 @@ def _run_eval(session: Session, data: CaseData, out: _Outcome, track: bool) -> N
     if not (np.all(np.isfinite(prev[0])) and np.all(np.isfinite(prev[1])) and np.all(prev[1] >= 0)):
         q.update(math.inf, lambda: ((), _RUNNING_INVALID))
         return
-    expected = ref.batch_norm_infer(x, prev[0], prev[1], gamma, beta, axis=ax, eps=eps)
-    q.update(
-        rel_error(y, expected),
-        lambda: _fit_or_explain(
-            y, expected, eval_candidates(x, prev[0], prev[1], gamma, beta, ax, eps), q.tol
-        ),
+    expected = with_padding(
+        ref.batch_norm_infer(x, prev[0], prev[1], gamma, beta, axis=ax, eps=eps), mask
     )
+
+    def diagnose() -> tuple[tuple[str, ...], str]:
+        candidates = eval_candidates(x, prev[0], prev[1], gamma, beta, ax, eps)
+        candidates = {k: with_padding(v, mask) for k, v in candidates.items()}
+        return _fit_or_explain(y, expected, candidates, q.tol)
+
+    q.update(rel_error(y, expected), diagnose)
     if track and out.running_error is None:
         after = _read_running(session, out)
         if after is not None:
@@ -559,6 +617,9 @@ def _diagnose_running(
                 return keys, "; ".join(MISTAKES[k] for k in keys)
     if errors["not_updated"][index] <= tol:
         return _named("not_updated")
+    key = ("padding_counted", *chosen)
+    if key in errors and errors[key][index] <= tol:
+        return _named("padding_counted")
     key = ("forward_stats", *chosen)
     if key in errors and errors[key][index] <= tol:
         return _named("forward_stats")

@@ -26,6 +26,8 @@ __all__ = [
     "backward_candidates",
     "eval_candidates",
     "one_pass_fits",
+    "padding_counted",
+    "padding_counted_grads",
     "rel_error",
 ]
 
@@ -71,6 +73,8 @@ MISTAKES: dict[str, str] = {
     "unbiased_running_var": "running variance is the unbiased m/(m-1) estimate, but the "
     "biased one was expected",
     "eval_changed_running": "eval mode changed the running statistics",
+    "padding_counted": "the padded positions are counted in the statistics (batch norm over "
+    "every position, the mask only applied to the output); use the real positions only",
 }
 
 
@@ -331,3 +335,23 @@ def first_fit(
         if rel_error(actual, candidates["forward_stats"], scale) <= tol:
             return "forward_stats"
     return best
+
+
+def _padding_counted_saved(x: np.ndarray, gamma, beta, eps: float):
+    with np.errstate(all="ignore"):  # NaN padding makes every statistic NaN
+        return ref.batch_norm_train(x, gamma, beta, axis=1, eps=eps)
+
+
+def padding_counted(x: np.ndarray, mask: np.ndarray, gamma, beta, eps: float) -> np.ndarray:
+    """The output of batch norm over every position of (N, C, L) ``x``, padding included,
+    zeroed at the padding (``bn(x) * mask``): the classic masked mistake."""
+    y, _ = _padding_counted_saved(x, gamma, beta, eps)
+    return y * mask[:, None, :]
+
+
+def padding_counted_grads(x: np.ndarray, dy: np.ndarray, mask: np.ndarray, gamma, eps: float):
+    """The gradients of :func:`padding_counted` (dx reaches the padding through the
+    statistics)."""
+    _, saved = _padding_counted_saved(x, gamma, None, eps)
+    with np.errstate(all="ignore"):
+        return ref.backward(dy * mask[:, None, :], saved)
