@@ -65,3 +65,23 @@ def test_masked_sync_batch_norm_equals_the_single_process_masked_result(tmp_path
     for r in results:
         np.testing.assert_allclose(r["running_var"], bn.running_var.numpy(), rtol=0, atol=1e-10)
         np.testing.assert_allclose(r["running_mean"], bn.running_mean.numpy(), rtol=0, atol=1e-10)
+
+
+def test_sync_batch_norm_accumulates_over_ranks_and_micro_batches(tmp_path):
+    """Each micro-batch is normalised over the ranks; on leaving accumulate_stats every rank
+    writes once the statistics of all micro-batches of all ranks."""
+    import torch
+
+    results, _, _ = launch(tmp_path, "accumulate", 2)
+    sys.path.insert(0, str(WORKER.parent))
+    from worker import CHANNELS, global_batch
+
+    x_all, _ = global_batch([4] * 4, torch.float64)
+    whole = torch.nn.BatchNorm2d(CHANNELS).double()
+    whole(x_all)
+    for r in results:
+        np.testing.assert_allclose(r["running_mean"], whole.running_mean.numpy(), rtol=0,
+                                   atol=1e-12)  # fmt: skip
+        np.testing.assert_allclose(r["running_var"], whole.running_var.numpy(), rtol=0,
+                                   atol=1e-12)  # fmt: skip
+        assert int(r["num_batches_tracked"]) == 1

@@ -142,6 +142,22 @@ def run_masked(rank, world, opts, out):
     )  # fmt: skip
 
 
+def run_accumulate(rank, world, opts, out):
+    """SyncBatchNorm inside accumulate_stats: two micro-batches per rank, one update."""
+    from batchnorm.torch import accumulate_stats
+
+    bn = SyncBatchNorm(CHANNELS, backend=opts.get("backend", "auto")).double()
+    x_all, _ = global_batch([4] * (2 * world), torch.float64)
+    with accumulate_stats(bn):
+        for micro in range(2):
+            start = (2 * rank + micro) * 4
+            bn(x_all[start : start + 4])
+    np.savez(
+        out, running_mean=bn.running_mean.numpy(), running_var=bn.running_var.numpy(),
+        num_batches_tracked=bn.num_batches_tracked.numpy(),
+    )  # fmt: skip
+
+
 def run_ddp(rank, world, opts, out):
     steps, n = int(opts.get("steps", 20)), int(opts.get("n", 12))
     model = convert_sync(small_cnn(torch.float64))
@@ -220,6 +236,7 @@ def main(argv):
     modes["edges"] = run_edges
     modes["precise"] = run_precise
     modes["masked"] = run_masked
+    modes["accumulate"] = run_accumulate
     modes[mode](rank, world, opts, out)
     if mode != "die":
         dist.barrier()
