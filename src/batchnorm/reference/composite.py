@@ -11,9 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._xp import Array, compute_dtype, values_per_channel
+from .._xp import Array, check_eps, compute_dtype, values_per_channel
 from .backward import Grads, check_grad_output
 from .forward import Saved, check_input
+from .masked import (
+    check_mask,
+    masked_backward_elemt,
+    masked_backward_reduce,
+    masked_batch_stats,
+    masked_elemt,
+)
 from .stages import REFERENCE, Backend, backward_train, forward_train
 from .stats import inverse_std
 
@@ -41,13 +48,18 @@ def batch_norm_train(
     axis: int = 1,
     eps: float = 1e-5,
     backend: Any = None,
+    mask: Array | None = None,
 ) -> tuple[Array, Saved]:
     """Algorithm 1: normalise with the moments of this batch. Returns ``(y, saved)``.
 
     ``axis`` is the channel axis (1 for (N, C, ...), -1 for channels-last). ``gamma``/``beta``
     of shape (C,) are optional (no affine transform when omitted). ``backend`` picks whose
-    stages run (default: the reference's).
+    stages run (default: the reference's). ``mask`` (boolean, x's shape without the channel
+    axis, True = a real value): the statistics over the real positions only, 0 output at the
+    padded ones (``reference.masked``; the reference's stages only).
     """
+    if mask is not None:
+        return _masked_train(x, gamma, beta, axis, eps, backend, mask)
     _, axis = check_input(x, axis, eps, training=True, gamma=gamma, beta=beta)
     stages = resolve(backend, x)
     out = forward_train(stages, x, gamma, beta, float(eps), axis)
@@ -88,6 +100,8 @@ def backward(
     backend's fused ``backward_train``), on the stages that ran the forward unless ``backend``
     names others."""
     check_grad_output(dy, saved.x)
+    if saved.mask is not None:
+        return _masked_backward(dy, saved, through_mean, through_var)
     stages = saved.backend if backend is None and saved.backend is not None else None
     stages = stages or resolve(backend, saved.x)
     out = backward_train(
@@ -122,3 +136,36 @@ def backward_infer(
         stages, dy, x, mean, invstd, gamma, axis, through_mean=False, through_var=False
     )
     return Grads(out.dx, out.dgamma, out.dbeta)
+
+
+def _masked_train(x, gamma, beta, axis, eps, backend, mask) -> tuple[Array, Saved]:
+    xp, axis = check_input(x, axis, eps, training=False, gamma=gamma, beta=beta)
+    check_eps(eps)
+    check_mask(mask, x, axis)
+    if resolve(backend, x) is not REFERENCE:
+        raise ValueError(
+            "mask= runs on the reference's stages only; batchnorm.torch's layers run any "
+            "backend on masked input (they gather the real positions)"
+        )
+    stats = masked_batch_stats(x, mask, axis)
+    if stats.count < 2:
+        raise ValueError(
+            f"expected more than 1 real value per channel when training, got {stats.count} "
+            f"(mask of shape {tuple(mask.shape)})"
+        )
+    invstd = inverse_std(stats.var, eps)
+    y = masked_elemt(x, mask, stats.mean, invstd, gamma, beta, axis)
+    saved = Saved(x, stats.mean, stats.var, invstd, gamma, axis, float(eps), stats.count,
+                  None, mask)  # fmt: skip
+    return y, saved
+
+
+def _masked_backward(dy, saved: Saved, through_mean: bool, through_var: bool) -> Grads:
+    sum_dy, sum_dy_xhat = masked_backward_reduce(
+        dy, saved.x, saved.mask, saved.mean, saved.invstd, saved.axis
+    )
+    dx = masked_backward_elemt(
+        dy, saved.x, saved.mask, saved.mean, saved.invstd, saved.gamma, sum_dy, sum_dy_xhat,
+        saved.count, saved.axis, through_mean=through_mean, through_var=through_var,
+    )  # fmt: skip
+    return Grads(dx, sum_dy_xhat, sum_dy)

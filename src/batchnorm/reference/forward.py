@@ -52,6 +52,8 @@ class Saved:
     #: The stages that ran the forward (``backward`` runs the same backend's by default);
     #: None for the reference's own.
     backend: Any = None
+    #: The mask of a masked forward (``count`` is then the number of real positions).
+    mask: Any = None
 
 
 def check_input(

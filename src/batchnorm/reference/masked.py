@@ -1,0 +1,117 @@
+"""Masked batch norm's math: the stages over the real positions only (padded sequences).
+
+``mask`` has the input's shape without the channel axis (True = a real value), and m, the
+count, is the number of real positions (the same for every channel). Over those m values the
+stages are exactly the plain ones (``stats``, ``forward``, ``backward``); padded positions are
+never read into a sum (``where``, not a product, so a NaN or inf there changes nothing), the
+output is 0 there and so is the input gradient. The two-pass centred variance is kept:
+``mean = sum(x)/m``, then ``var = mean(e^2) - mean(e)^2`` with ``e = x - mean`` over the real
+positions, which also corrects the first pass's rounding (Chan, Golub & LeVeque 1983).
+
+``batch_norm_train(..., mask=)`` and ``backward`` compose them (the reference's stages only);
+the torch layers run any backend on masked input by gathering the real positions instead
+(``batchnorm.torch.masked``), and the two agree (tests/reference/test_masked.py). They are the
+math a backend's native ``mask=`` option of ``batch_stats``/``backward_reduce`` must match.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._xp import Array, compute_dtype, namespace, per_channel, reduce_axes
+from .stats import BatchStats
+
+__all__ = [
+    "check_mask",
+    "masked_backward_elemt",
+    "masked_backward_reduce",
+    "masked_batch_stats",
+    "masked_elemt",
+]
+
+
+def check_mask(mask: Any, x: Array, axis: int) -> None:
+    """A boolean array of ``x``'s shape without the channel axis, or a clear error."""
+    want = tuple(s for i, s in enumerate(x.shape) if i != axis)
+    dtype = getattr(mask, "dtype", None)
+    if dtype is None or str(dtype).removeprefix("torch.") not in ("bool",):
+        raise TypeError(f"mask must be a boolean array (True = a real value), got dtype {dtype}")
+    if tuple(mask.shape) != want:
+        raise ValueError(
+            f"mask must have the input's shape without the channel axis, {want}, for input of "
+            f"shape {tuple(x.shape)}; got {tuple(mask.shape)}"
+        )
+
+
+def _real(mask: Array, x: Array, axis: int, xp: Any) -> Array:
+    """The mask broadcast along the channel axis."""
+    return xp.expand_dims(mask, axis=axis)
+
+
+def _count(mask: Array, xp: Any) -> int:
+    return int(xp.sum(xp.astype(mask, xp.int64)))
+
+
+def masked_batch_stats(x: Array, mask: Array, axis: int) -> BatchStats:
+    """Mean and biased variance of every channel over the real positions; count = m."""
+    xp = namespace(x, mask)
+    axes = reduce_axes(x.ndim, axis)
+    real = _real(mask, x, axis, xp)
+    xc = xp.astype(x, compute_dtype(x.dtype, xp))
+    zeros = xp.zeros_like(xc)
+    count = _count(mask, xp)
+    mean = xp.sum(xp.where(real, xc, zeros), axis=axes) / count
+    centred = xp.where(real, xc - per_channel(mean, x.ndim, axis, xp), zeros)
+    residual = xp.sum(centred, axis=axes) / count
+    var = xp.sum(centred * centred, axis=axes) / count - residual * residual
+    var = xp.where(var < 0, xp.zeros_like(var), var)
+    return BatchStats(count, mean + residual, var)
+
+
+def _x_hat(x: Array, real: Array, mean: Array, invstd: Array, axis: int, xp: Any) -> Array:
+    xc = xp.astype(x, mean.dtype)
+    x_hat = (xc - per_channel(mean, x.ndim, axis, xp)) * per_channel(invstd, x.ndim, axis, xp)
+    return xp.where(real, x_hat, xp.zeros_like(x_hat))
+
+
+def masked_elemt(x, mask, mean, invstd, gamma, beta, axis) -> Array:
+    """``y = gamma * x_hat + beta`` at the real positions, 0 at the padded ones, x's dtype."""
+    xp = namespace(x, mask)
+    real = _real(mask, x, axis, xp)
+    y = _x_hat(x, real, mean, invstd, axis, xp)
+    if gamma is not None:
+        y = y * per_channel(xp.astype(gamma, mean.dtype), x.ndim, axis, xp)
+    if beta is not None:
+        y = y + per_channel(xp.astype(beta, mean.dtype), x.ndim, axis, xp)
+    return xp.astype(xp.where(real, y, xp.zeros_like(y)), x.dtype)
+
+
+def masked_backward_reduce(dy, x, mask, mean, invstd, axis) -> tuple[Array, Array]:
+    """``(sum_dy, sum_dy_xhat)`` over the real positions."""
+    xp = namespace(dy, x, mask)
+    axes = reduce_axes(x.ndim, axis)
+    real = _real(mask, x, axis, xp)
+    dyc = xp.astype(dy, mean.dtype)
+    dyc = xp.where(real, dyc, xp.zeros_like(dyc))
+    x_hat = _x_hat(x, real, mean, invstd, axis, xp)
+    return xp.sum(dyc, axis=axes), xp.sum(dyc * x_hat, axis=axes)
+
+
+def masked_backward_elemt(
+    dy, x, mask, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis, *,
+    through_mean=True, through_var=True,
+) -> Array:  # fmt: skip
+    """``dx`` at the real positions (the plain formula with m = count), 0 at the padded ones."""
+    xp = namespace(dy, x, mask)
+    nd = x.ndim
+    real = _real(mask, x, axis, xp)
+    inner = xp.astype(dy, mean.dtype)
+    if through_mean:
+        inner = inner - per_channel(sum_dy / count, nd, axis, xp)
+    if through_var:
+        inner = inner - _x_hat(x, real, mean, invstd, axis, xp) * per_channel(
+            sum_dy_xhat / count, nd, axis, xp
+        )
+    scale = invstd if gamma is None else xp.astype(gamma, mean.dtype) * invstd
+    dx = inner * per_channel(scale, nd, axis, xp)
+    return xp.astype(xp.where(real, dx, xp.zeros_like(dx)), x.dtype)
