@@ -10,7 +10,7 @@ positions, which also corrects the first pass's rounding (Chan, Golub & LeVeque 
 
 ``batch_norm_train(..., mask=)`` and ``backward`` compose them (the reference's stages only);
 the torch layers run any backend on masked input by gathering the real positions instead
-(``batchnorm.torch.masked``), and the two agree (tests/reference/test_masked.py). They are the
+(``batchnorm.torch.masked``), and the two agree (tests/reference/test_masked_math.py). They are the
 math a backend's native ``mask=`` option of ``batch_stats``/``backward_reduce`` must match.
 """
 
