@@ -216,6 +216,15 @@ def write_running_stats(
         running_var.copy_(new.running_var)
 
 
+def write_module_stats(module: Any, mean: torch.Tensor, var: torch.Tensor, count: Any) -> None:
+    """``write_running_stats`` into a batch-norm module's own buffers, with its momentum and, for
+    ``momentum=None``, the batches it has counted so far."""
+    seen = int(module.num_batches_tracked) if module.momentum is None else 0
+    write_running_stats(
+        module.running_mean, module.running_var, mean, var, count, module.momentum, seen
+    )
+
+
 def write_batch_stats(
     input: torch.Tensor,
     running_mean: torch.Tensor,

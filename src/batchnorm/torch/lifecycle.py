@@ -31,8 +31,7 @@ import torch.distributed as dist
 from .. import reference as ref
 from ..kernels import select_backend
 from .function import AXIS
-from .functional import write_running_stats
-from .stats_sink import Collector
+from .stats_sink import Collector, write_for
 from .sync import _world, gather_merge
 
 __all__ = ["LayerStats", "accumulate_stats", "recompute_stats"]
@@ -87,15 +86,7 @@ def accumulate_stats(model: torch.nn.Module) -> Iterator[None]:
         if not len(collected):
             continue
         merged = collected.merged()
-        own = getattr(layer, "_write_batch_stats", None)  # a variant's own convention
-        if own is not None:
-            own(merged.mean, merged.var, int(merged.count))
-        else:
-            seen = int(layer.num_batches_tracked) if layer.momentum is None else 0
-            write_running_stats(
-                layer.running_mean, layer.running_var, merged.mean, merged.var,
-                int(merged.count), layer.momentum, seen,
-            )  # fmt: skip
+        write_for(layer)(merged.mean, merged.var, int(merged.count))
         with torch.no_grad():
             layer.num_batches_tracked.add_(1)
 

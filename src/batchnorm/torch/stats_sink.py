@@ -9,7 +9,9 @@ unbiased running variance, non-finite channels kept). A *sink* takes them instea
   (``reference.merge_stats``): gradient accumulation writes the merge once
   (``lifecycle.accumulate_stats``).
 
-``stats_sink_for(module)`` says which applies to a call; the layers ask it and nothing else.
+``stats_sink_for(module)`` says which applies to a call; ``deliver`` hands a module's batch
+statistics to it, or writes and counts them (with the module's ``_write_batch_stats`` where a
+variant has its own convention).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from .. import reference as ref
 
-__all__ = ["DROP", "Collector", "recomputing", "stats_sink_for"]
+__all__ = ["DROP", "Collector", "deliver", "recomputing", "stats_sink_for", "write_for"]
 
 
 def recomputing() -> bool:
@@ -75,3 +77,25 @@ def stats_sink_for(module: Any) -> Any:
     if recomputing():
         return DROP
     return getattr(module, "_stats_sink", None)
+
+
+def write_for(module: Any) -> Any:
+    """How ``module`` writes merged statistics into its buffers: a variant's own convention
+    (``_write_batch_stats``) or PyTorch's (``functional.write_module_stats``)."""
+    own = getattr(module, "_write_batch_stats", None)
+    if own is not None:
+        return own
+    from .functional import write_module_stats
+
+    return lambda mean, var, count: write_module_stats(module, mean, var, count)
+
+
+def deliver(module: Any, mean: torch.Tensor, var: torch.Tensor, count: Any) -> None:
+    """A training batch's statistics to ``module``'s sink, or into its buffers, counted."""
+    sink = stats_sink_for(module)
+    if sink is not None:
+        sink(mean, var, count)
+        return
+    write_for(module)(mean, var, count)
+    with torch.no_grad():
+        module.num_batches_tracked.add_(1)

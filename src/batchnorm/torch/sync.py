@@ -31,10 +31,10 @@ from .. import reference as ref
 from .._xp import compute_dtype
 from ..kernels import select_backend
 from .function import AXIS, memory_format_of
-from .functional import check_call, write_running_stats
+from .functional import check_call
 from .masked import check_mask, compact, expand
 from .modules import _BatchNorm, _check_backend_name
-from .stats_sink import stats_sink_for
+from .stats_sink import deliver
 
 __all__ = ["SyncBatchNorm", "convert_sync"]
 
@@ -212,18 +212,8 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             input, self.weight, self.bias, float(self.eps), self.process_group, world, chosen
         )
         self.last_backend = chosen.name
-        if tracking:
-            count_value = int(count) if input.device.type == "cpu" else count
-            sink = stats_sink_for(self)
-            if sink is not None:  # accumulation or a checkpoint's recomputation: not now
-                sink(mean, var, count_value)
-                return output
-            seen = int(self.num_batches_tracked) if self.momentum is None else 0
-            write_running_stats(
-                self.running_mean, self.running_var, mean, var, count_value, self.momentum, seen
-            )
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
+        if tracking:  # not now under accumulation or a checkpoint's recomputation
+            deliver(self, mean, var, int(count) if input.device.type == "cpu" else count)
         return output
 
     def _check_channels(self, channels: int, rank: int, world: int) -> None:

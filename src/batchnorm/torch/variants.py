@@ -43,9 +43,9 @@ from ..reference.variants import (
     update_renorm_stats,
 )
 from .function import AXIS, apply_batch_norm, memory_format_of
-from .functional import check_call, write_running_stats
+from .functional import check_call
 from .modules import _BatchNorm
-from .stats_sink import recomputing, stats_sink_for
+from .stats_sink import deliver, recomputing
 
 __all__ = [
     "PAPER_SCHEDULE",
@@ -62,28 +62,11 @@ __all__ = [
 PAPER_SCHEDULE = {"r_max": 3.0, "d_max": 5.0, "warmup": 5000, "r_max_at": 40000, "d_max_at": 25000}
 
 
-def _count_batch(module: Any, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """The batch's statistics to their sink, or to the module's buffers (and its count)."""
-    sink = stats_sink_for(module)
-    if sink is not None:
-        sink(mean, var, count)
-        return
-    module._write_batch_stats(mean, var, count)
-    with torch.no_grad():
-        module.num_batches_tracked.add_(1)
-
-
 class _GhostBatchNorm(_BatchNorm):
     def __init__(self, num_features: int, virtual_batch_size: int, *args: Any, **kwargs: Any):
         super().__init__(num_features, *args, **kwargs)
         ghost_groups(virtual_batch_size, virtual_batch_size, 1)  # validates it
         self.virtual_batch_size = int(virtual_batch_size)
-
-    def _write_batch_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-        seen = int(self.num_batches_tracked) if self.momentum is None else 0
-        write_running_stats(
-            self.running_mean, self.running_var, mean, var, count, self.momentum, seen
-        )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -123,7 +106,7 @@ class _GhostBatchNorm(_BatchNorm):
             means = torch.stack([m.double() for _, m, _ in stats])
             m2s = torch.stack([v.double() * c for c, _, v in stats])
             merged = ref.merge_stats(counts, means, m2s)
-            _count_batch(self, merged.mean, merged.var, int(merged.count))
+            deliver(self, merged.mean, merged.var, int(merged.count))
         output = parts[0] if len(parts) == 1 else torch.cat(parts)
         return output.contiguous(memory_format=memory_format_of(input))
 
@@ -278,7 +261,7 @@ class _BatchRenorm(_BatchNorm):
             float(self.eps), r_max, d_max, chosen,
         )  # fmt: skip
         self.last_backend = chosen.name
-        _count_batch(self, mean, var, values_per_channel(tuple(input.shape), AXIS))
+        deliver(self, mean, var, values_per_channel(tuple(input.shape), AXIS))
         return output
 
     def extra_repr(self) -> str:
