@@ -19,25 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from .adapters import (
-    BackendStyle,
-    CourseStyle,
-    FunctionalStyle,
-    ModuleStyle,
-    PlainStyle,
-    describe_exception,
-)
+from .adapters import STYLES, BackendStyle, describe_exception
 from .cases import CASES, select_cases, tolerance
 from .checker import check
 
 __all__ = ["TargetError", "load_target", "make_adapter", "cli_main"]
-
-_NAMES_PER_STYLE = {
-    "course": "forward,backward",
-    "plain": "forward,backward",
-    "module": "Class, or Class1d,Class2d,Class3d",
-    "functional": "function",
-}
 
 
 class TargetError(Exception):
@@ -104,23 +90,14 @@ def load_target(spec: str) -> list[Any]:
 def make_adapter(
     style: str, objects: Sequence[Any], *, layout: str = "rows", device: str = "cpu"
 ) -> Any:
-    """The adapter of ``style`` for the loaded ``objects``; TargetError if they do not fit."""
-    expected = _NAMES_PER_STYLE.get(style)
-    if expected is None:
-        raise TargetError(f"unknown style {style!r}; known: {', '.join(_NAMES_PER_STYLE)}")
-    n = len(objects)
-    if style in ("course", "plain"):
-        if n != 2:
-            raise TargetError(f"style {style!r} needs two names ({expected}), got {n}")
-        cls = CourseStyle if style == "course" else PlainStyle
-        return cls(objects[0], objects[1], layout=layout)
-    if style == "module":
-        if n not in (1, 3):
-            raise TargetError(f"style 'module' needs {expected}, got {n} name(s)")
-        return ModuleStyle(objects, device=device)
-    if n != 1:
-        raise TargetError(f"style 'functional' needs one name, got {n}")
-    return FunctionalStyle(objects[0], device=device)
+    """The adapter of ``style`` (a key of :data:`STYLES`) for the loaded ``objects``;
+    TargetError if they do not fit."""
+    cls = STYLES.get(style)
+    if cls is None:
+        raise TargetError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
+    if len(objects) not in cls.target_counts:
+        raise TargetError(f"style {style!r} needs {cls.target_names}, got {len(objects)} name(s)")
+    return cls.from_target(objects, layout=layout, device=device)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -128,12 +105,13 @@ def _parser() -> argparse.ArgumentParser:
         prog="batchnorm conform",
         description="Check your own batch norm against the reference, case by case, and name "
         "the known mistake a failure fits. See docs/conformance.md.",
-        epilog="TARGET names: course/plain: forward,backward; module: a class, or three "
-        "(for rank 2-3, 4, 5 inputs); functional: one function. Exit status: 0 pass, "
-        "1 failures, 2 usage or load error, 3 a bug in the suite itself (please report it).",
+        epilog="TARGET names: "
+        + "; ".join(f"{name}: {cls.target_names}" for name, cls in STYLES.items())
+        + ". Exit status: 0 pass, 1 failures, 2 usage or load error, 3 a bug in the suite "
+        "itself (please report it).",
     )
     p.add_argument("target", nargs="?", help="PATH.py:NAME[,NAME] or package.module:NAME[,NAME]")
-    p.add_argument("--style", choices=sorted(_NAMES_PER_STYLE), help="how TARGET is called")
+    p.add_argument("--style", choices=sorted(STYLES), help="how TARGET is called")
     p.add_argument("--backend", help="check a batchnorm.kernels backend instead of a TARGET")
     p.add_argument(
         "--momentum-convention",
