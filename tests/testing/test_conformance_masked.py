@@ -8,10 +8,9 @@ that cannot take a mask reports the masked cases as skipped, with the reason.
 
 from __future__ import annotations
 
-import textwrap
-
 import numpy as np
 import pytest
+from conform_impls import source
 
 from batchnorm import testing as bt
 
@@ -20,43 +19,9 @@ torch = pytest.importorskip("torch")
 MASKED = bt.select_cases("masked-*")
 FINITE_PAD = [c for c in MASKED if not c.pad_nan]
 
-# A correct hand-written masked layer for (N, C, L) input: statistics over the real positions
-# only, 0 at the padding, whatever the padding holds (torch.where, not a product: NaN * 0 is
-# NaN). Its mutants replace one exact line.
-MASKED_MODULE = """
-import torch
-
-
-class MaskedBN(torch.nn.Module):
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True):
-        super().__init__()
-        self.eps, self.momentum = eps, momentum
-        self.weight = torch.nn.Parameter(torch.ones(num_features)) if affine else None
-        self.bias = torch.nn.Parameter(torch.zeros(num_features)) if affine else None
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-
-    def forward(self, x, mask):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        keep = mask[:, None, :].expand_as(xf)
-        xf = torch.where(keep, xf, 0.0)  # NaN padding out of every product (NaN * 0 is NaN)
-        stat = keep  # the positions the statistics use
-        if self.training:
-            m = stat.sum(dim=(0, 2))
-            mean = torch.where(stat, xf, 0.0).sum(dim=(0, 2)) / m
-            centred = torch.where(stat, xf - mean[None, :, None], 0.0)
-            var = (centred * centred).sum(dim=(0, 2)) / m
-            with torch.no_grad():
-                self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
-                self.running_var.mul_(1 - self.momentum).add_(self.momentum * var * m / (m - 1))
-        else:
-            mean, var = self.running_mean.to(xf.dtype), self.running_var.to(xf.dtype)
-        y = (xf - mean[None, :, None]) / torch.sqrt(var[None, :, None] + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.to(xf.dtype)[None, :, None] + self.bias.to(xf.dtype)[None, :, None]
-        y = torch.where(keep, y, 0.0)
-        return y.to(x.dtype)
-"""
+# A correct hand-written masked layer (fixtures/masked_module.py); its mutants replace one
+# exact line.
+MASKED_MODULE = source("masked_module")
 
 # Statistics over every position, the padding's values included; the output still masked.
 PADDING_COUNTED = (
@@ -71,7 +36,7 @@ PADDING_KEPT = ("y = torch.where(keep, y, 0.0)", "pass")
 
 def load_module(tmp_path, source: str, name: str = "MaskedBN"):
     path = tmp_path / "masked_impl.py"
-    path.write_text(textwrap.dedent(source))
+    path.write_text(source)
     return bt.load_target(f"{path}:{name}")[0]
 
 
