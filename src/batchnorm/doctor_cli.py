@@ -17,15 +17,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ._errors import describe_exception
+
 
 class LoadError(Exception):
     """The factory, checkpoint or data could not be used; the message says why."""
 
 
 def _describe(exc: BaseException) -> str:
-    from .testing.adapters import describe_exception
-
-    return describe_exception(exc)
+    return describe_exception(exc, library_dirs=(os.path.dirname(os.path.abspath(__file__)),))
 
 
 def build_model(spec: str) -> Any:

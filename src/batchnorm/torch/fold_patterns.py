@@ -15,6 +15,7 @@ with more than one use is folded into a copy ("cloned"), never edited.
 from __future__ import annotations
 
 import operator
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from ..testing.adapters import describe_exception
+from .._errors import describe_exception
 from .fold import (
     AFFINE_TYPES,
     FoldPair,
@@ -40,6 +41,9 @@ from .fold import (
 )
 from .frozen import FrozenBatchNorm
 from .fx import Tracer
+
+#: our own frames are not the user's model: a trace error points past them
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 nn = torch.nn
 
@@ -359,7 +363,7 @@ def _fold_module(module: nn.Module, prefix: str, ctx: _Context, top: bool) -> nn
     except Exception as exc:  # any failure to trace means: look inside instead
         if top:
             ctx.report.discovery = "modules"
-            ctx.report.trace_error = describe_exception(exc)
+            ctx.report.trace_error = describe_exception(exc, library_dirs=(_PACKAGE_DIR,))
         ctx.untraced.append(prefix.rstrip(".") or type(module).__name__)
         for name, child in list(module.named_children()):
             new = _fold_module(child, f"{prefix}{name}.", ctx, top=False)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import inspect
 import os
-import sysconfig
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
+from ..._errors import describe_exception as _describe
 from ..cases import Case, CaseData
 
 #: Frames in here are the suite's; frames elsewhere (batchnorm.torch too) are the code tested.
@@ -29,31 +28,11 @@ class ImplementationError(Exception):
     """The implementation under test raised, or returned what its style does not allow."""
 
 
-#: The standard library's frames (importlib, ...) are not the code under test either.
-_STDLIB_DIR = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
-
-
 def describe_exception(exc: BaseException) -> str:
-    """``"NameError: name 'x' is not defined (impl.py, line 3, in bn_backward)"``.
-
-    The location is the innermost frame outside this suite and outside installed libraries:
-    the code under test.
-    """
-    frames = traceback.extract_tb(exc.__traceback__)
-    text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, SyntaxError) and exc.filename:
-        return f"{text.splitlines()[0]}"
-    own = [
-        f
-        for f in frames
-        if not os.path.abspath(f.filename).startswith((_SUITE_DIR, _STDLIB_DIR))
-        and "site-packages" not in f.filename
-        and "<frozen" not in f.filename
-    ]
-    if own:  # none when the call itself failed (a wrong signature): no line to point at
-        frame = own[-1]
-        text += f" ({os.path.basename(frame.filename)}, line {frame.lineno}, in {frame.name})"
-    return text
+    """``"NameError: name 'x' is not defined (impl.py, line 3, in bn_backward)"``: the location
+    is the innermost frame outside this suite and outside installed libraries, the code under
+    test."""
+    return _describe(exc, library_dirs=(_SUITE_DIR,))
 
 
 def call_user(stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
