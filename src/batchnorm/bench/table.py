@@ -12,7 +12,7 @@ __all__ = ["format_table"]
 
 _HEADER = (
     f"  {'peer':<15}{'op':<18}{'median ms':>10}{'min ms':>9}{'speed-up':>10}"
-    f"{'x copy':>8}{'x clone':>8}{'x limit':>8}{'GB/s':>8}"
+    f"{'x copy':>9}{'x clone':>9}{'x limit':>9}{'GB/s':>8}"
 )
 
 
@@ -38,7 +38,7 @@ def _problem(entry: dict[str, Any], peers: list[str], ops: list[str]) -> list[st
         speedup = "" if t["speedup"] is None else f"{t['speedup']:.2f}x"
         lines.append(
             f"  {t['peer']:<15}{t['op']:<18}{t['median_s'] * 1e3:>10.3f}{t['min_s'] * 1e3:>9.3f}"
-            f"{speedup:>10}{t['x_copy']:>8.2f}{t['x_clone']:>8.2f}{t['x_limit']:>8.2f}"
+            f"{speedup:>10}{t['x_copy']:>9.2f}{t['x_clone']:>9.2f}{t['x_limit']:>9.2f}"
             f"{t['GBps']:>8.1f}"
         )
     for peer, diffs in entry.get("max_rel_diff_vs_torch", {}).items():
