@@ -72,3 +72,15 @@ def test_bad_arguments_are_rejected():
         bench.build_parser().parse_args(["--shapes", "4xa"])
     with pytest.raises(SystemExit):
         bench.build_parser().parse_args(["--layouts", "nhwc"])
+
+
+def test_tuning_overrides_reach_the_triton_plans_only_inside_the_run():
+    from batchnorm.bench.gpu import triton_tuning
+    from batchnorm.kernels.triton_gpu import plan
+
+    before = (plan._TUNING.tile_elems, plan._TUNING.programs)
+    with triton_tuning(4096, None):
+        assert (plan._TUNING.tile_elems, plan._TUNING.programs) == (4096, None)
+    with triton_tuning(None, None):  # nothing asked: whatever was set stays
+        assert (plan._TUNING.tile_elems, plan._TUNING.programs) == before
+    assert (plan._TUNING.tile_elems, plan._TUNING.programs) == before

@@ -135,3 +135,15 @@ def test_device_cuda_takes_the_same_command_line(monkeypatch, tmp_path):
     assert bench_cli.main(["--device", "cuda", "--quick", "--out", str(tmp_path)]) == 2
     assert seen["compile"] is False and seen["repeats"] == 3
     assert seen["shapes"] == shapes.with_layouts(shapes.GPU_QUICK_SHAPES, ["nchw", "channels_last"])
+
+
+def test_importing_the_bench_imports_no_heavy_package():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, batchnorm.bench\n"
+        "print(sorted(m for m in ('torch', 'numba', 'triton', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
