@@ -135,6 +135,8 @@ def test_device_cuda_takes_the_same_command_line(monkeypatch, tmp_path):
     assert bench_cli.main(["--device", "cuda", "--quick", "--out", str(tmp_path)]) == 2
     assert seen["compile"] is False and seen["repeats"] == 3
     assert seen["shapes"] == shapes.with_layouts(shapes.GPU_QUICK_SHAPES, ["nchw", "channels_last"])
+    assert bench_cli.main(["--device", "cuda", "--peers", "triton", "--out", str(tmp_path)]) == 2
+    assert seen["compile"] is False and seen["peers"] == ["triton"]
 
 
 def test_importing_the_bench_imports_no_heavy_package():

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="time torch.compile too (default: only in a full cuda run)",
+        help="time torch.compile too (default: only in a full cuda run without --peers)",
     )
     p.add_argument(
         "--fused",
@@ -120,7 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.layouts:
         shapes = with_layouts(shapes, args.layouts)
     dtypes = args.dtype or (["float32", "bfloat16"] if cuda else ["float32"])
-    compile_ = args.compile if args.compile is not None else (cuda and not args.quick)
+    # torch.compile is the peer that matters on a GPU, and too slow to compile for a quick run;
+    # named peers are exactly those asked for.
+    default_compile = cuda and not args.quick and args.peers is None
+    compile_ = args.compile if args.compile is not None else default_compile
     try:
         record = run(
             shapes, dtype=dtypes, device=args.device,
