@@ -149,3 +149,41 @@ def test_importing_the_bench_imports_no_heavy_package():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_cuda_clock_times_loops_of_calls_and_divides(monkeypatch):
+    """The CUDA path without a GPU: events read a fake clock that each call advances by 0.5 ms,
+    so a sample must hold ceil(2 ms / 0.5 ms) = 4 calls and report 0.5 ms per call."""
+    torch = pytest.importorskip("torch")
+    from batchnorm.bench import timing
+
+    now = [0.0]
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = now[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3  # milliseconds, like CUDA's
+
+    calls = []
+
+    def step():
+        calls.append(1)
+        now[0] += 5e-4
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(timing, "sync", lambda device: None)
+    ops = {("p", "op"): timing.Op(step), ("p", "capped"): timing.Op(step, max_repeats=1)}
+    out = timing.time_interleaved(ops, repeats=3, warmup=2, device="cuda")
+    assert out[("p", "op")]["calls"] == 4 and out[("p", "op")]["n"] == 3
+    assert out[("p", "op")]["median_s"] == pytest.approx(5e-4)
+    assert out[("p", "capped")]["n"] == 1
+    # warm-up 2 + sizing 1 per op, then 3 samples of 4 calls and 1 sample of 4 calls
+    assert len(calls) == 2 * (2 + 1) + 3 * 4 + 1 * 4

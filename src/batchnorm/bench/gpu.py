@@ -24,8 +24,6 @@ class LayerPeer(TorchPeer):
     included: what a user's model calls. Beside the backend's own peer it shows the glue's cost
     (and, for a channels-last 3-D input, the copy back to PyTorch's output memory format)."""
 
-    optional = False
-
     def __init__(self, backend: str, devices: tuple[str, ...]) -> None:
         self.backend = backend
         self.name = f"{backend}-layer"
