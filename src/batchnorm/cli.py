@@ -11,7 +11,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("batchnorm.verify:main", "check the reference against its oracles"),
     "conform": ("batchnorm.testing:cli_main", "check your own batch norm against the reference"),
-    "bench": ("batchnorm.bench:main", "time our kernels against PyTorch on this machine"),
+    "bench": ("batchnorm.bench:main", "time our kernels against PyTorch here (CPU; --device cuda)"),
     "explain": ("batchnorm.experiments.explain:main", "print and draw the backward stage by stage"),
     "experiment": ("batchnorm.experiments.cli:main", "run one experiment, write its records"),
     "report": ("batchnorm.experiments.report:main", "run everything, write DIR/index.html"),

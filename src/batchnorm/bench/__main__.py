@@ -1,0 +1,7 @@
+"""``python -m batchnorm.bench`` = ``batchnorm bench``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
