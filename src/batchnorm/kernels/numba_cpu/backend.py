@@ -47,10 +47,12 @@ class NumbaBackend:
 
     Inputs are assumed validated; ``axis`` is a non-negative channel axis. Outputs have the
     input's kind, dtype and memory layout; the statistics are float32 (float64 for float64
-    input). The fused ReLU's ``relu_mask`` is a uint8 array of 1 bit per element.
+    input). The fused ReLU's ``relu_mask`` is a uint8 array of 1 bit per element. The
+    ``mask=`` option (padded batches) runs the kernels of ``masked``.
     """
 
     name = "numba"
+    supports_mask = True
     #: ``backend="auto"`` leaves smaller inputs to the reference: measured on 2 cores, a
     #: (60, 100) training step took 6.9 ms here against 1.7 ms in the reference (thread start-up
     #: and synchronisation dominate); at 65,536 elements the two tie, above it numba wins.
