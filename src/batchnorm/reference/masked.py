@@ -52,6 +52,18 @@ def _count(mask: Array, xp: Any) -> int:
     return int(xp.sum(xp.astype(mask, xp.int64)))
 
 
+def _first_real(xc: Array, mask: Array, axis: int, xp: Any) -> Array:
+    """The (C,) values of ``xc`` at the first real position (the first if there is none)."""
+    flat = xp.reshape(mask, (-1,))
+    first = int(xp.argmax(xp.astype(flat, xp.int32))) if flat.shape[0] else 0
+    index: list[Any] = []
+    for size in reversed(tuple(mask.shape)):
+        first, at = divmod(first, size)
+        index.insert(0, at)
+    index.insert(axis, slice(None))
+    return xc[tuple(index)]
+
+
 def masked_batch_stats(x: Array, mask: Array, axis: int) -> BatchStats:
     """Mean and biased variance of every channel over the real positions; count = m."""
     xp = namespace(x, mask)
@@ -60,7 +72,12 @@ def masked_batch_stats(x: Array, mask: Array, axis: int) -> BatchStats:
     xc = xp.astype(x, compute_dtype(x.dtype, xp))
     zeros = xp.zeros_like(xc)
     count = _count(mask, xp)
-    mean = xp.sum(xp.where(real, xc, zeros), axis=axes) / count
+    # The first pass sums x - K, K the value at the first real position (as reference.stats
+    # shifts by the first value: x = 1e4 + N(0, 1) in float32 then sums O(1) numbers).
+    first = _first_real(xc, mask, axis, xp)
+    shift = xp.where(xp.isfinite(first), first, xp.zeros_like(first))
+    centred = xp.where(real, xc - per_channel(shift, x.ndim, axis, xp), zeros)
+    mean = shift + xp.sum(centred, axis=axes) / count
     centred = xp.where(real, xc - per_channel(mean, x.ndim, axis, xp), zeros)
     residual = xp.sum(centred, axis=axes) / count
     var = xp.sum(centred * centred, axis=axes) / count - residual * residual
