@@ -34,13 +34,15 @@ COLS_ROWS = 256
 @numba.njit(fastmath=_REDUCE_MATH, **_JIT)
 def _row_sums(row, real, centre):
     """(sum of d, sum of d**2) over the real values of one contiguous row, d = x - centre."""
-    total = _zero(row)
-    squares = _zero(row)
+    zero = _zero(row)
+    total = zero
+    squares = zero
     for i in range(row.shape[0]):
-        if real[i]:
-            d = _load(row[i]) - centre
-            total += d
-            squares += d * d
+        # A select, not a branch: the loop stays vectorised, and the padded value is dropped
+        # whatever it is (NaN * 0 would be NaN).
+        d = _load(row[i]) - centre if real[i] != 0 else zero
+        total += d
+        squares += d * d
     return total, squares
 
 
@@ -97,13 +99,14 @@ def cols_masked_sums(x, pos, centre, sums_out, squares_out):
 
 @numba.njit(fastmath=_REDUCE_MATH, **_JIT)
 def _row_grad_sums(dy, row, real, mean):
-    sum_dy = _zero(row)
-    sum_dy_xc = _zero(row)
+    zero = _zero(row)
+    sum_dy = zero
+    sum_dy_xc = zero
     for i in range(row.shape[0]):
-        if real[i]:
-            g = _load(dy[i])
-            sum_dy += g
-            sum_dy_xc += g * (_load(row[i]) - mean)
+        keep = real[i] != 0
+        g = _load(dy[i]) if keep else zero
+        sum_dy += g
+        sum_dy_xc += g * (_load(row[i]) - mean) if keep else zero
     return sum_dy, sum_dy_xc
 
 
