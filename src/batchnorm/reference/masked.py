@@ -5,13 +5,15 @@ count, is the number of real positions (the same for every channel). Over those 
 stages are exactly the plain ones (``stats``, ``forward``, ``backward``); padded positions are
 never read into a sum (``where``, not a product, so a NaN or inf there changes nothing), the
 output is 0 there and so is the input gradient. The two-pass centred variance is kept:
-``mean = sum(x)/m``, then ``var = mean(e^2) - mean(e)^2`` with ``e = x - mean`` over the real
-positions, which also corrects the first pass's rounding (Chan, Golub & LeVeque 1983).
+``mean = K + sum(x - K)/m`` with K the value at the first real position (as ``stats`` shifts
+by a value of the data), then ``var = mean(e^2) - mean(e)^2`` with ``e = x - mean`` over the
+real positions, which also corrects the first pass's rounding (Chan, Golub & LeVeque 1983).
 
-``batch_norm_train(..., mask=)`` and ``backward`` compose them (the reference's stages only);
-the torch layers run any backend on masked input by gathering the real positions instead
-(``batchnorm.torch.masked``), and the two agree (tests/reference/test_masked_math.py). They are the
-math a backend's native ``mask=`` option of ``batch_stats``/``backward_reduce`` must match.
+They are the ``mask=`` option of ``ReferenceStages`` (``stages.py``) and the math every
+backend's masked stages must match (tests/kernels/test_contract.py);
+``batch_norm_train(..., mask=)`` and ``backward`` compose any backend's. The torch layers run
+a backend without the option by gathering the real positions instead
+(``batchnorm.torch.masked``), and the two agree (tests/reference/test_masked_math.py).
 """
 
 from __future__ import annotations
