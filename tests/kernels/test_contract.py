@@ -18,9 +18,18 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():  # before triton's first import: run it in the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from masked_contract import (  # noqa: E402
+    MASK_KINDS,
+    MASKED_CASES,
+    PADDING,
+    check_masked_contract,
+    make_masked,
+)
+
 from batchnorm import kernels  # noqa: E402
 from batchnorm import reference as ref  # noqa: E402
 from batchnorm.kernels import BackendUnavailable, get_backend, register  # noqa: E402
+from batchnorm.reference.stages import has_masked_stages  # noqa: E402
 
 # Compile once per worker, with the numba tests.
 pytestmark = pytest.mark.xdist_group("numba")
@@ -349,3 +358,97 @@ def test_compositions_validate_before_any_stage_runs(backend, monkeypatch):
     assert saved.backend is stages
     with pytest.raises(ValueError, match="shape"):
         ref.backward(torch.ones(4, 3, 6), saved)
+
+
+def _masked_stages(name, x):
+    stages = _stages(name, x)
+    if not has_masked_stages(stages):
+        pytest.skip(
+            f"backend {name!r} has no masked stages (supports_mask): the torch layers gather "
+            "the real positions for it (compaction)"
+        )
+    return stages
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", list(MASKED_CASES))
+def test_masked_stages_match_the_reference(backend, case, dtype):
+    """Random masks, one real position, a fully padded sequence; NaN in the padding."""
+    x, _ = make_masked(case, dtype)
+    stages = _masked_stages(backend, x)
+    for kind in MASK_KINDS:
+        check_masked_contract(stages, case, dtype, kind)
+
+
+@pytest.mark.parametrize("pad", PADDING, ids=str)
+def test_masked_padding_content_and_length_change_nothing(backend, pad):
+    x, mask = make_masked("ncl", torch.float32, pad=pad)
+    stages = _masked_stages(backend, x)
+    check_masked_contract(stages, "ncl", torch.float32, pad=pad)
+    longer = torch.cat([x, torch.full((4, 3, 5), pad)], 2)
+    longer_mask = torch.cat([mask, torch.zeros(4, 5, dtype=torch.bool)], 1)
+    a, b = stages.batch_stats(x, 1, mask=mask), stages.batch_stats(longer, 1, mask=longer_mask)
+    assert a.count == b.count
+    _check(b.mean, a.mean, 1e-6, "mean with longer padding", a.mean.abs().max().item() + 1)
+    _check(b.var, a.var, 1e-6, "var with longer padding")
+    invstd = ref.inverse_std(a.var, EPS)
+    y, _ = stages.elemt(x, a.mean, invstd, None, None, 1, mask=mask)
+    y_longer, _ = stages.elemt(longer, a.mean, invstd, None, None, 1, mask=longer_mask)
+    assert torch.equal(y_longer[..., :9], y), "elemt(mask) with longer padding"
+    assert torch.equal(y_longer[..., 9:], torch.zeros_like(y_longer[..., 9:]))
+
+
+def test_all_positions_padded(backend):
+    """No real position: NaN statistics (the mean of nothing, as the reference), zero sums,
+    zero outputs and gradients."""
+    x, mask = make_masked("ncl", torch.float32)
+    stages = _masked_stages(backend, x)
+    none = torch.zeros_like(mask)
+    stats = stages.batch_stats(x, 1, mask=none)
+    assert int(stats.count) == 0 and stats.mean.isnan().all() and stats.var.isnan().all()
+    mean, invstd = torch.zeros(3), torch.ones(3)
+    y, _ = stages.elemt(x, mean, invstd, None, None, 1, mask=none)
+    assert torch.equal(y, torch.zeros_like(y))
+    sums = stages.backward_reduce(x, x, mean, invstd, 1, mask=none)
+    assert all(torch.equal(s, torch.zeros(3)) for s in sums)
+    dx = stages.backward_elemt(x, x, mean, invstd, None, *sums, 0, 1, mask=none,
+                               through_mean=False, through_var=False)  # fmt: skip
+    assert torch.equal(dx, torch.zeros_like(dx))
+
+
+class MaskBlindBackend(ToyBackend):
+    """Claims the mask option and ignores the mask: the masked contract must reject it."""
+
+    name = "mask_blind"
+    supports_mask = True
+
+    def batch_stats(self, x, axis, *, mask=None):
+        return super().batch_stats(x, axis)
+
+
+def test_the_masked_contract_rejects_a_backend_that_ignores_the_mask(monkeypatch):
+    _registered(monkeypatch, "mask_blind", MaskBlindBackend)
+    x, _ = make_masked("ncl", torch.float64)
+    with pytest.raises(AssertionError, match=r"batch_stats\(mask\)"):
+        check_masked_contract(get_backend("mask_blind", x), "ncl", torch.float64, pad=1e30)
+
+
+def test_a_backend_without_the_mask_option_is_detected_and_gathered_for(monkeypatch):
+    """The toy backend has no ``mask=``: detectable, refused by the reference's compositions
+    with its name, and the torch layers run it by compaction, with the masked result."""
+    import batchnorm.torch as bt
+
+    _registered(monkeypatch, "toy", ToyBackend)
+    x, mask = make_masked("ncl", torch.float64)
+    toy = get_backend("toy", x)
+    assert not has_masked_stages(toy) and has_masked_stages(ref.REFERENCE)
+    with pytest.raises(TypeError, match="mask"):
+        toy.batch_stats(x, 1, mask=mask)
+    with pytest.raises(ValueError, match="'toy' has no masked stages"):
+        ref.batch_norm_train(x, mask=mask, backend=toy)
+    assert bt.explain_backend(x, "toy", mask=mask).endswith(
+        "masked: compaction (real positions gathered, plain stages, scattered back)"
+    )
+    y = bt.BatchNorm1d(3, backend="toy").double()(x, mask=mask)
+    want = ref.compose_forward_train(ref.REFERENCE, x.movedim(1, -1)[mask], None, None, EPS, 1)
+    torch.testing.assert_close(y.movedim(1, -1)[mask], want.y, rtol=0, atol=1e-12)

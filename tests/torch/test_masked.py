@@ -159,3 +159,104 @@ def test_float32_on_every_backend(backend):
     torch.testing.assert_close(_real(y, mask).double(), want, rtol=1e-5, atol=1e-5)
     y.sum().backward()
     assert torch.equal(_real(x.grad, ~mask), torch.zeros_like(_real(x.grad, ~mask)))
+
+
+def _compaction_only(monkeypatch, backend, x):
+    """Make ``backend`` look as if it had no masked stages: the layers then gather."""
+    from batchnorm.kernels import get_backend
+
+    monkeypatch.setattr(get_backend(backend, x), "supports_mask", False, raising=False)
+
+
+def _spy_masked_calls(monkeypatch, backend, x):
+    """Record the stages called with ``mask=`` on ``backend``."""
+    from batchnorm.kernels import get_backend
+
+    stages, calls = get_backend(backend, x), []
+    for name in ("batch_stats", "elemt", "backward_reduce", "backward_elemt"):
+        original = getattr(stages, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            if kwargs.get("mask") is not None:
+                calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(stages, name, spy, raising=False)
+    return calls
+
+
+def _train_two_steps(backend, x, mask, nlc=False, **kwargs):
+    layer = _layer(backend, **kwargs).to(x.dtype)
+    x = x.detach().requires_grad_()
+    inp = x.transpose(1, 2).contiguous().transpose(1, 2) if nlc else x
+    outs = []
+    for step in range(2):
+        y = layer(inp, mask=mask)
+        dy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(step))
+        grads = torch.autograd.grad(y, (x, layer.weight, layer.bias), dy)
+        outs += [y, *grads]
+    return outs + [layer.running_mean, layer.running_var]
+
+
+@pytest.mark.parametrize("nlc", [False, True], ids=["ncl", "nlc"])
+@pytest.mark.parametrize("switches", [{}, {"through_mean": False}, {"through_var": False}])
+def test_native_masked_stages_equal_the_compaction_path(backend, monkeypatch, nlc, switches):
+    """Forward, gradients, running statistics: the backend's masked stages (which must run)
+    against the gather of the real positions through its plain ones."""
+    x, mask = _batch()
+    require(backend, x)
+    calls = _spy_masked_calls(monkeypatch, backend, x)
+    assert "masked: native" in bt.explain_backend(x, backend, mask=mask)
+    native = _train_two_steps(backend, x, mask, nlc, **switches)
+    assert {"batch_stats", "elemt", "backward_reduce", "backward_elemt"} <= set(calls)
+    _compaction_only(monkeypatch, backend, x)
+    calls.clear()
+    assert "masked: compaction" in bt.explain_backend(x, backend, mask=mask)
+    gathered = _train_two_steps(backend, x, mask, nlc, **switches)
+    assert calls == []
+    for a, b in zip(native, gathered, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_a_fully_padded_batch_behaves_as_an_empty_one(backend):
+    """No real position in training: 0 output, running statistics untouched, the batch
+    counted (as the gather path's empty batch always did)."""
+    x, mask = _batch()
+    require(backend, x)
+    layer = _layer(backend)
+    y = layer(x, mask=torch.zeros_like(mask))
+    assert torch.equal(y, torch.zeros_like(y))
+    assert torch.equal(layer.running_mean, torch.zeros(3, dtype=F64))
+    assert int(layer.num_batches_tracked) == 1
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_double_backward_and_forward_mode_with_a_mask(backend):
+    x, mask = _batch(pad_value=0.0)
+    require(backend, x)
+    layer = _layer(backend)
+    # Second derivatives of the native path against finite differences of its gradient.
+    assert torch.autograd.gradgradcheck(lambda t: layer(t, mask=mask), (x,))
+    # Forward mode runs the gather path; its tangent equals the reverse-mode Jacobian's.
+    tangent = torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(3))
+    layer = _layer(backend, track_running_stats=False)  # torch.func refuses buffer updates
+    _, jvp = torch.func.jvp(lambda t: layer(t, mask=mask), (x.detach(),), (tangent,))
+    y = layer(x, mask=mask)
+    probe = torch.randn(y.shape, dtype=F64, generator=torch.Generator().manual_seed(4))
+    (vjp,) = torch.autograd.grad(y, x, probe)
+    torch.testing.assert_close((jvp * probe).sum(), (vjp * tangent).sum(), rtol=1e-10, atol=1e-10)
+
+
+def test_native_masked_float32_equals_the_compaction_path(backend, monkeypatch):
+    """float32 on every backend (Triton included: the float64 tests skip it)."""
+    x, mask = _batch(pad_value=float("inf"))
+    x = x.detach().float()
+    require(backend, x)
+    calls = _spy_masked_calls(monkeypatch, backend, x)
+    native = _train_two_steps(backend, x, mask)
+    assert "backward_elemt" in calls
+    _compaction_only(monkeypatch, backend, x)
+    gathered = _train_two_steps(backend, x, mask)
+    for a, b in zip(native, gathered, strict=True):
+        torch.testing.assert_close(a, b)  # float32's default tolerances

@@ -36,16 +36,30 @@ def test_ranks_agree_with_the_single_process_result(tmp_path, batches, estimator
                 assert np.array_equal(r[key], results[0][key]), key
 
 
-@pytest.mark.parametrize("backend", ["reference", "numba"])
-def test_masked_sync_batch_norm_equals_the_single_process_masked_result(tmp_path, backend):
-    """Two ranks with different masks: the ranks are weighted by their real positions."""
+@pytest.mark.parametrize(
+    ("backend", "opts"),
+    [
+        ("reference", ()),
+        ("numba", ()),
+        ("numba", ("layout=nlc",)),
+        ("numba", ("path=compaction",)),
+    ],
+    ids=["reference", "numba", "numba-nlc", "numba-compaction"],
+)
+def test_masked_sync_batch_norm_equals_the_single_process_masked_result(tmp_path, backend, opts):
+    """Two ranks with different masks (one sequence all padding): the ranks are weighted by
+    their real positions; the backend's masked stages run (the gather path when it lacks
+    them), an (N, L, C) sequence comes back in its layout."""
     if backend == "numba":
         pytest.importorskip("numba")
     import torch
 
     import batchnorm.torch as bt
 
-    results, _, _ = launch(tmp_path, "masked", 2, f"backend={backend}")
+    results, _, _ = launch(tmp_path, "masked", 2, f"backend={backend}", *opts)
+    for r in results:
+        assert bool(r["native"]) == ("path=compaction" not in opts)
+        assert bool(r["nlc_layout"]) == ("layout=nlc" in opts)
     sys.path.insert(0, str(WORKER.parent))
     from worker import masked_batch
 

@@ -131,14 +131,31 @@ def masked_batch(rank):
 
 
 def run_masked(rank, world, opts, out):
+    """``layout=nlc``: the (N, L, C) form; ``path=compaction``: the backend made to look as if
+    it had no masked stages. ``native`` records whether a stage was called with ``mask=``."""
+    from batchnorm.kernels import select_backend
+
     bn = SyncBatchNorm(CHANNELS, backend=opts.get("backend", "auto")).double()
     x, mask = masked_batch(rank)
+    stages, called = select_backend(x, bn.backend)[0], []
+    if opts.get("path") == "compaction":
+        stages.supports_mask = False
+    for name in ("batch_stats", "backward_reduce"):
+        original = getattr(stages, name)
+
+        def spy(*args, _original=original, **kwargs):
+            called.append(kwargs.get("mask") is not None)
+            return _original(*args, **kwargs)
+
+        setattr(stages, name, spy)
     x.requires_grad_(True)
-    y = bn(x, mask=mask)
+    nlc = opts.get("layout") == "nlc"
+    y = bn(x.transpose(1, 2).contiguous().transpose(1, 2) if nlc else x, mask=mask)
     (y.nan_to_num() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
     np.savez(
         out, y=y.detach().numpy(), dx=x.grad.numpy(), running_mean=bn.running_mean.numpy(),
         running_var=bn.running_var.numpy(), dweight=bn.weight.grad.numpy(),
+        native=np.array(any(called)), nlc_layout=np.array(y.transpose(1, 2).is_contiguous()),
     )  # fmt: skip
 
 

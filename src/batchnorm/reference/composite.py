@@ -11,17 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._xp import Array, check_eps, compute_dtype, values_per_channel
+from .._xp import Array, check_eps, compute_dtype, namespace, values_per_channel
 from .backward import Grads, check_grad_output
 from .forward import Saved, check_input
-from .masked import (
-    check_mask,
-    masked_backward_elemt,
-    masked_backward_reduce,
-    masked_batch_stats,
-    masked_elemt,
-)
-from .stages import REFERENCE, Backend, backward_train, forward_train
+from .masked import check_mask
+from .stages import REFERENCE, Backend, backward_train, forward_train, has_masked_stages
 from .stats import inverse_std
 
 __all__ = ["backward", "backward_infer", "batch_norm_infer", "batch_norm_train", "resolve"]
@@ -56,7 +50,7 @@ def batch_norm_train(
     of shape (C,) are optional (no affine transform when omitted). ``backend`` picks whose
     stages run (default: the reference's). ``mask`` (boolean, x's shape without the channel
     axis, True = a real value): the statistics over the real positions only, 0 output at the
-    padded ones (``reference.masked``; the reference's stages only).
+    padded ones (``reference.masked``), on any backend with masked stages.
     """
     if mask is not None:
         return _masked_train(x, gamma, beta, axis, eps, backend, mask)
@@ -139,33 +133,37 @@ def backward_infer(
 
 
 def _masked_train(x, gamma, beta, axis, eps, backend, mask) -> tuple[Array, Saved]:
-    xp, axis = check_input(x, axis, eps, training=False, gamma=gamma, beta=beta)
+    _, axis = check_input(x, axis, eps, training=False, gamma=gamma, beta=beta)
     check_eps(eps)
     check_mask(mask, x, axis)
-    if resolve(backend, x) is not REFERENCE:
+    stages = resolve(backend, x)
+    if not has_masked_stages(stages):
         raise ValueError(
-            "mask= runs on the reference's stages only; batchnorm.torch's layers run any "
-            "backend on masked input (they gather the real positions)"
+            f"mask=: backend {getattr(stages, 'name', stages)!r} has no masked stages "
+            "(supports_mask); batchnorm.torch's layers run it on masked input by gathering the "
+            "real positions"
         )
-    stats = masked_batch_stats(x, mask, axis)
-    if stats.count < 2:
+    count = int(xp_count(mask))
+    if count < 2:
         raise ValueError(
-            f"expected more than 1 real value per channel when training, got {stats.count} "
+            f"expected more than 1 real value per channel when training, got {count} "
             f"(mask of shape {tuple(mask.shape)})"
         )
-    invstd = inverse_std(stats.var, eps)
-    y = masked_elemt(x, mask, stats.mean, invstd, gamma, beta, axis)
-    saved = Saved(x, stats.mean, stats.var, invstd, gamma, axis, float(eps), stats.count,
-                  None, mask)  # fmt: skip
-    return y, saved
+    out = forward_train(stages, x, gamma, beta, float(eps), axis, mask=mask)
+    saved = Saved(x, out.mean, out.var, out.invstd, gamma, axis, float(eps), count, stages, mask)
+    return out.y, saved
 
 
 def _masked_backward(dy, saved: Saved, through_mean: bool, through_var: bool) -> Grads:
-    sum_dy, sum_dy_xhat = masked_backward_reduce(
-        dy, saved.x, saved.mask, saved.mean, saved.invstd, saved.axis
-    )
-    dx = masked_backward_elemt(
-        dy, saved.x, saved.mask, saved.mean, saved.invstd, saved.gamma, sum_dy, sum_dy_xhat,
-        saved.count, saved.axis, through_mean=through_mean, through_var=through_var,
+    stages = saved.backend if saved.backend is not None else REFERENCE
+    out = backward_train(
+        stages, dy, saved.x, saved.mean, saved.invstd, saved.gamma, saved.axis,
+        through_mean=through_mean, through_var=through_var, mask=saved.mask, count=saved.count,
     )  # fmt: skip
-    return Grads(dx, sum_dy_xhat, sum_dy)
+    return Grads(out.dx, out.dgamma, out.dbeta)
+
+
+def xp_count(mask: Array) -> int:
+    """The number of real positions (True values) of a boolean mask."""
+    xp = namespace(mask)
+    return int(xp.sum(xp.astype(mask, xp.int64)))

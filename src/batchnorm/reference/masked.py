@@ -5,13 +5,15 @@ count, is the number of real positions (the same for every channel). Over those 
 stages are exactly the plain ones (``stats``, ``forward``, ``backward``); padded positions are
 never read into a sum (``where``, not a product, so a NaN or inf there changes nothing), the
 output is 0 there and so is the input gradient. The two-pass centred variance is kept:
-``mean = sum(x)/m``, then ``var = mean(e^2) - mean(e)^2`` with ``e = x - mean`` over the real
-positions, which also corrects the first pass's rounding (Chan, Golub & LeVeque 1983).
+``mean = K + sum(x - K)/m`` with K the value at the first real position (as ``stats`` shifts
+by a value of the data), then ``var = mean(e^2) - mean(e)^2`` with ``e = x - mean`` over the
+real positions, which also corrects the first pass's rounding (Chan, Golub & LeVeque 1983).
 
-``batch_norm_train(..., mask=)`` and ``backward`` compose them (the reference's stages only);
-the torch layers run any backend on masked input by gathering the real positions instead
-(``batchnorm.torch.masked``), and the two agree (tests/reference/test_masked_math.py). They are the
-math a backend's native ``mask=`` option of ``batch_stats``/``backward_reduce`` must match.
+They are the ``mask=`` option of ``ReferenceStages`` (``stages.py``) and the math every
+backend's masked stages must match (tests/kernels/test_contract.py);
+``batch_norm_train(..., mask=)`` and ``backward`` compose any backend's. The torch layers run
+a backend without the option by gathering the real positions instead
+(``batchnorm.torch.masked``), and the two agree (tests/reference/test_masked_math.py).
 """
 
 from __future__ import annotations
@@ -52,6 +54,18 @@ def _count(mask: Array, xp: Any) -> int:
     return int(xp.sum(xp.astype(mask, xp.int64)))
 
 
+def _first_real(xc: Array, mask: Array, axis: int, xp: Any) -> Array:
+    """The (C,) values of ``xc`` at the first real position (the first if there is none)."""
+    flat = xp.reshape(mask, (-1,))
+    first = int(xp.argmax(xp.astype(flat, xp.int32))) if flat.shape[0] else 0
+    index: list[Any] = []
+    for size in reversed(tuple(mask.shape)):
+        first, at = divmod(first, size)
+        index.insert(0, at)
+    index.insert(axis, slice(None))
+    return xc[tuple(index)]
+
+
 def masked_batch_stats(x: Array, mask: Array, axis: int) -> BatchStats:
     """Mean and biased variance of every channel over the real positions; count = m."""
     xp = namespace(x, mask)
@@ -60,7 +74,12 @@ def masked_batch_stats(x: Array, mask: Array, axis: int) -> BatchStats:
     xc = xp.astype(x, compute_dtype(x.dtype, xp))
     zeros = xp.zeros_like(xc)
     count = _count(mask, xp)
-    mean = xp.sum(xp.where(real, xc, zeros), axis=axes) / count
+    # The first pass sums x - K, K the value at the first real position (as reference.stats
+    # shifts by the first value: x = 1e4 + N(0, 1) in float32 then sums O(1) numbers).
+    first = _first_real(xc, mask, axis, xp)
+    shift = xp.where(xp.isfinite(first), first, xp.zeros_like(first))
+    centred = xp.where(real, xc - per_channel(shift, x.ndim, axis, xp), zeros)
+    mean = shift + xp.sum(centred, axis=axes) / count
     centred = xp.where(real, xc - per_channel(mean, x.ndim, axis, xp), zeros)
     residual = xp.sum(centred, axis=axes) / count
     var = xp.sum(centred * centred, axis=axes) / count - residual * residual

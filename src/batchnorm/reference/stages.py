@@ -4,13 +4,13 @@ Batch normalization is two per-channel reductions with elementwise maps between 
 *backend* is an object with these methods (``batchnorm.kernels`` registers them by name; the
 reference's own stages are :class:`ReferenceStages`)::
 
-    batch_stats(x, axis)                                   -> BatchStats(count, mean, var)
-    elemt(x, mean, invstd, gamma, beta, axis, *, residual=None, relu=False)
+    batch_stats(x, axis, *, mask=None)                     -> BatchStats(count, mean, var)
+    elemt(x, mean, invstd, gamma, beta, axis, *, residual=None, relu=False, mask=None)
                                                            -> Elemt(y, relu_mask)
     forward_infer(x, running_mean, running_var, gamma, beta, eps, axis)   -> y
-    backward_reduce(dy, x, mean, invstd, axis)             -> (sum_dy, sum_dy_xhat)
+    backward_reduce(dy, x, mean, invstd, axis, *, mask=None)  -> (sum_dy, sum_dy_xhat)
     backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis, *,
-                   through_mean=True, through_var=True)    -> dx
+                   through_mean=True, through_var=True, mask=None)    -> dx
     relu_backward(dy, x, relu_mask, axis)                  -> dy where the ReLU passed, else 0
     unavailable_reason(x)                                  -> None, or why it cannot run on x
 
@@ -32,9 +32,18 @@ Conventions every backend keeps:
 * ``relu_mask`` is the backend's own record of where the fused ReLU passed its input (the
   reference: a boolean array; the fast backends: 1 bit per element). Only the backend that
   wrote it reads it.
-* Room to grow: options of the stages are keyword-only, so a per-position mask (padded
-  sequences) becomes ``batch_stats(x, axis, *, mask=None)`` and
-  ``backward_reduce(..., *, mask=None)`` with a per-channel ``count``, not a second protocol.
+* Masked batch norm (padded sequences) is a keyword-only option, not a second protocol:
+  ``batch_stats``, ``elemt``, ``backward_reduce`` and ``backward_elemt`` take ``mask=`` (boolean,
+  x's shape without the channel axis, True = a real value; validated by the caller). The
+  reductions then run over the real positions only and ``count`` is their number m (an int);
+  ``elemt`` and ``backward_elemt`` write 0 at the padded positions. Whatever the padding holds
+  (NaN, inf) never enters a sum or a real output: it is selected away, never multiplied by 0.
+  The math is ``reference.masked``'s. A backend declares that it has the option with
+  ``supports_mask = True`` (:func:`has_masked_stages`); one that does not is never called with
+  ``mask=`` (the torch layers gather the real positions for it instead), and would raise a
+  ``TypeError`` for the unexpected keyword, never answer wrongly. ``residual``/``relu`` and the
+  fused compositions take no mask: :func:`forward_train` / :func:`backward_train` compose the
+  stages when one is given.
 """
 
 from __future__ import annotations
@@ -44,6 +53,12 @@ from typing import Any, NamedTuple, Protocol
 from .._xp import Array, namespace, values_per_channel
 from .backward import backward_elemt, backward_reduce
 from .forward import batch_norm_infer_unchecked, elemt
+from .masked import (
+    masked_backward_elemt,
+    masked_backward_reduce,
+    masked_batch_stats,
+    masked_elemt,
+)
 from .stats import BatchStats, batch_stats, inverse_std
 
 __all__ = [
@@ -57,6 +72,7 @@ __all__ = [
     "compose_backward_train",
     "compose_forward_train",
     "forward_train",
+    "has_masked_stages",
 ]
 
 
@@ -94,7 +110,7 @@ class Backend(Protocol):
 
     def unavailable_reason(self, x: Array) -> str | None: ...
 
-    def batch_stats(self, x: Array, axis: int) -> BatchStats: ...
+    def batch_stats(self, x: Array, axis: int, *, mask: Array | None = None) -> BatchStats: ...
 
     def elemt(
         self,
@@ -107,6 +123,7 @@ class Backend(Protocol):
         *,
         residual: Array | None = None,
         relu: bool = False,
+        mask: Array | None = None,
     ) -> Elemt: ...
 
     def forward_infer(
@@ -121,8 +138,9 @@ class Backend(Protocol):
     ) -> Array: ...
 
     def backward_reduce(
-        self, dy: Array, x: Array, mean: Array, invstd: Array, axis: int
-    ) -> tuple[Array, Array]: ...
+        self, dy: Array, x: Array, mean: Array, invstd: Array, axis: int, *,
+        mask: Array | None = None,
+    ) -> tuple[Array, Array]: ...  # fmt: skip
 
     def backward_elemt(
         self,
@@ -138,6 +156,7 @@ class Backend(Protocol):
         *,
         through_mean: bool = True,
         through_var: bool = True,
+        mask: Array | None = None,
     ) -> Array: ...
 
     def relu_backward(self, dy: Array, x: Array, relu_mask: Any, axis: int) -> Array: ...
@@ -153,14 +172,27 @@ def compose_forward_train(
     *,
     residual: Array | None = None,
     relu: bool = False,
+    mask: Array | None = None,
 ) -> ForwardOut:
-    """Algorithm 1 from the stages: ``batch_stats`` -> ``inverse_std`` -> ``elemt``."""
-    stats = stages.batch_stats(x, axis)
+    """Algorithm 1 from the stages: ``batch_stats`` -> ``inverse_std`` -> ``elemt``; with
+    ``mask``, over the real positions only (the backend must have the option)."""
+    if mask is None:
+        stats = stages.batch_stats(x, axis)
+        invstd = inverse_std(stats.var, eps)
+        y, relu_mask = stages.elemt(
+            x, stats.mean, invstd, gamma, beta, axis, residual=residual, relu=relu
+        )
+        return ForwardOut(y, stats.mean, stats.var, invstd, relu_mask)
+    _no_fused_tail(residual is not None or relu)
+    stats = stages.batch_stats(x, axis, mask=mask)
     invstd = inverse_std(stats.var, eps)
-    y, relu_mask = stages.elemt(
-        x, stats.mean, invstd, gamma, beta, axis, residual=residual, relu=relu
-    )
-    return ForwardOut(y, stats.mean, stats.var, invstd, relu_mask)
+    y, _ = stages.elemt(x, stats.mean, invstd, gamma, beta, axis, mask=mask)
+    return ForwardOut(y, stats.mean, stats.var, invstd, None)
+
+
+def _no_fused_tail(fused: bool) -> None:
+    if fused:
+        raise ValueError("mask= does not combine with residual= or relu= (no fused masked tail)")
 
 
 def compose_backward_train(
@@ -176,10 +208,23 @@ def compose_backward_train(
     through_var: bool = True,
     relu_mask: Any = None,
     residual_grad: bool = False,
+    mask: Array | None = None,
+    count: Any = None,
 ) -> BackwardOut:
     """The compact backward from the stages: [``relu_backward``] -> ``backward_reduce`` ->
     ``backward_elemt``. With ``relu_mask`` the gradient first goes back through the fused ReLU;
-    that masked gradient is also the residual's (``residual_grad``)."""
+    that masked gradient is also the residual's (``residual_grad``). With ``mask``, the sums
+    run over the real positions and ``count`` (their number, from ``batch_stats``) is m."""
+    if mask is not None:
+        _no_fused_tail(relu_mask is not None or residual_grad)
+        if count is None:
+            raise ValueError("a masked backward needs count, the number of real positions")
+        sum_dy, sum_dy_xhat = stages.backward_reduce(dy, x, mean, invstd, axis, mask=mask)
+        dx = stages.backward_elemt(
+            dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis,
+            through_mean=through_mean, through_var=through_var, mask=mask,
+        )  # fmt: skip
+        return BackwardOut(dx, sum_dy_xhat, sum_dy, None)
     if relu_mask is not None:
         dy = stages.relu_backward(dy, x, relu_mask, axis)
     elif residual_grad:
@@ -193,19 +238,25 @@ def compose_backward_train(
     return BackwardOut(dx, sum_dy_xhat, sum_dy, dy if residual_grad else None)
 
 
+def has_masked_stages(stages: Any) -> bool:
+    """Whether ``stages`` implements the ``mask=`` option of the stages (``supports_mask``)."""
+    return getattr(stages, "supports_mask", False) is True
+
+
 def forward_train(stages: Backend, *args: Any, **kwargs: Any) -> ForwardOut:
-    """The backend's fused ``forward_train`` if it has one, else :func:`compose_forward_train`."""
+    """The backend's fused ``forward_train`` if it has one, else :func:`compose_forward_train`
+    (always with ``mask``: the fused ones take none)."""
     fused = getattr(stages, "forward_train", None)
-    if fused is None:
+    if fused is None or kwargs.get("mask") is not None:
         return compose_forward_train(stages, *args, **kwargs)
     return fused(*args, **kwargs)
 
 
 def backward_train(stages: Backend, *args: Any, **kwargs: Any) -> BackwardOut:
     """The backend's fused ``backward_train`` if it has one, else
-    :func:`compose_backward_train`."""
+    :func:`compose_backward_train` (always with ``mask``)."""
     fused = getattr(stages, "backward_train", None)
-    if fused is None:
+    if fused is None or kwargs.get("mask") is not None:
         return compose_backward_train(stages, *args, **kwargs)
     return fused(*args, **kwargs)
 
@@ -216,14 +267,20 @@ class ReferenceStages:
     exactly :func:`compose_forward_train` / :func:`compose_backward_train` of its stages."""
 
     name = "reference"
+    supports_mask = True
 
     def unavailable_reason(self, x: Array) -> str | None:
         return None
 
-    def batch_stats(self, x, axis):
+    def batch_stats(self, x, axis, *, mask=None):
+        if mask is not None:
+            return masked_batch_stats(x, mask, axis)
         return batch_stats(x, axis)
 
-    def elemt(self, x, mean, invstd, gamma, beta, axis, *, residual=None, relu=False):
+    def elemt(self, x, mean, invstd, gamma, beta, axis, *, residual=None, relu=False, mask=None):
+        if mask is not None:
+            _no_fused_tail(residual is not None or relu)
+            return Elemt(masked_elemt(x, mask, mean, invstd, gamma, beta, axis), None)
         if residual is None and not relu:
             return Elemt(elemt(x, mean, invstd, gamma, beta, axis), None)
         # Fused tail in the compute dtype, rounded once to x's dtype.
@@ -241,13 +298,20 @@ class ReferenceStages:
     def forward_infer(self, x, running_mean, running_var, gamma, beta, eps, axis):
         return batch_norm_infer_unchecked(x, running_mean, running_var, gamma, beta, axis, eps)
 
-    def backward_reduce(self, dy, x, mean, invstd, axis):
+    def backward_reduce(self, dy, x, mean, invstd, axis, *, mask=None):
+        if mask is not None:
+            return masked_backward_reduce(dy, x, mask, mean, invstd, axis)
         return backward_reduce(dy, x, mean, invstd, axis)
 
     def backward_elemt(
         self, dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis, *,
-        through_mean=True, through_var=True,
+        through_mean=True, through_var=True, mask=None,
     ):  # fmt: skip
+        if mask is not None:
+            return masked_backward_elemt(
+                dy, x, mask, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis,
+                through_mean=through_mean, through_var=through_var,
+            )  # fmt: skip
         return backward_elemt(
             dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis,
             through_mean=through_mean, through_var=through_var,

@@ -15,20 +15,28 @@ from .. import reference as ref
 from .._xp import check_eps, per_channel
 from ..kernels import BackendUnavailable, select_backend
 from .function import AXIS, apply_batch_norm
-from .masked import check_mask, compact, expand
+from .masked import MaskedBatchNormFunction, check_mask, compact, expand, masked_path, real_count
 
 __all__ = ["batch_norm", "explain_backend", "BackendUnavailable"]
 
 
-def explain_backend(input: torch.Tensor, backend: str = "auto") -> str:
-    """Which backend ``backend`` resolves to for ``input``, and why the others were passed over.
+def explain_backend(
+    input: torch.Tensor, backend: str = "auto", *, mask: torch.Tensor | None = None
+) -> str:
+    """Which backend ``backend`` resolves to for ``input``, and why the others were passed over;
+    with ``mask``, also which masked path the layers run (``masked.masked_path``): the
+    backend's native masked stages, or the gather of the real positions (compaction).
 
     Raises ``BackendUnavailable`` if an explicitly named backend cannot run on ``input``.
     """
     chosen, notes = select_backend(input, backend)
-    if not notes:
-        return chosen.name
-    return f"{chosen.name} ({'; '.join(notes)})"
+    text = chosen.name if not notes else f"{chosen.name} ({'; '.join(notes)})"
+    if mask is None:
+        return text
+    path = masked_path(chosen, input, real_count(check_mask(mask, input)))
+    if path == "native":
+        return f"{text}; masked: native (the backend's masked stages)"
+    return f"{text}; masked: compaction (real positions gathered, plain stages, scattered back)"
 
 
 def batch_norm(
@@ -107,8 +115,17 @@ def _batch_norm(
     ``num_batches_tracked`` (batches seen before this one) serves ``momentum=None``;
     ``stats_sink`` receives the batch statistics instead of the buffers (see ``lifecycle``).
     """
-    if mask is not None:  # the real positions, as a batch of their own (masked.py)
-        real = compact(input, check_mask(mask, input))
+    if mask is not None:
+        check_mask(mask, input)
+        chosen, _ = select_backend(input, backend)
+        count = real_count(mask)
+        if masked_path(chosen, input, count) == "native":
+            return _masked_batch_norm(
+                input, running_mean, running_var, weight, bias, training, momentum, eps,
+                chosen, through_mean, through_var, num_batches_tracked, stats_sink, mask, count,
+            )  # fmt: skip
+        # The fallback: the real positions, as a batch of their own (masked.py).
+        real = compact(input, mask)
         output, name = _batch_norm(
             real, running_mean, running_var, weight, bias, training, momentum, eps,
             backend=backend, through_mean=through_mean, through_var=through_var,
@@ -137,6 +154,36 @@ def _batch_norm(
             input, running_mean, running_var, mean, var, momentum, num_batches_tracked,
             stats_sink=stats_sink,
         )  # fmt: skip
+    return output, chosen.name
+
+
+def _masked_batch_norm(
+    input, running_mean, running_var, weight, bias, training, momentum, eps, chosen,
+    through_mean, through_var, num_batches_tracked, stats_sink, mask, count,
+) -> tuple[torch.Tensor, str]:  # fmt: skip
+    """``_batch_norm`` over the real positions on ``chosen``'s masked stages; ``count`` is m."""
+    update = check_call(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, global_batch=True
+    )
+    if training and count < 2:
+        raise ValueError(
+            f"expected more than 1 value per channel when training, got {count} real "
+            f"value(s) per channel (mask of shape {tuple(mask.shape)})"
+        )
+    args = (input, weight, bias, running_mean, running_var, bool(training), float(eps), chosen,
+            bool(through_mean), bool(through_var), mask, count)  # fmt: skip
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias)
+    )
+    run = MaskedBatchNormFunction.apply if grad else MaskedBatchNormFunction.forward
+    output, mean, var, _ = run(*args)
+    if update:
+        if stats_sink is not None:
+            stats_sink(mean, var, count)
+        else:
+            write_running_stats(
+                running_mean, running_var, mean, var, count, momentum, num_batches_tracked
+            )
     return output, chosen.name
 
 

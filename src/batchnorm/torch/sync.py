@@ -32,7 +32,7 @@ from .._xp import compute_dtype
 from ..kernels import select_backend
 from .function import AXIS, memory_format_of
 from .functional import check_call
-from .masked import check_mask, compact, expand
+from .masked import check_mask, compact, expand, in_layout_of, masked_path, real_count
 from .modules import _BatchNorm, _check_backend_name
 from .stats_sink import deliver
 
@@ -60,13 +60,18 @@ def _collective(what: str, process_group: Any, fn: Any, *args: Any) -> None:
         ) from exc
 
 
-def _gather_stats(x: torch.Tensor, process_group: Any, world: int, backend: Any) -> ref.BatchStats:
-    """Local (count, mean, M2) of ``x`` on ``backend``'s stages, merged over the ranks."""
+def _gather_stats(
+    x: torch.Tensor, process_group: Any, world: int, backend: Any, mask: Any = None
+) -> ref.BatchStats:
+    """Local (count, mean, M2) of ``x`` (of its real positions, with ``mask``) on ``backend``'s
+    stages, merged over the ranks."""
     channels = x.shape[AXIS]
     cdt = compute_dtype(x.dtype, torch)
     count = x.numel() // channels if channels else 0
+    if mask is not None:
+        count = real_count(mask) if channels else 0
     if count > 0:
-        local = backend.batch_stats(x, AXIS)
+        local = backend.batch_stats(x, AXIS, **({} if mask is None else {"mask": mask}))
         mean, m2 = local.mean, local.var * count
     else:  # an empty shard still takes part in the collective, contributing nothing
         mean = m2 = torch.zeros(channels, dtype=cdt, device=x.device)
@@ -99,11 +104,13 @@ def gather_merge(
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """``y, mean, var, count = apply(x, weight, bias, eps, process_group, world, backend)``."""
+    """``y, mean, var, count = apply(x, weight, bias, eps, process_group, world, backend,
+    mask)``; with a ``mask`` (native masked stages) every stage runs over the real positions."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, process_group, world, backend):
-        stats = _gather_stats(x, process_group, world, backend)
+    def forward(ctx, x, weight, bias, eps, process_group, world, backend, mask=None):
+        stats = _gather_stats(x, process_group, world, backend, mask)
+        option = {} if mask is None else {"mask": mask}
         if x.device.type == "cpu" and float(stats.count) < 2:
             # Checked on CPU only: on a GPU reading the count would stall the stream.
             raise ValueError(
@@ -111,19 +118,24 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 f"{int(stats.count)} value(s) per channel over all {world} ranks"
             )
         invstd = ref.inverse_std(stats.var, eps)
-        y, _ = backend.elemt(x, stats.mean, invstd, weight, bias, AXIS)
+        y, _ = backend.elemt(x, stats.mean, invstd, weight, bias, AXIS, **option)
         ctx.save_for_backward(x, weight, stats.mean, invstd, stats.count)
-        ctx.process_group, ctx.backend = process_group, backend
+        ctx.process_group, ctx.backend, ctx.option = process_group, backend, option
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(stats.mean, stats.var, stats.count)
-        return y.contiguous(memory_format=memory_format_of(x)), stats.mean, stats.var, stats.count
+        y = (
+            in_layout_of(y, x)
+            if mask is not None
+            else y.contiguous(memory_format=memory_format_of(x))
+        )
+        return y, stats.mean, stats.var, stats.count
 
     @staticmethod
     @once_differentiable  # no double backward through the collectives: a clear error instead
     def backward(ctx, dy, _dmean, _dvar, _dcount):
         x, weight, mean, invstd, count = ctx.saved_tensors
         backend = ctx.backend
-        sum_dy, sum_dy_xhat = backend.backward_reduce(dy, x, mean, invstd, AXIS)
+        sum_dy, sum_dy_xhat = backend.backward_reduce(dy, x, mean, invstd, AXIS, **ctx.option)
         channels = sum_dy.numel()
         combined = torch.cat([sum_dy, sum_dy_xhat])
         _collective(
@@ -132,12 +144,16 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         # The global count: a Python int on CPU; on a GPU the 0-d tensor (no host sync).
         count = int(count) if count.device.type == "cpu" else count
         dx = backend.backward_elemt(
-            dy, x, mean, invstd, weight, combined[:channels], combined[channels:], count, AXIS
-        )
-        dx = dx.contiguous(memory_format=memory_format_of(x))
+            dy, x, mean, invstd, weight, combined[:channels], combined[channels:], count, AXIS,
+            **ctx.option,
+        )  # fmt: skip
+        if ctx.option:
+            dx = in_layout_of(dx, x)
+        else:
+            dx = dx.contiguous(memory_format=memory_format_of(x))
         dweight = None if weight is None else sum_dy_xhat.to(weight.dtype)
         dbias = None if ctx.bias_dtype is None else sum_dy.to(ctx.bias_dtype)
-        return dx, dweight, dbias, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None
 
 
 class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
@@ -191,13 +207,15 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         by their counts of real values (the exact merge does that by itself)."""
         self._check_input_dim(input)
         if mask is not None:
-            real = compact(input, check_mask(mask, input))
-            return expand(self.forward(real), mask, input)
+            check_mask(mask, input)
         rank, world = _world(self.process_group)
         # world < 1: this rank is not in process_group; like torch.nn.SyncBatchNorm, it then
         # normalises with its own batch.
         if not self.training or world <= 1 or self.local_batch:
-            return _BatchNorm.forward(self, input)
+            return _BatchNorm.forward(self, input, mask=mask)
+        if mask is not None and masked_path(select_backend(input, self.backend)[0]) != "native":
+            # The fallback: this rank's real positions as a batch of their own.
+            return expand(self.forward(compact(input, mask)), mask, input)
         # Validate everything before any collective or buffer change; m > 1 is checked on the
         # global count, after the gather.
         running = self.running_mean if self.track_running_stats else None
@@ -209,8 +227,9 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         if not self._channels_checked:
             self._check_channels(input.shape[AXIS], rank, world)
         output, mean, var, count = _SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, float(self.eps), self.process_group, world, chosen
-        )
+            input, self.weight, self.bias, float(self.eps), self.process_group, world, chosen,
+            mask,
+        )  # fmt: skip
         self.last_backend = chosen.name
         if tracking:  # not now under accumulation or a checkpoint's recomputation
             deliver(self, mean, var, int(count) if input.device.type == "cpu" else count)

@@ -17,18 +17,18 @@ _namespace: Any = None
 
 
 def _k() -> Any:
-    """Every kernel of ``rows``, ``cols``, ``relu`` and ``elementwise``, and the constants of
-    ``tuning``, as attributes of one namespace."""
+    """Every kernel of ``rows``, ``cols``, ``relu``, ``masked`` and ``elementwise``, and the
+    constants of ``tuning``, as attributes of one namespace."""
     global _namespace
     if _namespace is None:
         if NUMBA_IMPORT_ERROR is not None:
             from .. import BackendUnavailable
 
             raise BackendUnavailable(NUMBA_IMPORT_ERROR)
-        from . import cols, elementwise, relu, rows, tuning
+        from . import cols, elementwise, masked, relu, rows, tuning
 
         names: dict[str, Any] = {}
-        for module in (tuning, elementwise, rows, cols, relu):
+        for module in (tuning, elementwise, rows, cols, relu, masked):
             names.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
         _namespace = SimpleNamespace(**names)
     return _namespace

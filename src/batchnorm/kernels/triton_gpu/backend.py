@@ -9,6 +9,7 @@ import torch
 from ...reference.stages import BackwardOut, Elemt, ForwardOut
 from ...reference.stats import BatchStats
 from . import launchers as run
+from . import masked as masked_run
 from .layout import _check_mask, _in_layout_of, _view
 from .runtime import is_interpreter, triton_unavailable_reason
 
@@ -19,9 +20,11 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 class TritonBackend:
     """The stage protocol on Triton kernels (CUDA tensors; CPU under the interpreter), with
-    fused ``forward_train`` and ``backward_train`` that read the 1-bit ReLU mask in-kernel."""
+    fused ``forward_train`` and ``backward_train`` that read the 1-bit ReLU mask in-kernel,
+    and the ``mask=`` option (padded batches) on the kernels of ``masked_kernels``."""
 
     name = "triton"
+    supports_mask = True
 
     def unavailable_reason(self, x: Any) -> str | None:
         reason = triton_unavailable_reason()
@@ -42,11 +45,18 @@ class TritonBackend:
             )
         return None
 
-    def batch_stats(self, x, axis):
+    def batch_stats(self, x, axis, *, mask=None):
+        if mask is not None:
+            return BatchStats(*masked_run.batch_stats(x, axis, mask))
         count, mean, var, _ = run.batch_stats(x, axis)
         return BatchStats(count, mean, var)
 
-    def elemt(self, x, mean, invstd, gamma, beta, axis, *, residual=None, relu=False):
+    def elemt(self, x, mean, invstd, gamma, beta, axis, *, residual=None, relu=False, mask=None):
+        if mask is not None:
+            if residual is not None or relu:
+                raise ValueError("mask= does not combine with residual= or relu=")
+            y = masked_run.elemt(x, mean, invstd, gamma, beta, axis, mask)
+            return Elemt(y, None)
         return Elemt(*run.elemt(x, mean, invstd, gamma, beta, axis, residual=residual, relu=relu))
 
     def forward_infer(self, x, running_mean, running_var, gamma, beta, eps, axis):
@@ -57,16 +67,23 @@ class TritonBackend:
             *run.forward_train(x, gamma, beta, eps, axis, residual=residual, relu=relu)
         )
 
-    def backward_reduce(self, dy, x, mean, invstd, axis):
+    def backward_reduce(self, dy, x, mean, invstd, axis, *, mask=None):
+        if mask is not None:
+            return masked_run.backward_reduce(dy, x, mean, invstd, axis, mask)
         return run.backward_reduce(dy, x, mean, invstd, axis)
 
     def backward_elemt(
         self, dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis, *,
-        through_mean=True, through_var=True,
+        through_mean=True, through_var=True, mask=None,
     ):  # fmt: skip
         # A switched-off path never reads its sum (the kernel's constexpr drops it).
         sum_dy = torch.zeros_like(mean) if sum_dy is None else sum_dy
         sum_dy_xhat = torch.zeros_like(mean) if sum_dy_xhat is None else sum_dy_xhat
+        if mask is not None:
+            return masked_run.backward_elemt(
+                dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis, mask,
+                through_mean=through_mean, through_var=through_var,
+            )  # fmt: skip
         return run.backward_elemt(
             dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis,
             through_mean=through_mean, through_var=through_var,

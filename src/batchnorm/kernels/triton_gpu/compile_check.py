@@ -93,6 +93,46 @@ def variants() -> list[tuple[str, dict, dict, dict]]:
         )
     sums = ("part_sum_dy_ptr", "part_sum_dy_xc_ptr", "invstd_ptr", "sum_dy_ptr", "sum_dy_xhat_ptr")
     out.append(("_backward_combine_kernel", _pointers("fp32", *sums), {"BLOCK_C": 256}, {}))
+    return out + masked_variants()
+
+
+def masked_variants() -> list[tuple[str, dict, dict, dict]]:
+    """The kernels of ``masked_kernels`` (the ``mask=`` option), every code path."""
+    out = []
+    stats_parts = ("part_count_ptr", "part_mean_ptr", "part_m2_ptr")
+    vectors = ("mean_ptr", "invstd_ptr", "weight_ptr", "bias_ptr")
+    for blocks in (
+        {"BLOCK_O": 2, "BLOCK_C": 1, "BLOCK_I": 1024, "INDEX_64": False},  # NCL-style
+        {"BLOCK_O": 32, "BLOCK_C": 64, "BLOCK_I": 1, "INDEX_64": True},  # (N, L, C)
+    ):
+        out.append((
+            "_masked_stats_partial_kernel",
+            _pointers("bf16", "x_ptr") | _pointers("u8", "pos_ptr")
+            | _pointers("fp32", "shift_ptr", *stats_parts),
+            blocks, {},
+        ))  # fmt: skip
+        out.append((
+            "_masked_backward_reduce_partial_kernel",
+            _pointers("fp16", "dy_ptr", "x_ptr") | _pointers("u8", "pos_ptr")
+            | _pointers("fp32", "mean_ptr", "part_sum_dy_ptr", "part_sum_dy_xc_ptr"),
+            blocks, {},
+        ))  # fmt: skip
+        for flag in (True, False):
+            out.append((
+                "_masked_elemt_kernel",
+                _pointers("bf16", "x_ptr", "y_ptr") | _pointers("u8", "pos_ptr")
+                | _pointers("fp32", *vectors),
+                blocks | {"HAS_WEIGHT": flag, "HAS_BIAS": flag}, {},
+            ))  # fmt: skip
+            sums = ("mean_ptr", "invstd_ptr", "weight_ptr", "sum_dy_ptr", "sum_dy_xhat_ptr")
+            out.append((
+                "_masked_backward_elemt_kernel",
+                _pointers("fp32", "dy_ptr", "x_ptr", "dx_ptr", *sums) | _pointers("u8", "pos_ptr"),
+                blocks | {"HAS_WEIGHT": flag, "THROUGH_MEAN": flag, "THROUGH_VAR": not flag},
+                {"count": "fp32"},
+            ))  # fmt: skip
+    combine = ("part_count_ptr", "part_mean_ptr", "part_m2_ptr", "shift_ptr", "mean_ptr", "var_ptr")
+    out.append(("_masked_stats_combine_kernel", _pointers("fp32", *combine), {"BLOCK_C": 256}, {}))
     return out
 
 
@@ -105,13 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
 
-        from . import kernels
+        from . import kernels, masked_kernels
     except ImportError as exc:
         print(f"triton with its NVIDIA backend is not installed: {exc}")
         return 3
     todo = variants()
     for name, pointers, constexprs, scalars in todo:
-        _compile(getattr(kernels, name), arch, pointers, constexprs, scalars)
+        module = masked_kernels if name.startswith("_masked") else kernels
+        _compile(getattr(module, name), arch, pointers, constexprs, scalars)
     print(f"compiled {len(todo)} kernel variants for sm_{arch}")
     return 0
 
