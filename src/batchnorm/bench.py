@@ -58,6 +58,7 @@ QUICK_SHAPES: list[tuple[tuple[int, ...], str]] = [
     ((4, 8, 10, 10), "nhwc"),
     ((128, 32), "nc"),
 ]
+REPRESENTATIVE_SHAPES: list[tuple[tuple[int, ...], str]] = [((32, 64, 56, 56), "nchw")]
 #: The targets of issue 4 (reported, never asserted).
 TARGETS = {
     "fwd+bwd median speedup": 3.0,
