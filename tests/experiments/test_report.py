@@ -283,6 +283,8 @@ def test_importing_the_experiments_imports_no_heavy_package():
         (["experiment", "reparam", "--quick", "--out", "{file}/x"], "afile is not a directory"),
         (["bench", "--quick", "--out", "{file}/x"], "afile is not a directory"),
         (["report", "--quick", "--out", "{dir}", "--data", "bogus"], "--data: unknown data set"),
+        (["report", "--out", "{dir}", "--budget", "0"], "--budget: must be a number of seconds"),
+        (["report", "--out", "{dir}", "--budget", "nan"], "--budget: must be a number of seconds"),
     ],
 )
 def test_bad_arguments_are_usage_errors_before_any_work(tmp_path, capsys, argv, message):

@@ -15,7 +15,7 @@ import jinja2
 from markupsafe import Markup
 
 from . import sections
-from .stages import Stage
+from .stages import STAGES, Stage
 
 #: What the page links under each section as its records.
 RECORD_SUFFIXES = (".json", ".csv", ".txt", ".dot", ".svg")
@@ -71,7 +71,7 @@ def render_section(
     return Markup(html)
 
 
-def render_html(out: str | Path, status: dict[str, Any], stages: Sequence[Stage]) -> str:
+def render_html(out: str | Path, status: dict[str, Any], stages: Sequence[Stage] = STAGES) -> str:
     out = Path(out)
     env = environment(out)
     return env.get_template("page.html.j2").render(
