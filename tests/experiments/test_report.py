@@ -161,6 +161,21 @@ def test_one_table_names_the_stages_the_page_and_the_options(tmp_path):
         report.main(["--out", str(tmp_path), "--skip", "nosuch"])
 
 
+def test_every_stage_has_a_template_that_ships_as_package_data():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(report.__file__).parent
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["batchnorm.experiments.report"]
+    templates = [p.relative_to(root).as_posix() for p in (root / "templates").rglob("*.j2")]
+    for stage in report.STAGES:
+        assert f"templates/sections/{stage.template}" in templates, stage
+    shipped = {p.relative_to(root).as_posix() for g in globs for p in root.glob(g)}
+    unshipped = sorted(set(templates) - shipped)
+    assert not unshipped, f"templates outside [tool.setuptools.package-data]: {unshipped}"
+    extra = pyproject["project"]["optional-dependencies"]["experiments"]
+    assert any(dependency.lower().startswith("jinja2") for dependency in extra)
+
+
 def test_experiment_cli(tmp_path, capsys):
     assert cli.main(["experiment", "list"]) == 0
     assert "moments" in capsys.readouterr().out
