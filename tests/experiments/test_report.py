@@ -241,6 +241,7 @@ def test_report_calls_bench_and_skips_a_missing_verify(tmp_path):
     assert "<td>numba</td>" in page and "<td>1.70</td>" in page and "<td>3.25</td>" in page
     assert "<td>quick</td><td>4x3</td>" in page
     assert "<td>representative</td><td>32x64x56x56</td>" in page
+    assert page.index("<td>representative</td>") < page.index("<td>quick</td>")
     assert "<strong>3.25×</strong>" in page  # the representative shape's, not the quick one's
     assert "in this run: 1 of 1 met." in " ".join(page.split())
     assert 'src="bench/bench.png"' in page
