@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import html
 import json
 import re
+import time
+import types
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -15,6 +19,7 @@ pytest.importorskip("torch")
 
 from batchnorm import cli  # noqa: E402
 from batchnorm.experiments import report  # noqa: E402
+from batchnorm.experiments.report import sections  # noqa: E402
 
 
 class _Links(HTMLParser):
@@ -71,24 +76,104 @@ def test_report_quick_writes_a_page_whose_every_file_exists(tmp_path):
         rows = json.loads((out / "verify" / "verify.json").read_text())["rows"]
         gaps = [1 / r["error"] if r["error"] else 0.0 for r in rows if "(1/gap)" in r["name"]]
         assert gaps and all(f"{gap:.3g}" in text for gap in gaps)
-    targets = json.loads((out / "bench" / "bench.json").read_text())["summary"]["targets"]
+    # The bench section measures the representative shape too, says so, and quotes its record.
+    representative = json.loads((out / "bench" / "bench-representative.json").read_text())
+    assert [e["shape"] for e in representative["results"]] == [[32, 64, 56, 56]]
+    targets = representative["summary"]["targets"]
     met = sum(1 for t in targets.values() if isinstance(t, dict) and t["met"])
-    assert f"Issue targets met in this run: {met} of 4." in text
+    assert f"judged on the representative shape in this run: {met} of 4 met." in text
+    step = next(
+        t["speedup"]
+        for t in representative["results"][0]["timings"]
+        if t["peer"] == targets["peer"] and t["op"] == "fwd+bwd"
+    )
+    assert "32x64x56x56 (nchw), numba's speed-up over torch (PyTorch eager) in this run: " in text
+    assert f"{step:.2f}× for a training step" in text
+    assert "Representative shapes: 32x64x56x56 nchw." in text
+    assert "<td>quick</td>" in page and "<td>representative</td>" in page
 
 
-def test_report_survives_a_failing_stage_and_says_so(tmp_path, monkeypatch):
+def _with(**runners):
+    """The report's table with some stages' runners replaced."""
+    return tuple(
+        dataclasses.replace(stage, run=runners[stage.name]) if stage.name in runners else stage
+        for stage in report.STAGES
+    )
+
+
+def test_report_survives_a_failing_stage_and_says_so(tmp_path):
     def broken(out, options):
         raise RuntimeError("deliberately broken")
 
-    monkeypatch.setitem(report.RUNNERS, "reparam", broken)
     skip = ["verify", "bench", "ioffe", "moments", "landscape", "precise", "small-batch"]
     argv = ["--out", str(tmp_path), "--no-progress"] + [f"--skip={s}" for s in skip]
-    assert report.main(argv) == 1
+    assert report.main(argv, stages=_with(reparam=broken)) == 1
     page = (tmp_path / "index.html").read_text()
     assert "reparam failed: RuntimeError: deliberately broken" in page
+    assert "Failed stages: reparam" in page
     assert (tmp_path / "explain" / "explain.json").exists()  # the other stage still ran
+    status = json.loads((tmp_path / "report.json").read_text())
+    assert status["stages"]["reparam"]["state"] == "failed"
+    assert "deliberately broken" in status["stages"]["reparam"]["traceback"]
     for s in skip:
-        assert json.loads((tmp_path / "report.json").read_text())["stages"][s]["state"] == "skipped"
+        assert status["stages"][s]["state"] == "skipped"
+
+
+def test_stages_past_the_time_budget_are_skipped_and_said_so(tmp_path):
+    ran = []
+
+    def slow(out, options):
+        ran.append(out.name)
+        time.sleep(0.3)
+
+    def quick(out, options):
+        ran.append(out.name)
+
+    stages = _with(explain=slow, **{s.name: quick for s in report.STAGES if s.name != "explain"})
+    status = report.build_report(tmp_path, progress=False, budget_s=0.2, stages=stages)
+    assert ran == ["explain"]  # started within the budget, never cut short
+    assert status["stages"]["explain"]["state"] == "ok"
+    assert status["stages"]["explain"]["seconds"] >= 0.3
+    for stage in report.names()[1:]:
+        assert status["stages"][stage]["state"] == "skipped"
+        assert "time budget of 0.2 s was spent" in status["stages"][stage]["note"]
+    page = (tmp_path / "index.html").read_text()
+    assert "bench was skipped: the time budget of 0.2 s was spent" in " ".join(page.split())
+    with pytest.raises(ValueError, match="budget_s must be above 0"):
+        report.build_report(tmp_path, progress=False, budget_s=0, stages=stages)
+
+
+def test_one_table_names_the_stages_the_page_and_the_options(tmp_path):
+    def nothing(out, options):
+        pass
+
+    stages = _with(**{s.name: nothing for s in report.STAGES})
+    report.build_report(tmp_path, progress=False, stages=stages)
+    page = (tmp_path / "index.html").read_text()
+    nav = re.search(r"<nav>(.*?)</nav>", page, re.S).group(1)
+    assert re.findall(r'href="#([^"]+)"', nav) == report.names()
+    assert re.findall(r'<section id="([^"]+)"', page) == report.names()
+    for stage in report.STAGES:
+        assert f"<h2>{html.escape(stage.title)}</h2>" in page
+    with pytest.raises(ValueError, match="unknown stage"):
+        report.build_report(tmp_path, progress=False, skip=["nosuch"], stages=stages)
+    with pytest.raises(SystemExit):
+        report.main(["--out", str(tmp_path), "--skip", "nosuch"])
+
+
+def test_every_stage_has_a_template_that_ships_as_package_data():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(report.__file__).parent
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["batchnorm.experiments.report"]
+    templates = [p.relative_to(root).as_posix() for p in (root / "templates").rglob("*.j2")]
+    for stage in report.STAGES:
+        assert f"templates/sections/{stage.template}" in templates, stage
+    shipped = {p.relative_to(root).as_posix() for g in globs for p in root.glob(g)}
+    unshipped = sorted(set(templates) - shipped)
+    assert not unshipped, f"templates outside [tool.setuptools.package-data]: {unshipped}"
+    extra = pyproject["project"]["optional-dependencies"]["experiments"]
+    assert any(dependency.lower().startswith("jinja2") for dependency in extra)
 
 
 def test_experiment_cli(tmp_path, capsys):
@@ -106,37 +191,65 @@ def test_experiment_cli(tmp_path, capsys):
         cli.main(["experiment", "nosuch"])
 
 
-def test_report_calls_bench_and_skips_a_missing_verify(tmp_path, monkeypatch):
-    import sys
-    import types
-
-    calls = {}
-    fake = types.ModuleType("batchnorm.bench")
-    fake.QUICK_SHAPES = [((4, 3), "nc")]
+def test_report_calls_bench_and_skips_a_missing_verify(tmp_path):
+    calls = []
 
     def run(shapes, *, repeats=15, warmup=3, progress=True):
-        calls.update(shapes=shapes, repeats=repeats)
-        timing = {"op": "fwd+bwd", "median_s": 2e-3, "speedup": 1.7, "x_copy": 4.0}
+        calls.append({"shapes": shapes, "repeats": repeats, "warmup": warmup})
+        speedup = 1.7 if len(calls) == 1 else 3.25
+        timing = {"op": "fwd+bwd", "median_s": 2e-3, "speedup": speedup, "x_copy": 4.0}
+        shape, layout = shapes[0]
         return {
-            "results": [{"shape": [4, 3], "layout": "nc", "timings": [{"peer": "numba", **timing}]}]
+            "results": [
+                {"shape": list(shape), "layout": layout, "timings": [{"peer": "numba", **timing}]}
+            ],
+            "settings": {"baseline": "torch", "peers": ["numba"]},
+            "summary": {"targets": {"peer": "numba", "t": {"met": len(calls) == 2}}},
+            "first_call": {},
         }
 
     def plot(record, path):
+        plotted.append([e["shape"] for e in record["results"]])
         path.write_bytes(b"\x89PNG fake")
         return path
 
-    fake.run, fake.plot = run, plot
-    fake.format_table = lambda record: "a table"
-    monkeypatch.setitem(sys.modules, "batchnorm.bench", fake)
-    monkeypatch.setitem(sys.modules, "batchnorm.verify", None)  # import raises ImportError
+    plotted = []
+    fake = types.SimpleNamespace(
+        QUICK_SHAPES=[((4, 3), "nc")],
+        REPRESENTATIVE_SHAPES=[((32, 64, 56, 56), "nchw")],
+        run=run,
+        plot=plot,
+        format_table=lambda record: "a table",
+    )
+
+    def no_verify(out, options):
+        raise report.Skipped("batchnorm.verify is not available (a test)")
+
+    stages = _with(bench=functools.partial(report.run_bench, bench=fake), verify=no_verify)
     skip = ["explain", "ioffe", "moments", "landscape", "reparam", "precise", "small-batch"]
-    status = report.build_report(tmp_path, quick=True, progress=False, skip=skip)
+    status = report.build_report(tmp_path, quick=True, progress=False, skip=skip, stages=stages)
     assert status["stages"]["bench"]["state"] == "ok"
-    assert calls == {"shapes": fake.QUICK_SHAPES, "repeats": 5}
+    quick = {"repeats": 5, "warmup": 1}
+    assert calls == [
+        {"shapes": fake.QUICK_SHAPES, **quick},
+        {"shapes": fake.REPRESENTATIVE_SHAPES, **quick},
+    ]
+    assert plotted == [[[4, 3], [32, 64, 56, 56]]]  # one figure with both sets
     assert status["stages"]["verify"]["state"] == "skipped"
     page = (tmp_path / "index.html").read_text()
-    assert "verify was skipped" in page and "<td>numba</td>" in page and "<td>1.70</td>" in page
-    assert 'src="bench/bench.png"' in page and (tmp_path / "bench" / "bench.csv").exists()
+    assert "verify was skipped: batchnorm.verify is not available (a test)" in page
+    assert "<td>numba</td>" in page and "<td>1.70</td>" in page and "<td>3.25</td>" in page
+    assert "<td>quick</td><td>4x3</td>" in page
+    assert "<td>representative</td><td>32x64x56x56</td>" in page
+    assert page.index("<td>representative</td>") < page.index("<td>quick</td>")
+    assert "<strong>3.25×</strong>" in page  # the representative shape's, not the quick one's
+    assert "in this run: 1 of 1 met." in " ".join(page.split())
+    assert 'src="bench/bench.png"' in page
+    for name in ("bench.csv", "bench.json", "bench-representative.json", "bench.txt"):
+        assert (tmp_path / "bench" / name).exists(), name
+    assert (tmp_path / "bench" / "bench.txt").read_text().count("a table") == 2
+    sets = [row.split(",")[0] for row in (tmp_path / "bench" / "bench.csv").read_text().split()]
+    assert sets == ["set", "quick", "representative"]
 
 
 def test_importing_the_experiments_imports_no_heavy_package():
@@ -186,6 +299,8 @@ def test_importing_the_experiments_imports_no_heavy_package():
         (["experiment", "reparam", "--quick", "--out", "{file}/x"], "afile is not a directory"),
         (["bench", "--quick", "--out", "{file}/x"], "afile is not a directory"),
         (["report", "--quick", "--out", "{dir}", "--data", "bogus"], "--data: unknown data set"),
+        (["report", "--out", "{dir}", "--budget", "0"], "--budget: must be a number of seconds"),
+        (["report", "--out", "{dir}", "--budget", "nan"], "--budget: must be a number of seconds"),
     ],
 )
 def test_bad_arguments_are_usage_errors_before_any_work(tmp_path, capsys, argv, message):
@@ -220,17 +335,28 @@ def test_verify_mutants_and_bench_note_read_their_records(tmp_path):
          "tolerance": 100.0, "passed": True, "note": "relative gap 4"},
     ]  # fmt: skip
     (tmp_path / "verify" / "verify.json").write_text(json.dumps({"rows": rows}))
-    page = report._verify_body(tmp_path)
+    status = {"stages": {"verify": {"state": "ok", "seconds": 0.5}}}
+    verify = next(stage for stage in report.STAGES if stage.name == "verify")
+    page = str(report.render_section(verify, tmp_path, status))
     errors, mutants = page.split("Mutants that must be rejected")
     assert "(1/gap)" not in page and "forward" in errors
     assert "mean as constant differs from true dx" in mutants and ">0<" in mutants
     assert ">4<" in mutants and "FAIL" in mutants
     record = {
+        "results": [],
         "summary": {"targets": {"a": {"met": True}, "b": {"met": False}, "c": {"met": None}}},
         "first_call": {"numba": {"warm_in_process": True, "first_calls_s": 0.01}},
     }
-    note = report._bench_note(record)
-    assert "met in this run: 1 of 2." in note and "already compiled" in note
+    context = sections.bench_context(record, {**record, "summary": {"targets": {
+        "peer": "numba", **record["summary"]["targets"]}}})  # fmt: skip
+    note = str(report.render_section(bench_stage(context), tmp_path, {"stages": {}}))
+    note = " ".join(note.split())
+    assert "in this run: 1 of 2 met." in note and "already compiled" in note
+
+
+def bench_stage(context):
+    bench = next(stage for stage in report.STAGES if stage.name == "bench")
+    return dataclasses.replace(bench, context=lambda out: context)
 
 
 def test_threads_bound_numba_as_well_as_torch_and_are_restored():

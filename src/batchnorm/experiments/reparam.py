@@ -142,6 +142,7 @@ def run(
                         "max_rel_error",
                         "max_abs_diff_to_weight_norm",
                         "eps_effect",
+                        "eps",
                     )
                 }
             )
