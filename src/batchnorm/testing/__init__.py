@@ -9,7 +9,8 @@
   eps)``, backward returning ``(dX, dbeta, dgamma)``), :class:`ModuleStyle` (an
   ``nn.Module`` class like ``torch.nn.BatchNorm2d``), :class:`FunctionalStyle` (like
   ``torch.nn.functional.batch_norm``) and :class:`BackendStyle` (a ``batchnorm.kernels``
-  backend).
+  backend); other frameworks: :class:`FlaxLinenStyle`, :class:`FlaxNnxStyle`,
+  :class:`KerasStyle` (gradients by jax.vjp / the Keras backend's autodiff).
 * :data:`MISTAKES` — the known mistakes a failure is matched against.
 * :func:`cli_main` — ``batchnorm conform``.
 
@@ -32,6 +33,8 @@ from .cases import CASES, DTYPES, QUANTITIES, Case, CaseData, make_data, select_
 from .checker import MOMENTUM_CONVENTIONS, RUNNING_VARS, Check, Report, check
 from .cli import TargetError, cli_main, load_target, make_adapter
 from .mistakes import MISTAKES
+from .style_flax import FlaxLinenStyle, FlaxNnxStyle
+from .style_keras import KerasStyle
 
 __all__ = [
     "Adapter",
@@ -42,8 +45,11 @@ __all__ = [
     "Check",
     "CourseStyle",
     "DTYPES",
+    "FlaxLinenStyle",
+    "FlaxNnxStyle",
     "FunctionalStyle",
     "ImplementationError",
+    "KerasStyle",
     "MISTAKES",
     "MOMENTUM_CONVENTIONS",
     "ModuleStyle",

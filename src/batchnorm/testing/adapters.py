@@ -784,3 +784,10 @@ STYLES: dict[str, type] = {
     "module": ModuleStyle,
     "functional": FunctionalStyle,
 }
+
+# Other frameworks' styles live in modules of their own (they import their framework only when
+# a style is built); registered here so that --style and STYLES know them.
+from .style_flax import FlaxLinenStyle, FlaxNnxStyle  # noqa: E402
+from .style_keras import KerasStyle  # noqa: E402
+
+STYLES.update({"flax-linen": FlaxLinenStyle, "flax-nnx": FlaxNnxStyle, "keras": KerasStyle})

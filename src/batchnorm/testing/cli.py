@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .adapters import (
+    STYLES,
     BackendStyle,
     CourseStyle,
     FunctionalStyle,
@@ -37,7 +38,12 @@ _NAMES_PER_STYLE = {
     "plain": "forward,backward",
     "module": "Class, or Class1d,Class2d,Class3d",
     "functional": "function",
+    "flax-linen": "a flax.linen module class like flax.linen.BatchNorm",
+    "flax-nnx": "a flax.nnx module class like flax.nnx.BatchNorm",
+    "keras": "a Keras 3 layer class like keras.layers.BatchNormalization",
 }
+#: styles of other frameworks: one class, built by the style from the case (adapters.STYLES)
+_ONE_CLASS_STYLES = ("flax-linen", "flax-nnx", "keras")
 
 
 class TargetError(Exception):
@@ -119,7 +125,9 @@ def make_adapter(
             raise TargetError(f"style 'module' needs {expected}, got {n} name(s)")
         return ModuleStyle(objects, device=device)
     if n != 1:
-        raise TargetError(f"style 'functional' needs one name, got {n}")
+        raise TargetError(f"style {style!r} needs one name ({expected}), got {n}")
+    if style in _ONE_CLASS_STYLES:
+        return STYLES[style](objects[0])  # ValueError if the framework is not installed
     return FunctionalStyle(objects[0], device=device)
 
 
@@ -130,7 +138,8 @@ def _parser() -> argparse.ArgumentParser:
         "the known mistake a failure fits. See docs/conformance.md.",
         epilog="TARGET names: course/plain: forward,backward; module: a class, or three "
         "(for rank 2-3, 4, 5 inputs); functional: one function. Exit status: 0 pass, "
-        "1 failures, 2 usage or load error, 3 a bug in the suite itself (please report it).",
+        "1 failures, 2 usage or load error, 3 a bug in the suite itself (please report it). "
+        "flax-linen, flax-nnx, keras: one class (Keras: the backend is KERAS_BACKEND's).",
     )
     p.add_argument("target", nargs="?", help="PATH.py:NAME[,NAME] or package.module:NAME[,NAME]")
     p.add_argument("--style", choices=sorted(_NAMES_PER_STYLE), help="how TARGET is called")
