@@ -279,7 +279,7 @@ class _NnxSession:
             self.graph, params, stats, self.rest = call_user(
                 "nnx.split", nnx.split, model, nnx.Param, nnx.BatchStat, ...
             )
-            self.params, self.stats = params.to_pure_dict(), stats.to_pure_dict()
+            self.params, self.stats = _pure(nnx, params), _pure(nnx, stats)
             for key, value in (("mean", data.running_mean), ("var", data.running_var)):
                 path = _leaf(self.stats, key, "the nnx.BatchStat state")[0]
                 self.stats = _set(self.stats, path, io.array(value, io.param_dtype))
@@ -305,7 +305,7 @@ class _NnxSession:
             model = self._merge(params, self.stats)
             model.train()
             y = model(x)
-            return y, nnx.split(model, nnx.Param, nnx.BatchStat, ...)[2].to_pure_dict()
+            return y, _pure(nnx, nnx.split(model, nnx.Param, nnx.BatchStat, ...)[2])
 
         with io.scope():
             y, self.vjp, self.stats = call_user(
@@ -340,8 +340,15 @@ class _NnxSession:
             call_user("model.eval", model.eval)
             y = call_user("forward (eval)", model, io.array(x))
             # What eval left in the statistics: the checker requires them unchanged.
-            self.stats = nnx.split(model, nnx.Param, nnx.BatchStat, ...)[2].to_pure_dict()
+            self.stats = _pure(nnx, nnx.split(model, nnx.Param, nnx.BatchStat, ...)[2])
             return io.output("forward (eval)", "output", y, self.case.shape)
+
+
+def _pure(nnx: Any, state: Any) -> dict:
+    """The nested dict of arrays an nnx state holds (``nnx.to_pure_dict`` where Flax has it)."""
+    if hasattr(nnx, "to_pure_dict"):
+        return nnx.to_pure_dict(state)
+    return state.to_pure_dict()
 
 
 def _replace(nnx: Any, jax: Any, state: Any, pure: dict) -> Any:
