@@ -99,3 +99,10 @@ def test_the_command_line_takes_a_flax_class(capsys):
     out = capsys.readouterr().out
     assert status == 1
     assert "one-pass E[x^2] - E[x]^2" in out and "style flax-linen" in out
+
+
+def test_the_nnx_style_on_the_command_line_and_a_wrong_count_of_names(capsys):
+    assert bt.cli_main(["flax.nnx:BatchNorm", "--style", "flax-nnx", "--cases", "rank2"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    status = bt.cli_main(["flax.nnx:BatchNorm,BatchNorm", "--style", "flax-nnx"])
+    assert status == 2 and "needs one name" in capsys.readouterr().err

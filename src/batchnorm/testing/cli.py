@@ -139,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="TARGET names: course/plain: forward,backward; module: a class, or three "
         "(for rank 2-3, 4, 5 inputs); functional: one function. Exit status: 0 pass, "
         "1 failures, 2 usage or load error, 3 a bug in the suite itself (please report it). "
-        "flax-linen, flax-nnx, keras: one class (Keras: the backend is KERAS_BACKEND's).",
+        "flax-linen, flax-nnx, keras: one class (Keras: the backend is KERAS_BACKEND's, "
+        "jax when unset).",
     )
     p.add_argument("target", nargs="?", help="PATH.py:NAME[,NAME] or package.module:NAME[,NAME]")
     p.add_argument("--style", choices=sorted(_NAMES_PER_STYLE), help="how TARGET is called")
@@ -230,6 +231,10 @@ def _run(argv: Sequence[str]) -> int:
                 file=sys.stderr,
             )
             return 2
+        if args.style == "keras":
+            # Keras picks its backend once, at import, from KERAS_BACKEND; its own default,
+            # TensorFlow, is not one the style can take gradients on.
+            os.environ.setdefault("KERAS_BACKEND", "jax")
         try:
             adapter = make_adapter(
                 args.style, load_target(args.target), layout=args.layout, device=args.device
