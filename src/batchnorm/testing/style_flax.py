@@ -24,6 +24,7 @@ JAX and Flax are imported when a style is built, never by ``import batchnorm.tes
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -89,11 +90,10 @@ class JaxIO:
             raise ImplementationError(
                 f"{stage}: {name} has shape {tuple(value.shape)}, expected {tuple(shape)}"
             )
-        return (
-            np.asarray(self.jnp.asarray(value, dtype=self.jnp.float32), np.float64)
-            if (value.dtype != self.jnp.float64)
-            else np.array(value, dtype=np.float64)
-        )
+        if value.dtype == self.jnp.float64:
+            return np.array(value, dtype=np.float64)
+        # through float32: NumPy has no bfloat16 of its own
+        return np.asarray(self.jnp.asarray(value, dtype=self.jnp.float32), np.float64)
 
     def vector(self, stage: str, name: str, value: Any) -> np.ndarray:
         return self.output(stage, name, value, (self.case.channels,))
@@ -173,10 +173,11 @@ class _LinenSession:
         kwargs = style.kwargs(case, momentum)
         name = getattr(style.cls, "__name__", "module")
         with io.scope():
-            self.train = call_user(f"{name}(...)", style.cls, use_running_average=False, **kwargs)
-            self.eval = call_user(f"{name}(...)", style.cls, use_running_average=True, **kwargs)
+            build = functools.partial(call_user, f"{name}(...)", style.cls, **kwargs)
+            self.train_module = build(use_running_average=False)
+            self.eval_module = build(use_running_average=True)
             x0 = io.array(data.xs[0])
-            variables = call_user("init", self.train.init, io.jax.random.PRNGKey(0), x0)
+            variables = call_user("init", self.train_module.init, io.jax.random.PRNGKey(0), x0)
             variables = {k: dict(v) for k, v in dict(variables).items()}
             stats = variables.get("batch_stats", {})
             self.mean_path = _leaf(stats, "mean", "the 'batch_stats' collection")[0]
@@ -200,7 +201,7 @@ class _LinenSession:
         rest = {k: v for k, v in self.variables.items() if k != "params"}
 
         def train(x, params):
-            return self.train.apply({**rest, "params": params}, x, mutable=["batch_stats"])
+            return self.train_module.apply({**rest, "params": params}, x, mutable=["batch_stats"])
 
         with io.scope():
             xj = io.array(x)
@@ -236,7 +237,7 @@ class _LinenSession:
         with self.io.scope():
             y = call_user(
                 "forward (use_running_average=True)",
-                self.eval.apply,
+                self.eval_module.apply,
                 self.variables,
                 self.io.array(x),
             )
