@@ -202,3 +202,30 @@ def test_non_finite_batch_under_jit_leaves_running_statistics(rng):
     np.testing.assert_array_equal(np.isfinite(np.asarray(rm)), [True, True, True])
     assert float(rm[1]) == 0.0 and float(rv[1]) == 1.0
     assert rel_err(np.asarray(rm)[[0, 2]], expected_mean[[0, 2]]) < 1e-12
+
+
+def test_masked_batch_norm_under_jit_and_grad(rng):
+    """The count of real positions is traced under jit (not checked on the host); the numbers
+    are NumPy's, and jax.grad through the masked forward is the masked backward."""
+    x = rng.normal(size=(4, 3, 5))
+    gamma, beta, dy = rng.normal(size=3), rng.normal(size=3), rng.normal(size=x.shape)
+    mask = rng.random((4, 5)) > 0.3
+
+    def run(x, gamma, beta, mask, dy):
+        y, saved = ref.batch_norm_train(x, gamma, beta, mask=mask)
+        grads = ref.backward(dy, saved)
+        return y, grads.dx, grads.dgamma, grads.dbeta
+
+    want = run(x, gamma, beta, mask, dy)
+    with _x64(True):
+        args = [jnp.asarray(a) for a in (x, gamma, beta, mask, dy)]
+        got = jax.jit(run)(*args)
+
+        def loss(x):
+            return jnp.sum(ref.batch_norm_train(x, args[1], args[2], mask=args[3])[0] * args[4])
+
+        dx = jax.grad(loss)(args[0])
+    for name, g, w in zip(("y", "dx", "dgamma", "dbeta"), got, want, strict=True):
+        assert rel_err(np.asarray(g), w) < 1e-12, name
+    assert rel_err(np.asarray(dx), want[1]) < 1e-12
+    assert np.all(np.asarray(got[0])[~np.broadcast_to(mask[:, None, :], x.shape)] == 0)

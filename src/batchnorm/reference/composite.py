@@ -148,7 +148,9 @@ def _masked_train(x, gamma, beta, axis, eps, backend, mask) -> tuple[Array, Save
             "backend on masked input (they gather the real positions)"
         )
     stats = masked_batch_stats(x, mask, axis)
-    if stats.count < 2:
+    # Under jax.jit the count is traced and cannot be checked on the host: there, fewer than 2
+    # real values give degenerate statistics (a variance of 0, or NaN for none) instead.
+    if isinstance(stats.count, int) and stats.count < 2:
         raise ValueError(
             f"expected more than 1 real value per channel when training, got {stats.count} "
             f"(mask of shape {tuple(mask.shape)})"

@@ -48,8 +48,13 @@ def _real(mask: Array, x: Array, axis: int, xp: Any) -> Array:
     return xp.expand_dims(mask, axis=axis)
 
 
-def _count(mask: Array, xp: Any) -> int:
-    return int(xp.sum(xp.astype(mask, xp.int64)))
+def _count(mask: Array, xp: Any) -> int | Array:
+    """m as a Python int; under ``jax.jit`` (no value on the host) the traced count itself."""
+    total = xp.sum(xp.astype(mask, xp.int64))
+    try:
+        return int(total)
+    except TypeError:  # a tracer: the caller cannot check it, the arithmetic still works
+        return total
 
 
 def masked_batch_stats(x: Array, mask: Array, axis: int) -> BatchStats:
