@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[torch,numba,triton,experiments,test]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[torch,numba,triton,experiments,frameworks,test]"
 # Graphviz renders the computation graph of `batchnorm explain`; optional, installed where apt works.
 if ! command -v dot >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

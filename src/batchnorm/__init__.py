@@ -1,6 +1,6 @@
 """batchnorm: batch normalization done right and fast.
 
-``batchnorm.reference`` holds the math (array API: NumPy, PyTorch, CuPy); ``batchnorm.torch``
+``batchnorm.reference`` holds the math (array API: NumPy, PyTorch, CuPy, JAX); ``batchnorm.torch``
 the PyTorch modules; ``batchnorm.testing`` the conformance suite. Importing this package imports
 no torch, numba or triton.
 """

@@ -1,7 +1,7 @@
 """Array-namespace and axis helpers shared by the reference and every backend.
 
-Everything here works on any array-API array (NumPy, PyTorch through array-api-compat, CuPy).
-The validation helpers raise *before* anything is computed, so callers that mutate state
+Everything here works on any array-API array (NumPy, PyTorch and JAX through array-api-compat,
+CuPy). The validation helpers raise *before* anything is computed, so callers that mutate state
 (modules, running statistics) can validate first and mutate afterwards.
 """
 

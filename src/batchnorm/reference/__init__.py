@@ -1,4 +1,9 @@
-"""The math of batch normalization, once, against the array API (NumPy, PyTorch, CuPy).
+"""The math of batch normalization, once, against the array API (NumPy, PyTorch, CuPy, JAX).
+
+JAX arrays: every function runs eagerly and under ``jax.jit`` (nothing is written in place;
+what needs values on the host is skipped under jit: a non-finite batch's warning, while its
+running statistics are still kept; the check of ``mask=``'s count of real positions), and
+``jax.grad`` through ``batch_norm_train`` equals ``backward``.
 
 Stages (every backend implements the same names, ``stages.Backend``): ``batch_stats`` ->
 ``merge_stats`` -> ``elemt`` forward; ``backward_reduce`` -> (all-reduce) -> ``backward_elemt``

@@ -14,7 +14,7 @@ from typing import Any
 from .._xp import Array, check_eps, compute_dtype, namespace, values_per_channel
 from .backward import Grads, check_grad_output
 from .forward import Saved, check_input
-from .masked import check_mask
+from .masked import check_mask, real_positions
 from .stages import REFERENCE, Backend, backward_train, forward_train, has_masked_stages
 from .stats import inverse_std
 
@@ -143,8 +143,10 @@ def _masked_train(x, gamma, beta, axis, eps, backend, mask) -> tuple[Array, Save
             "(supports_mask); batchnorm.torch's layers run it on masked input by gathering the "
             "real positions"
         )
-    count = int(xp_count(mask))
-    if count < 2:
+    count = xp_count(mask)
+    # Under jax.jit the count is traced and cannot be checked on the host: there, fewer than 2
+    # real values give degenerate statistics (a variance of 0, or NaN for none) instead.
+    if isinstance(count, int) and count < 2:
         raise ValueError(
             f"expected more than 1 real value per channel when training, got {count} "
             f"(mask of shape {tuple(mask.shape)})"
@@ -163,7 +165,7 @@ def _masked_backward(dy, saved: Saved, through_mean: bool, through_var: bool) ->
     return Grads(out.dx, out.dgamma, out.dbeta)
 
 
-def xp_count(mask: Array) -> int:
-    """The number of real positions (True values) of a boolean mask."""
-    xp = namespace(mask)
-    return int(xp.sum(xp.astype(mask, xp.int64)))
+def xp_count(mask: Array) -> int | Array:
+    """The number of real positions (True values) of a boolean mask; under ``jax.jit`` the
+    traced count."""
+    return real_positions(mask, namespace(mask))

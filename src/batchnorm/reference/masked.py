@@ -50,20 +50,25 @@ def _real(mask: Array, x: Array, axis: int, xp: Any) -> Array:
     return xp.expand_dims(mask, axis=axis)
 
 
-def _count(mask: Array, xp: Any) -> int:
-    return int(xp.sum(xp.astype(mask, xp.int64)))
+def real_positions(mask: Array, xp: Any) -> int | Array:
+    """m as a Python int; under ``jax.jit`` (no value on the host) the traced count itself."""
+    total = xp.sum(xp.astype(mask, xp.int64))
+    try:
+        return int(total)
+    except TypeError:  # a tracer: the caller cannot check it, the arithmetic still works
+        return total
 
 
 def _first_real(xc: Array, mask: Array, axis: int, xp: Any) -> Array:
-    """The (C,) values of ``xc`` at the first real position (the first if there is none)."""
-    flat = xp.reshape(mask, (-1,))
-    first = int(xp.argmax(xp.astype(flat, xp.int32))) if flat.shape[0] else 0
-    index: list[Any] = []
-    for size in reversed(tuple(mask.shape)):
-        first, at = divmod(first, size)
-        index.insert(0, at)
-    index.insert(axis, slice(None))
-    return xc[tuple(index)]
+    """The (C,) values of ``xc`` at the first real position (the first if there is none).
+
+    The position stays an array (no host read), so that this traces under ``jax.jit``."""
+    rest = [i for i in range(xc.ndim) if i != axis]
+    rows = xp.reshape(xp.permute_dims(xc, (axis, *rest)), (xc.shape[axis], -1))
+    if rows.shape[1] == 0:
+        return xp.zeros((xc.shape[axis],), dtype=xc.dtype)
+    first = xp.argmax(xp.astype(xp.reshape(mask, (-1,)), xp.int32))
+    return xp.take(rows, xp.reshape(first, (1,)), axis=1)[:, 0]
 
 
 def masked_batch_stats(x: Array, mask: Array, axis: int) -> BatchStats:
@@ -73,7 +78,7 @@ def masked_batch_stats(x: Array, mask: Array, axis: int) -> BatchStats:
     real = _real(mask, x, axis, xp)
     xc = xp.astype(x, compute_dtype(x.dtype, xp))
     zeros = xp.zeros_like(xc)
-    count = _count(mask, xp)
+    count = real_positions(mask, xp)
     # The first pass sums x - K, K the value at the first real position (as reference.stats
     # shifts by the first value: x = 1e4 + N(0, 1) in float32 then sums O(1) numbers).
     first = _first_real(xc, mask, axis, xp)

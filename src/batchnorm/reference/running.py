@@ -115,7 +115,7 @@ def update_running_stats(
     # Applied unconditionally: choosing on the host whether to apply it would stall a GPU.
     new_mean = xp.where(finite, new_mean, running_mean)
     new_var = xp.where(finite, new_var, running_var)
-    if warn and not bool(xp.all(finite)):  # the warning alone reads one flag on the host
+    if warn and not _all_true(xp.all(finite)):  # the warning alone reads one flag on the host
         bad = [i for i in range(channels) if not bool(finite[i])]
         warnings.warn(
             f"batch statistics (or their update) are not finite for channel(s) {bad[:10]}"
@@ -124,3 +124,12 @@ def update_running_stats(
             stacklevel=2,
         )
     return RunningStats(new_mean, new_var, tracked)
+
+
+def _all_true(flag: Array) -> bool:
+    """The flag's value, or True where it has none on the host: under ``jax.jit`` it is a
+    tracer (bool() raises a TypeError), and the ``where`` above has kept the old values anyway."""
+    try:
+        return bool(flag)
+    except TypeError:
+        return True

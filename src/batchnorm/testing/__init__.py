@@ -9,7 +9,8 @@
   eps)``, backward returning ``(dX, dbeta, dgamma)``), :class:`ModuleStyle` (an
   ``nn.Module`` class like ``torch.nn.BatchNorm2d``), :class:`FunctionalStyle` (like
   ``torch.nn.functional.batch_norm``) and :class:`BackendStyle` (a ``batchnorm.kernels``
-  backend).
+  backend); other frameworks: :class:`FlaxLinenStyle`, :class:`FlaxNnxStyle`,
+  :class:`KerasStyle` (gradients by jax.vjp / the Keras backend's autodiff).
 * :data:`MISTAKES` — the known mistakes a failure is matched against.
 * :func:`cli_main` — ``batchnorm conform``.
 
@@ -22,8 +23,11 @@ from .adapters import (
     Adapter,
     BackendStyle,
     CourseStyle,
+    FlaxLinenStyle,
+    FlaxNnxStyle,
     FunctionalStyle,
     ImplementationError,
+    KerasStyle,
     ModuleStyle,
     PlainStyle,
     Session,
@@ -42,8 +46,11 @@ __all__ = [
     "Check",
     "CourseStyle",
     "DTYPES",
+    "FlaxLinenStyle",
+    "FlaxNnxStyle",
     "FunctionalStyle",
     "ImplementationError",
+    "KerasStyle",
     "MISTAKES",
     "MOMENTUM_CONVENTIONS",
     "ModuleStyle",

@@ -107,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
         "the known mistake a failure fits. See docs/conformance.md.",
         epilog="TARGET names: "
         + "; ".join(f"{name}: {cls.target_names}" for name, cls in STYLES.items())
+        + " (keras: the backend is KERAS_BACKEND's, jax when unset)"
         + ". Exit status: 0 pass, 1 failures, 2 usage or load error, 3 a bug in the suite "
         "itself (please report it).",
     )
@@ -199,6 +200,10 @@ def _run(argv: Sequence[str]) -> int:
                 file=sys.stderr,
             )
             return 2
+        if args.style == "keras":
+            # Keras picks its backend once, at import, from KERAS_BACKEND; its own default,
+            # TensorFlow, is not one the style can take gradients on.
+            os.environ.setdefault("KERAS_BACKEND", "jax")
         try:
             adapter = make_adapter(
                 args.style, load_target(args.target), layout=args.layout, device=args.device

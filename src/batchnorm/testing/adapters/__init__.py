@@ -8,7 +8,8 @@ exception and every malformed return of the implementation into :class:`Implemen
 with a message that says what was wrong, so that the checker reports it and carries on.
 
 One module per style (``course``, ``plain``: NumPy functions; ``module``, ``functional``:
-PyTorch; ``backend``: this library's kernels), with what a framework's styles share beside them
+PyTorch; ``flax`` (linen, nnx) and ``keras``: other frameworks, imported only when a style
+is built; ``backend``: this library's kernels), with what a framework's styles share beside them
 (``numpy_io``, ``torch_io``) and what all share in ``base``. :data:`STYLES` is the registry the
 command line's ``--style`` reads. A framework is imported only when one of its sessions opens.
 """
@@ -26,7 +27,9 @@ from .base import (
     describe_exception,
 )
 from .course import CourseStyle
+from .flax import FlaxLinenStyle, FlaxNnxStyle
 from .functional import FunctionalStyle
+from .keras import KerasStyle
 from .module import ModuleStyle
 from .plain import PlainStyle
 
@@ -40,6 +43,9 @@ __all__ = [
     "ModuleStyle",
     "FunctionalStyle",
     "BackendStyle",
+    "FlaxLinenStyle",
+    "FlaxNnxStyle",
+    "KerasStyle",
     "STYLES",
     "call_user",
     "check_device",
@@ -54,4 +60,7 @@ STYLES: dict[str, type] = {
     "plain": PlainStyle,
     "module": ModuleStyle,
     "functional": FunctionalStyle,
+    "flax-linen": FlaxLinenStyle,
+    "flax-nnx": FlaxNnxStyle,
+    "keras": KerasStyle,
 }
