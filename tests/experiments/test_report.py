@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import html
+import importlib.util
 import json
 import re
 import time
@@ -91,6 +92,16 @@ def test_report_quick_writes_a_page_whose_every_file_exists(tmp_path):
     assert f"{step:.2f}× for a training step" in text
     assert "Representative shapes: 32x64x56x56 nchw." in text
     assert "<td>quick</td>" in page and "<td>representative</td>" in page
+    # Frameworks, measured for real where the extra is installed (scripts/setup.sh does):
+    # Flax's default one-pass variance must be caught on the large-offset case.
+    if importlib.util.find_spec("flax") is not None:
+        assert status["stages"]["frameworks"]["state"] == "ok", status["stages"]["frameworks"]
+        fw = json.loads((out / "frameworks" / "records.json").read_text())
+        flax = next(r for r in fw["records"] if r["entry"] == "flax-linen")
+        assert [d["cases"] for d in flax["deviations"] if d["mistake"] == "one_pass"] == [
+            ["large-offset"]
+        ]
+        assert 'id="frameworks"' in page
 
 
 def _with(**runners):
@@ -106,6 +117,7 @@ def test_report_survives_a_failing_stage_and_says_so(tmp_path):
         raise RuntimeError("deliberately broken")
 
     skip = ["verify", "bench", "ioffe", "moments", "landscape", "precise", "small-batch"]
+    skip.append("frameworks")
     argv = ["--out", str(tmp_path), "--no-progress"] + [f"--skip={s}" for s in skip]
     assert report.main(argv, stages=_with(reparam=broken)) == 1
     page = (tmp_path / "index.html").read_text()
@@ -227,6 +239,7 @@ def test_report_calls_bench_and_skips_a_missing_verify(tmp_path):
 
     stages = _with(bench=functools.partial(report.run_bench, bench=fake), verify=no_verify)
     skip = ["explain", "ioffe", "moments", "landscape", "reparam", "precise", "small-batch"]
+    skip.append("frameworks")
     status = report.build_report(tmp_path, quick=True, progress=False, skip=skip, stages=stages)
     assert status["stages"]["bench"]["state"] == "ok"
     quick = {"repeats": 5, "warmup": 1}
@@ -389,3 +402,59 @@ def test_settings_and_threads_refuse_bad_counts_from_python_too():
     with pytest.raises(ValueError, match="threads must be 0"):
         with torch_threads(-1):
             pass
+
+
+def test_the_frameworks_section_renders_the_measured_table(tmp_path):
+    # The records docs/frameworks.md was generated from, handed in through a fake module: the
+    # section must show every implementation, each deviation with its mistake, and the count.
+    from batchnorm.testing import frameworks
+
+    stored = json.loads((Path(__file__).parents[2] / "docs" / "frameworks.json").read_text())
+    calls = []
+
+    def measure_all(names, cases):
+        calls.append((tuple(names), cases))
+        return [r for r in stored if r["entry"] in names]
+
+    fake = types.SimpleNamespace(
+        ENTRIES=frameworks.ENTRIES,
+        measure_all=measure_all,
+        table_rows=frameworks.table_rows,
+        markdown=frameworks.markdown,
+    )
+    stages = _with(frameworks=functools.partial(report.run_frameworks, frameworks=fake))
+    skip = [s.name for s in report.STAGES if s.name != "frameworks"]
+    status = report.build_report(tmp_path, quick=True, progress=False, skip=skip, stages=stages)
+    assert status["stages"]["frameworks"]["state"] == "ok", status["stages"]["frameworks"]
+    # --quick: one process per entry, one entry per framework, the others named as left out
+    assert [names[0] for names, _ in calls] == list(report.FRAMEWORK_ENTRIES_QUICK)
+    assert all(len(names) == 1 and cases == report.FRAMEWORK_CASES_QUICK for names, cases in calls)
+    page = (tmp_path / "index.html").read_text()
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+    quick = report.FRAMEWORK_ENTRIES_QUICK
+    measured = [r for r in stored if r["status"] == "measured" and r["entry"] in quick]
+    deviating = [r for r in measured if r["passed"] < r["checks"]]
+    assert deviating and len(deviating) < len(measured)
+    assert f"Of {len(measured)} implementations measured" in text
+    assert f"{len(measured) - len(deviating)} agree with the reference on every check" in text
+    assert "Left out by --quick: pytorch-compile, flax-linen-two-pass," in text
+    assert "Flax `linen.BatchNorm`, defaults" in text
+    assert "`one_pass` (large-offset, offset-rank4, large-offset-f64)" in text
+    assert "google/flax#1491" in text and "keras-team/keras#23223" in text
+    assert (tmp_path / "frameworks" / "frameworks.md").read_text().startswith("| implementation")
+
+
+def test_the_frameworks_section_is_skipped_without_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("jax", "flax", "keras") else real(name, *a),
+    )
+    skip = [s.name for s in report.STAGES if s.name != "frameworks"]
+    status = report.build_report(tmp_path, quick=True, progress=False, skip=skip)
+    assert status["stages"]["frameworks"]["state"] == "skipped"
+    page = (tmp_path / "index.html").read_text()
+    assert "the frameworks extra is not installed" in page

@@ -32,7 +32,16 @@ import numpy as np
 
 from .cases import CASES, select_cases
 
-__all__ = ["ENTRIES", "Entry", "adapter_for", "markdown", "measure", "measure_all", "main"]
+__all__ = [
+    "ENTRIES",
+    "Entry",
+    "adapter_for",
+    "markdown",
+    "measure",
+    "measure_all",
+    "main",
+    "table_rows",
+]
 
 
 @dataclass(frozen=True)
@@ -307,32 +316,33 @@ def _is_consequence(d: dict[str, Any]) -> bool:
     return d["mistake"] == "forward_stats" or d["diagnosis"].startswith(_CONSEQUENCES)
 
 
-def markdown(records: Sequence[dict[str, Any]]) -> str:
-    """The table: one row per entry; each deviation with the mistake the suite names, its
-    cases and its worst error as a multiple of the tolerance; a legend of the mistakes below."""
+def table_rows(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The table's content, one row per entry, as plain text (the markdown table and the
+    report's HTML are two renderings of it): ``rows`` [{implementation, versions, passed,
+    conventions, deviations: [str], upstream: [str]}], ``mistakes`` {name: description} of the
+    mistakes named, ``skipped``: the reasons cases were skipped."""
     from .mistakes import MISTAKES
 
-    lines = [
-        "| implementation | versions | checks passed | conventions found | deviations: mistake "
-        "named (cases): worst error / tolerance | upstream issue |",
-        "|---|---|---|---|---|---|",
-    ]
-    named: list[str] = []
+    rows, named = [], []
     for r in records:
-        vers = ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()) or "-"
+        row = {
+            "implementation": r["label"],
+            "versions": ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()) or "-",
+            "status": r["status"],
+        }
         if r["status"] != "measured":
-            lines.append(f"| {r['label']} | {vers} | {r['status']}: {_cell(r['reason'])} | | | |")
+            rows.append({**row, "passed": f"{r['status']}: {r['reason']}", "conventions": "",
+                         "deviations": [], "upstream": []})  # fmt: skip
             continue
         passed = f"{r['passed']}/{r['checks']} in {r['cases']} cases"
         if r["skipped"]:
             passed += f" ({sum(len(v) for v in r['skipped'].values())} skipped)"
-        conventions = ", ".join(_CONVENTION.get(c, c) for c in r["conventions"]) or "-"
         devs, upstream, following = [], [], 0
         for d in r["deviations"]:
             if _is_consequence(d):
                 following += d["rows"]
                 continue
-            what = f"`{d['mistake']}`" if d["mistake"] else _cell(d["diagnosis"])
+            what = f"`{d['mistake']}`" if d["mistake"] else d["diagnosis"]
             if d["mistake"] and d["mistake"] not in named:
                 named.append(d["mistake"])
             error = d.get("worst_error")
@@ -345,15 +355,37 @@ def markdown(records: Sequence[dict[str, Any]]) -> str:
                 upstream.append(d["upstream"])
         if following:
             devs.append(f"and {following} failing check(s) that follow from these")
-        lines.append(
-            f"| {r['label']} | {vers} | {passed} | {conventions} | "
-            f"{'<br>'.join(devs) or 'none'} | {_cell('; '.join(upstream)) or '-'} |"
-        )
-    if named:
-        lines += ["", "Mistakes named:", *[f"- `{k}`: {_cell(MISTAKES[k])}" for k in named]]
+        conventions = ", ".join(_CONVENTION.get(c, c) for c in r["conventions"]) or "-"
+        rows.append({**row, "passed": passed, "conventions": conventions, "deviations": devs,
+                     "upstream": upstream})  # fmt: skip
     skipped = sorted({reason for r in records for reason in r.get("skipped", {})})
-    if skipped:
-        lines += ["", "Cases skipped, by reason:", *[f"- {_cell(s)}" for s in skipped]]
+    return {"rows": rows, "mistakes": {k: MISTAKES[k] for k in named}, "skipped": skipped}
+
+
+def markdown(records: Sequence[dict[str, Any]]) -> str:
+    """The table: one row per entry; each deviation with the mistake the suite names, its
+    cases and its worst error as a multiple of the tolerance; a legend of the mistakes below."""
+    table = table_rows(records)
+    lines = [
+        "| implementation | versions | checks passed | conventions found | deviations: mistake "
+        "named (cases): worst error / tolerance | upstream issue |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in table["rows"]:
+        if row["status"] != "measured":
+            lines.append(f"| {row['implementation']} | {row['versions']} | "
+                         f"{_cell(row['passed'])} | | | |")  # fmt: skip
+            continue
+        devs = "<br>".join(_cell(d) for d in row["deviations"]) or "none"
+        lines.append(
+            f"| {row['implementation']} | {row['versions']} | {row['passed']} | "
+            f"{row['conventions']} | {devs} | {_cell('; '.join(row['upstream'])) or '-'} |"
+        )
+    if table["mistakes"]:
+        lines += ["", "Mistakes named:"]
+        lines += [f"- `{k}`: {_cell(v)}" for k, v in table["mistakes"].items()]
+    if table["skipped"]:
+        lines += ["", "Cases skipped, by reason:", *[f"- {_cell(s)}" for s in table["skipped"]]]
     return "\n".join(lines)
 
 

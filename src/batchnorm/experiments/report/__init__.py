@@ -35,7 +35,18 @@ from __future__ import annotations
 
 from .render import render_html, render_section
 from .runner import build_report, main, run_stage
-from .stages import STAGES, Options, Skipped, Stage, names, run_bench
+from .stages import (
+    FRAMEWORK_CASES,
+    FRAMEWORK_CASES_QUICK,
+    FRAMEWORK_ENTRIES_QUICK,
+    STAGES,
+    Options,
+    Skipped,
+    Stage,
+    names,
+    run_bench,
+    run_frameworks,
+)
 
 __all__ = [
     "STAGES",
@@ -48,5 +59,9 @@ __all__ = [
     "render_html",
     "render_section",
     "run_bench",
+    "run_frameworks",
+    "FRAMEWORK_CASES",
+    "FRAMEWORK_CASES_QUICK",
+    "FRAMEWORK_ENTRIES_QUICK",
     "run_stage",
 ]

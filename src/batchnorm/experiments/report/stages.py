@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..common import write_csv, write_json
+from ..common import progress, write_csv, write_json
 from . import sections
 
 
@@ -100,6 +100,52 @@ def run_explain(out: Path, options: Options) -> dict[str, Any]:
     return run(out, seed=options.seed, quiet=True)
 
 
+#: The cases the report's framework table runs: where frameworks are known to part (a large
+#: offset: a one-pass variance; float64: computing in float32) and plain ones as the control.
+#: docs/frameworks.md holds the table over every case (``python -m batchnorm.testing.frameworks``).
+FRAMEWORK_CASES = "rank2,rank4,large-offset,offset-rank4,rank2-f64,last-rank4-f64"
+FRAMEWORK_CASES_QUICK = "rank2,large-offset,rank2-f64"
+#: --quick measures one implementation per framework (each entry is a process start-up).
+FRAMEWORK_ENTRIES_QUICK = ("pytorch-eager", "flax-linen", "keras-jax")
+
+
+def run_frameworks(out: Path, options: Options, *, frameworks: Any = None) -> dict[str, Any]:
+    """Every framework's own batch norm through the conformance suite, one process per entry
+    (``batchnorm.testing.frameworks``, or the module-like ``frameworks`` given); ``--quick``
+    runs fewer cases and leaves out ``torch.compile``, which compiles every case anew."""
+    import importlib.util
+
+    if frameworks is None:
+        from ...testing import frameworks
+
+    missing = [m for m in ("jax", "flax", "keras") if importlib.util.find_spec(m) is None]
+    if len(missing) == 3:
+        raise Skipped(
+            "the frameworks extra is not installed (jax, flax, keras; scripts/setup.sh installs "
+            "it): only PyTorch would be measured"
+        )
+    names = [entry.name for entry in frameworks.ENTRIES]
+    omitted = {}
+    if options.quick:
+        omitted = {n: "--quick" for n in names if n not in FRAMEWORK_ENTRIES_QUICK}
+        names = [n for n in names if n in FRAMEWORK_ENTRIES_QUICK]
+    cases = FRAMEWORK_CASES_QUICK if options.quick else FRAMEWORK_CASES
+    records = [
+        record
+        for name in progress(names, desc="frameworks", enabled=options.progress)
+        for record in frameworks.measure_all([name], cases=cases)
+    ]
+    result = {
+        "cases": cases,
+        "omitted": omitted,
+        "records": records,
+        "table": frameworks.table_rows(records),
+    }
+    write_json(out / "records.json", result)
+    (out / "frameworks.md").write_text(frameworks.markdown(records) + "\n")
+    return result
+
+
 def experiment(name: str, *, trains: bool = True) -> Runner:
     """The runner of ``batchnorm experiment NAME``; ``trains=False`` for one that takes no
     data, backend or progress bar."""
@@ -164,6 +210,12 @@ STAGES: tuple[Stage, ...] = (
         experiment("small-batch"),
         "small_batch.html.j2",
         sections.small_batch,
+    ),
+    Stage(
+        "frameworks",
+        "Batch norm across frameworks",
+        run_frameworks,
+        "frameworks.html.j2",
     ),
     Stage(
         "verify",
