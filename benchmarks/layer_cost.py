@@ -9,8 +9,13 @@ shared machine hits all of them alike. Which path ``auto`` ran is printed (``las
 """
 
 import argparse
+import os
 import statistics
 import time
+
+# Before numba or torch start their OpenMP pools: idle workers sleep instead of spinning
+# (docs/torch.md, Limitations). An explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 from torch import nn
@@ -33,21 +38,18 @@ def eval_forward(layer: nn.Module, x: torch.Tensor) -> None:
 
 
 def medians_ms(fns: dict, repeats: int) -> dict[str, float]:
-    """Median ms of each function after 5 warm-up calls, one function after the other.
-
-    Not interleaved call by call: the Numba kernels' worker threads stay awake for a while
-    after a call, and a torch.nn call timed right after one measured up to 100x slower."""
-    out = {}
-    for name, fn in fns.items():
-        for _ in range(5):
-            fn()
-        times = []
-        for _ in range(repeats):
+    """Median ms of each function, timed in interleaved rounds after 5 warm-up rounds, so that
+    a load change on the shared machine hits every layer alike (this needs the passive OpenMP
+    wait policy set above: otherwise the Numba workers spinning after a call slowed the next
+    torch.nn call up to 100x)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats + 5):
+        for name, fn in fns.items():
             start = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - start)
-        out[name] = statistics.median(times) * 1e3
-    return out
+            if round_ >= 5:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def main() -> None:
@@ -57,7 +59,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"threads {torch.get_num_threads()}; median ms of a training step / an eval forward")
+    policy = os.environ["OMP_WAIT_POLICY"]
+    print(f"threads {torch.get_num_threads()}, OMP_WAIT_POLICY {policy}")
+    print("median ms of a training step / an eval forward (ratio to torch.nn, paths run)")
     for shape in SHAPES:
         x = torch.randn(shape)
         channels, repeats = shape[1], 200 if x.numel() < 1e6 else 30
@@ -69,7 +73,7 @@ def main() -> None:
         train = medians_ms(
             {k: (lambda m=m, x=x: train_step(m, x)) for k, m in layers.items()}, repeats
         )
-        paths = {k: m.last_backend for k, m in layers.items() if k != "torch.nn"}
+        paths_train = {k: m.last_backend for k, m in layers.items() if k != "torch.nn"}
         infer = medians_ms(
             {k: (lambda m=m, x=x: eval_forward(m, x)) for k, m in layers.items()}, repeats
         )
@@ -78,7 +82,8 @@ def main() -> None:
             cell = f"{name} {train[name]:.3f} / {infer[name]:.3f}"
             if name != "torch.nn":
                 ratio_t, ratio_e = train[name] / train["torch.nn"], infer[name] / infer["torch.nn"]
-                cell += f" ({ratio_t:.2f}x / {ratio_e:.2f}x, {paths[name]})"
+                path = f"{paths_train[name]} / {layers[name].last_backend}"
+                cell += f" ({ratio_t:.2f}x / {ratio_e:.2f}x, {path})"
             cells.append(cell)
         print(f"{shape}, {x.numel()}: " + ", ".join(cells), flush=True)
 
