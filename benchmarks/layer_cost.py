@@ -1,12 +1,21 @@
 """Cost of one BatchNorm2d call, ours against torch.nn, from a tiny layer to a large one.
 
-``python benchmarks/layer_cost.py``: median milliseconds of a training step (forward, then
-backward of the sum) and of an evaluation forward under no_grad, per layer and shape, all in
-one process. The fixed Python cost of our layers shows at the small shapes; see docs/torch.md.
+``python benchmarks/layer_cost.py [--threads N]``: median milliseconds of a training step
+(forward, then backward of the sum) and of an evaluation forward under no_grad, per layer and
+shape, all in one process, and each of ours as a ratio to torch.nn's (< 1.3: the target of
+issue 20). The layers are timed interleaved, round after round, so that a load change on a
+shared machine hits all of them alike. Which path ``auto`` ran is printed (``last_backend``:
+"torch" is PyTorch's own kernel, see docs/torch.md, "Cost per call").
 """
 
+import argparse
+import os
 import statistics
 import time
+
+# Before numba or torch start their OpenMP pools: idle workers sleep instead of spinning
+# (docs/torch.md, Limitations). An explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 from torch import nn
@@ -14,17 +23,6 @@ from torch import nn
 import batchnorm.torch as bt
 
 SHAPES = [(8, 4, 4, 4), (16, 64, 8, 8), (32, 64, 16, 16), (32, 64, 32, 32), (32, 128, 56, 56)]
-
-
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def train_step(layer: nn.Module, x: torch.Tensor) -> None:
@@ -39,9 +37,31 @@ def eval_forward(layer: nn.Module, x: torch.Tensor) -> None:
         layer(x)
 
 
+def medians_ms(fns: dict, repeats: int) -> dict[str, float]:
+    """Median ms of each function, timed in interleaved rounds after 5 warm-up rounds, so that
+    a load change on the shared machine hits every layer alike (this needs the passive OpenMP
+    wait policy set above: otherwise the Numba workers spinning after a call slowed the next
+    torch.nn call up to 100x)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats + 5):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_ >= 5:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print("shape, values: median ms of a training step / an eval forward")
+    policy = os.environ["OMP_WAIT_POLICY"]
+    print(f"threads {torch.get_num_threads()}, OMP_WAIT_POLICY {policy}")
+    print("median ms of a training step / an eval forward (ratio to torch.nn, paths run)")
     for shape in SHAPES:
         x = torch.randn(shape)
         channels, repeats = shape[1], 200 if x.numel() < 1e6 else 30
@@ -50,12 +70,22 @@ def main() -> None:
             "ours auto": bt.BatchNorm2d(channels),
             "ours numba": bt.BatchNorm2d(channels, backend="numba"),
         }
+        train = medians_ms(
+            {k: (lambda m=m, x=x: train_step(m, x)) for k, m in layers.items()}, repeats
+        )
+        paths_train = {k: m.last_backend for k, m in layers.items() if k != "torch.nn"}
+        infer = medians_ms(
+            {k: (lambda m=m, x=x: eval_forward(m, x)) for k, m in layers.items()}, repeats
+        )
         cells = []
-        for name, layer in layers.items():
-            train = median_ms(lambda layer=layer, x=x: train_step(layer, x), repeats)
-            infer = median_ms(lambda layer=layer, x=x: eval_forward(layer, x), repeats)
-            cells.append(f"{name} {train:.3f} / {infer:.3f}")
-        print(f"{shape}, {x.numel()}: " + ", ".join(cells))
+        for name in layers:
+            cell = f"{name} {train[name]:.3f} / {infer[name]:.3f}"
+            if name != "torch.nn":
+                ratio_t, ratio_e = train[name] / train["torch.nn"], infer[name] / infer["torch.nn"]
+                path = f"{paths_train[name]} / {layers[name].last_backend}"
+                cell += f" ({ratio_t:.2f}x / {ratio_e:.2f}x, {path})"
+            cells.append(cell)
+        print(f"{shape}, {x.numel()}: " + ", ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

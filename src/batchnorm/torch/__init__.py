@@ -11,7 +11,11 @@ Importing this sub-package imports torch (``import batchnorm`` alone does not).
 * ``SyncBatchNorm`` / ``convert_sync``: batch statistics across torch.distributed ranks.
 * ``explain_backend(x, backend="auto")``: which backend would run on ``x`` and why.
 * ``BatchNormReLU2d`` / ``BatchNormAddReLU2d``, ``batch_norm_relu`` / ``batch_norm_add_relu``:
-  batch norm fused with the ReLU (and residual add) after it (``fused.py``).
+  batch norm fused with the ReLU (and residual add) after it (``fused.py``);
+  ``BatchNormLeakyReLU2d`` / ``batch_norm_leaky_relu``: with a LeakyReLU, keeping only the
+  output for the backward (In-Place ABN, ``fused_leaky.py``).
+* ``convert(model, fuse_activations=True)`` / ``fuse_activations(model)``: those fusions
+  applied to a model, by torch.fx or in ``nn.Sequential`` (``fuse.py``).
 * ``accumulate_stats(model)``, ``recompute_stats(model, batches)`` (PreciseBN): running
   statistics under gradient accumulation and recomputed exactly (``lifecycle.py``); a
   forward recomputed by activation checkpointing never counts its batch (``stats_sink.py``).
@@ -40,7 +44,9 @@ from .frozen import (
 )
 from .function import BatchNormFunction
 from .functional import batch_norm, explain_backend
+from .fuse import FusionReport, fuse_activations
 from .fused import BatchNormAddReLU2d, BatchNormReLU2d, batch_norm_add_relu, batch_norm_relu
+from .fused_leaky import BatchNormLeakyReLU2d, batch_norm_leaky_relu
 from .fx import Tracer, symbolic_trace
 from .lifecycle import LayerStats, accumulate_stats, recompute_stats
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -67,6 +73,8 @@ __all__ = [
     "BatchNorm3d",
     "BatchNormAddReLU2d",
     "BatchNormFunction",
+    "BatchNormLeakyReLU2d",
+    "FusionReport",
     "BatchNormReLU2d",
     "FrozenBatchNorm",
     "FrozenBatchNorm1d",
@@ -85,6 +93,8 @@ __all__ = [
     "accumulate_stats",
     "batch_norm",
     "batch_norm_add_relu",
+    "batch_norm_leaky_relu",
+    "fuse_activations",
     "batch_norm_relu",
     "convert",
     "convert_sync",

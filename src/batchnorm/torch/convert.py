@@ -31,11 +31,28 @@ def convert(
     backend: str = "auto",
     through_mean: bool = True,
     through_var: bool = True,
+    fuse_activations: bool = False,
 ) -> torch.nn.Module:
     """``model`` with every ``torch.nn.BatchNorm1d/2d/3d`` replaced by ours (in place for
-    children; a bare batch-norm ``model`` is returned as a new module)."""
+    children; a bare batch-norm ``model`` is returned as a new module).
+
+    ``fuse_activations=True``: then each ``BatchNorm2d`` followed by a ReLU, an add and a ReLU,
+    or a LeakyReLU becomes one fused module that saves less for the backward
+    (``fuse.fuse_activations``): the result is a new ``torch.fx.GraphModule`` sharing the
+    model's tensors where the model traces, else the model with its ``nn.Sequential`` pairs
+    fused. What was fused (and why not, elsewhere) is logged on the ``batchnorm`` logger
+    (``fuse.fuse_activations`` returns it as a report).
+    """
     extras = {"backend": backend, "through_mean": through_mean, "through_var": through_var}
-    return _swap(model, _OURS, extras, {})
+    converted = _swap(model, _OURS, extras, {})
+    if not fuse_activations:
+        return converted
+    from .fuse import fuse_activations as fuse
+    from .fuse import logger
+
+    fused, report = fuse(converted)
+    (logger.info if report.traced else logger.warning)("convert: %s", report)
+    return fused
 
 
 def revert(model: torch.nn.Module) -> torch.nn.Module:

@@ -16,20 +16,42 @@ from .._xp import check_eps, per_channel
 from ..kernels import BackendUnavailable, select_backend
 from .function import AXIS, apply_batch_norm
 from .masked import MaskedBatchNormFunction, check_mask, compact, expand, masked_path, real_count
+from .native import NATIVE, native_batch_norm, why_not_native
 
 __all__ = ["batch_norm", "explain_backend", "BackendUnavailable"]
 
 
 def explain_backend(
-    input: torch.Tensor, backend: str = "auto", *, mask: torch.Tensor | None = None
+    input: torch.Tensor,
+    backend: str = "auto",
+    *,
+    training: bool = True,
+    through_mean: bool = True,
+    through_var: bool = True,
+    mask: torch.Tensor | None = None,
 ) -> str:
-    """Which backend ``backend`` resolves to for ``input``, and why the others were passed over;
-    with ``mask``, also which masked path the layers run (``masked.masked_path``): the
-    backend's native masked stages, or the gather of the real positions (compaction).
+    """What ``backend`` runs for ``input`` in a layer's forward (``training`` or evaluation,
+    with these switches), and why the others were passed over; with ``mask``, also which
+    masked path the layers run (``masked.masked_path``): the backend's native masked stages, or
+    the gather of the real positions (compaction).
 
+    ``"torch (...)"``: ``"auto"`` hands the call to PyTorch's own kernel, where its semantics are
+    ours and it is faster (``native.py``); otherwise the stage backend, e.g. ``"numba"`` or
+    ``"reference (backend 'numba' is skipped by auto below 65536 elements)"``.
     Raises ``BackendUnavailable`` if an explicitly named backend cannot run on ``input``.
     """
+    if backend == "auto" and mask is None:  # PyTorch's kernel has no mask
+        reason = why_not_native(input, training, through_mean=through_mean, through_var=through_var)
+        if reason is None:
+            mode = "training" if training else "evaluation"
+            return (
+                f"{NATIVE} (PyTorch's own batch_norm: {input.numel()} values in {mode} on "
+                f"{input.device.type}, where it is faster than our stages and computes the same; "
+                "non-finite batches are still kept out of the running statistics)"
+            )
     chosen, notes = select_backend(input, backend)
+    if backend == "auto" and mask is None:
+        notes = [*notes, f"not PyTorch's kernel: {reason}"]
     text = chosen.name if not notes else f"{chosen.name} ({'; '.join(notes)})"
     if mask is None:
         return text
@@ -136,6 +158,22 @@ def _batch_norm(
     if input.numel() == 0:
         return _empty_batch(input, weight, bias), None
 
+    if backend == "auto" and (
+        why_not_native(
+            input,
+            bool(training),
+            through_mean=through_mean,
+            through_var=through_var,
+            stats_sink=stats_sink,
+        )
+        is None  # fmt: skip
+    ):
+        output = native_batch_norm(
+            input, weight, bias, running_mean, running_var, bool(training), momentum,
+            float(eps), num_batches_tracked,
+        )  # fmt: skip
+        if output is not None:
+            return output, NATIVE
     chosen, _ = select_backend(input, backend)
     output, mean, var, _ = apply_batch_norm(
         input,

@@ -19,6 +19,7 @@ import torch
 
 from .. import kernels
 from .functional import _batch_norm
+from .native import module_forward as _native_forward
 from .stats_sink import stats_sink_for
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -120,7 +121,14 @@ class _BatchNorm(torch.nn.Module):
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``mask`` (optional, boolean, the input's shape without the channel axis, True = a
-        real value): batch norm over the real positions only, 0 at the padded ones."""
+        real value): batch norm over the real positions only, 0 at the padded ones.
+
+        With ``backend="auto"`` a small enough call runs PyTorch's own kernel where its
+        semantics are ours (``native.py``; ``last_backend`` is then ``"torch"``)."""
+        if mask is None and self.backend == "auto":
+            output = _native_forward(self, input)
+            if output is not None:
+                return output
         return forward_with_buffers(
             self,
             input,

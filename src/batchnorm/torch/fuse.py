@@ -1,0 +1,217 @@
+"""``convert(model, fuse_activations=True)``: each batch norm followed by its activation becomes
+one fused module that saves less for the backward (``fused.py``, ``fused_leaky.py``).
+
+Patterns (the batch norm a ``BatchNorm2d`` of ours, used at one place, its output used once):
+
+    BN -> ReLU                 -> BatchNormReLU2d          (Conv-BN-ReLU: the conv stays)
+    BN -> add(., other) -> ReLU -> BatchNormAddReLU2d      (a ResNet block's tail)
+    BN -> LeakyReLU(slope)     -> BatchNormLeakyReLU2d     (In-Place ABN: only the output kept)
+
+ReLU / LeakyReLU as modules, ``torch.relu``, ``F.relu``, ``F.leaky_relu``, ``.relu()``; the add
+as ``+``, ``+=``, ``torch.add`` or ``.add``. Where the model traces with ``torch.fx`` (our
+:class:`~batchnorm.torch.fx.Tracer`), the graph is rewritten and a new ``torch.fx.GraphModule``
+is returned that shares every parameter and buffer with the model; where it does not trace,
+only consecutive children of every ``nn.Sequential`` are fused, in place, and the report says
+why tracing failed. The report (:class:`FusionReport`) lists what was fused and what was not;
+``convert`` logs it on the ``batchnorm`` logger.
+
+A fused module takes over the batch norm's tensors (``from_batch_norm``), so optimizers and
+state dicts keep working; a layer with a moments switch off is not fused (the fused layers have
+no switches). The residual of a BN+add+ReLU is checked at run time: an add that broadcasts (a
+shape or dtype other than the batch norm's) runs unfused, with the same result.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .functional import _batch_norm
+from .fused import BatchNormAddReLU2d, BatchNormReLU2d
+from .fused_leaky import BatchNormLeakyReLU2d
+from .fx import symbolic_trace
+from .modules import BatchNorm2d, forward_with_buffers
+
+__all__ = ["FusionReport", "fuse_activations"]
+
+logger = logging.getLogger("batchnorm")
+
+
+@dataclass
+class FusionReport:
+    """What ``fuse_activations`` did: ``fused`` (batch-norm name, pattern), ``skipped`` (name,
+    why), ``traced`` (torch.fx rewrote the graph) and ``note`` (why it did not trace)."""
+
+    fused: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    traced: bool = False
+    note: str | None = None
+
+    def __str__(self) -> str:
+        how = "torch.fx graph" if self.traced else f"nn.Sequential children only ({self.note})"
+        lines = [f"fused {len(self.fused)} batch norm(s) with their activation ({how})"]
+        lines += [f"  {name}: {pattern}" for name, pattern in self.fused]
+        lines += [f"  not fused {name}: {why}" for name, why in self.skipped]
+        return "\n".join(lines)
+
+
+class _GuardedAddReLU(BatchNormAddReLU2d):
+    """``BatchNormAddReLU2d`` that runs unfused where the add broadcasts (fx cannot know)."""
+
+    def forward(self, input: torch.Tensor, residual: Any) -> torch.Tensor:
+        if (
+            isinstance(residual, torch.Tensor)
+            and isinstance(input, torch.Tensor)
+            and residual.shape == input.shape
+            and residual.dtype == input.dtype
+        ):
+            return self._run(input, residual)
+        output = forward_with_buffers(self, input, _batch_norm, through_mean=True, through_var=True)
+        return torch.relu(output + residual)
+
+
+def _fusable(bn: nn.Module) -> str | None:
+    if type(bn) is not BatchNorm2d:
+        return f"{type(bn).__name__} is not our BatchNorm2d"
+    if not (bn.through_mean and bn.through_var):
+        return "a moments switch is off (the fused layers have none)"
+    return None
+
+
+def _fused_module(bn: BatchNorm2d, pattern: str, slope: float | None) -> nn.Module:
+    if pattern == "relu":
+        return BatchNormReLU2d.from_batch_norm(bn, backend=bn.backend)
+    if pattern == "add+relu":
+        return _GuardedAddReLU.from_batch_norm(bn, backend=bn.backend)
+    return BatchNormLeakyReLU2d.from_batch_norm(bn, backend=bn.backend, negative_slope=slope)
+
+
+def _activation(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[str, Any] | None:
+    """("relu", None) or ("leaky_relu", slope) if ``node`` applies that activation to its
+    first argument alone, else None."""
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        if type(module) is nn.ReLU:
+            return "relu", None
+        if type(module) is nn.LeakyReLU and module.negative_slope > 0:
+            return "leaky_relu", float(module.negative_slope)
+        return None
+    if node.op == "call_function" and node.target in (torch.relu, torch.relu_, nn.functional.relu):
+        return "relu", None
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return "relu", None
+    if node.op == "call_function" and node.target is nn.functional.leaky_relu:
+        slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+        if isinstance(slope, float | int) and slope > 0:
+            return "leaky_relu", float(slope)
+    return None
+
+
+def _residual(node: torch.fx.Node, bn_node: torch.fx.Node) -> torch.fx.Node | None:
+    """The other operand if ``node`` is ``bn_node + other`` (any spelling), else None."""
+    adds = (operator.add, operator.iadd, torch.add)
+    if node.op == "call_function" and node.target in adds and not node.kwargs:
+        operands = node.args
+    elif node.op == "call_method" and node.target in ("add", "add_") and not node.kwargs:
+        operands = node.args
+    else:
+        return None
+    if len(operands) != 2 or bn_node not in operands:
+        return None
+    other = operands[1] if operands[0] is bn_node else operands[0]
+    return other if isinstance(other, torch.fx.Node) and other is not bn_node else None
+
+
+def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _fuse_graph(gm: torch.fx.GraphModule, report: FusionReport) -> None:
+    modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), BatchNorm2d):
+            continue
+        bn = modules[node.target]
+        why = _fusable(bn)
+        if why is None and calls[node.target] > 1:
+            why = "the module is called at more than one place"
+        if why is None and len(node.users) != 1:
+            why = "its output is used more than once"
+        if why is not None:
+            report.skipped.append((node.target, why))
+            continue
+        user = next(iter(node.users))
+        found = _activation(user, modules)
+        if found is not None and len(node.args) == 1:
+            pattern, slope = found
+            _set_submodule(gm, node.target, _fused_module(bn, pattern, slope))
+            user.replace_all_uses_with(node)
+            gm.graph.erase_node(user)
+            report.fused.append((node.target, f"BN + {pattern}"))
+            continue
+        other = _residual(user, node)
+        act = next(iter(user.users)) if other is not None and len(user.users) == 1 else None
+        if act is not None and _activation(act, modules) == ("relu", None):
+            _set_submodule(gm, node.target, _fused_module(bn, "add+relu", None))
+            with gm.graph.inserting_before(act):
+                fused = gm.graph.call_module(node.target, (node.args[0], other))
+            act.replace_all_uses_with(fused)
+            for dead in (act, user, node):
+                gm.graph.erase_node(dead)
+            report.fused.append((node.target, "BN + add + relu"))
+            continue
+        report.skipped.append((node.target, "no ReLU / add+ReLU / LeakyReLU follows it"))
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _fuse_sequential(model: nn.Module, report: FusionReport) -> None:
+    for prefix, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = list(seq._modules)
+        for first, second in zip(names, names[1:], strict=False):
+            bn, act = seq._modules[first], seq._modules[second]
+            if not isinstance(bn, BatchNorm2d):
+                continue
+            pattern = None
+            if type(act) is nn.ReLU:
+                pattern, slope = "relu", None
+            elif type(act) is nn.LeakyReLU and act.negative_slope > 0:
+                pattern, slope = "leaky_relu", float(act.negative_slope)
+            name = f"{prefix}.{first}" if prefix else first
+            why = _fusable(bn) or (None if pattern else "no ReLU / LeakyReLU follows it")
+            if why is not None:
+                report.skipped.append((name, why))
+                continue
+            seq._modules[first] = _fused_module(bn, pattern, slope)
+            seq._modules[second] = nn.Identity()
+            report.fused.append((name, f"BN + {pattern}"))
+
+
+def fuse_activations(model: nn.Module) -> tuple[nn.Module, FusionReport]:
+    """Fuse each of our ``BatchNorm2d`` in ``model`` with the activation after it (module
+    docstring). Returns ``(model, report)``: a new ``GraphModule`` where ``model`` traces, else
+    ``model`` itself with its ``nn.Sequential`` pairs fused in place."""
+    report = FusionReport()
+    try:
+        gm = symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001 (any tracing failure means: the fallback)
+        report.note = f"torch.fx could not trace it: {type(exc).__name__}: {exc}"
+        _fuse_sequential(model, report)
+        return model, report
+    report.traced = True
+    _fuse_graph(gm, report)
+    gm.train(model.training)
+    return gm, report

@@ -1,0 +1,214 @@
+"""PyTorch's own kernel where our semantics are identical: the fixed cost of a small layer.
+
+Our stages pay a fixed Python cost per call (validation, backend resolution, the autograd
+Function, the running-statistics update through the array-API reference): about 0.5 ms per
+training step, against 0.1 ms for ``torch.nn.BatchNorm2d``, whatever the size. Below a size
+measured per device (``NATIVE_BELOW``), ``backend="auto"`` therefore runs ``torch.batch_norm``
+(ATen's native kernel, C++ end to end, differentiable twice, with forward-mode AD) where that
+computes exactly what our layer promises:
+
+* training with the full gradient (both moments switches on), or evaluation with running
+  statistics; no statistics sink (accumulation, PreciseBN, checkpoint recomputation),
+  no torch.func transform;
+* float32 or float64, or a contiguous float16/bfloat16 input (for channels_last half inputs
+  PyTorch's CPU ``grad_input`` is less accurate than ours: docs/torch.md);
+* a valid call: m >= 2 and eps > 0 in training, eps >= 0 in evaluation, momentum in [0, 1] or
+  None. Everything else (a wrong channel count, mixed dtypes PyTorch refuses) raises inside
+  ATen before it writes anything, and is then handed to our path, which raises our error.
+
+The guarantee that a non-finite batch never enters the running statistics is kept with one
+copy and one host read: the buffers are copied (one ``cat`` of two C-vectors) before ATen
+updates them in place, and ``dot(running_mean, running_var)`` is finite exactly when both
+vectors are (a NaN or infinity survives every product and sum; a finite overflow only sends a
+call to the slow branch needlessly). When it is not finite the old buffers come back and our
+own update (``functional.write_batch_stats``: finite channels written, the others kept, with
+the warning) runs on statistics recomputed by the reference.
+
+``module.last_backend`` is then ``"torch"``; ``explain_backend(x, training=...)`` says why
+(``why_not_native``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .. import reference as ref
+from .stats_sink import recomputing
+
+__all__ = ["NATIVE_BELOW", "NATIVE", "module_forward", "native_batch_norm", "why_not_native"]
+
+#: The name recorded in ``last_backend`` when PyTorch's kernel ran.
+NATIVE = "torch"
+
+#: device type -> (training, evaluation): ``backend="auto"`` runs PyTorch's kernel on inputs
+#: with fewer values than this. Measured with benchmarks/layer_cost.py on the shared 2-core
+#: machine (2026-12-04): in training our Numba stages win from (32, 64, 16, 16) = 524,288
+#: values (0.77 ms against torch.nn's 1.85 ms) and lose at (16, 64, 8, 8) = 65,536 (1.09 ms
+#: against 0.44 ms); in evaluation PyTorch's kernel is faster up to 2,097,152 values (0.19 ms
+#: against 0.26 ms) and 7.6x slower at 12,845,056 (its fresh output's page faults). Not
+#: measured on a GPU (none was lent): CUDA keeps the Triton stages.
+NATIVE_BELOW: dict[str, tuple[int, int]] = {"cpu": (262_144, 4_194_304)}
+
+_FULL = (torch.float32, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def why_not_native(
+    input: Any,
+    training: bool,
+    *,
+    through_mean: bool = True,
+    through_var: bool = True,
+    stats_sink: Any = None,
+) -> str | None:
+    """None when ``backend="auto"`` runs PyTorch's kernel on ``input``, else the reason not
+    (validation of the other arguments is the caller's, as for the stage backends)."""
+    if not isinstance(input, torch.Tensor):
+        return "the input is not a torch.Tensor"
+    device = input.device.type
+    limits = NATIVE_BELOW.get(device)
+    if limits is None:
+        return f"auto does not use PyTorch's kernel on {device} (no size limit measured there)"
+    dtype = input.dtype
+    if dtype not in _FULL and not (dtype in _HALF and input.is_contiguous()):
+        return f"PyTorch's kernel is not used for a non-contiguous or {dtype} input"
+    limit = limits[0] if training else limits[1]
+    if input.numel() >= limit:
+        mode = "training" if training else "evaluation"
+        return f"our stages are faster from {limit} values in {mode} on {device}"
+    if training and not (through_mean and through_var):
+        return "the moments switches are ours alone"
+    if stats_sink is not None:
+        return "the statistics go to a sink (accumulation, PreciseBN or recomputation)"
+    if torch._C._are_functorch_transforms_active():
+        return "a torch.func transform is active"
+    return None
+
+
+def native_batch_norm(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: int = 0,
+) -> torch.Tensor | None:
+    """``torch.batch_norm`` with our running-statistics guarantees, or None (and nothing
+    written) if ATen refused the call; the caller then runs our path, which raises our error.
+
+    ``momentum=None``: the cumulative average, with ``num_batches_tracked`` batches seen before
+    this one. The arguments are validated by the caller (eps, momentum, m >= 2).
+    """
+    cudnn = input.is_cuda and torch.backends.cudnn.enabled
+    if not training or running_mean is None:
+        try:
+            return torch.batch_norm(
+                input, weight, bias, running_mean, running_var, training, 0.0, eps, cudnn
+            )
+        except RuntimeError:
+            return None
+    factor = 1.0 / (num_batches_tracked + 1) if momentum is None else momentum
+    channels = running_mean.shape[0]
+    old = torch.cat((running_mean, running_var))
+    try:
+        output = torch.batch_norm(
+            input, weight, bias, running_mean, running_var, True, factor, eps, cudnn
+        )
+    except RuntimeError:
+        _restore(running_mean, running_var, old, channels)
+        return None
+    if not math.isfinite(torch.dot(running_mean, running_var)):
+        # Rare: a non-finite batch (or buffers already poisoned). Our own update decides.
+        _restore(running_mean, running_var, old, channels)
+        from .function import AXIS
+        from .functional import write_batch_stats
+
+        stats = ref.batch_stats(input.detach(), AXIS)
+        write_batch_stats(
+            input, running_mean, running_var, stats.mean, stats.var, momentum,
+            num_batches_tracked,
+        )  # fmt: skip
+    return output
+
+
+def _restore(
+    running_mean: torch.Tensor, running_var: torch.Tensor, old: torch.Tensor, channels: int
+) -> None:
+    with torch.no_grad():
+        running_mean.copy_(old[:channels])
+        running_var.copy_(old[channels:])
+
+
+def module_forward(module: Any, input: Any) -> torch.Tensor | None:
+    """The forward of one of our ``BatchNorm1d/2d/3d`` (``backend="auto"``, no mask) on
+    PyTorch's kernel, or None where ``why_not_native`` or a cheap validity check says no, or
+    ATen refused: the caller then runs ``modules.forward_with_buffers`` (which validates
+    completely and raises our errors). Nothing is written before that decision."""
+    if not isinstance(input, torch.Tensor):
+        return None
+    limits = NATIVE_BELOW.get(input.device.type)
+    if limits is None:
+        return None
+    dtype = input.dtype
+    if dtype not in _FULL and not (dtype in _HALF and input.is_contiguous()):
+        return None
+    module._check_input_dim(input)
+    eps = module.eps
+    if type(eps) is not float or not eps < math.inf:  # noqa: E721 (bool, str, NaN: our path)
+        return None
+    numel = input.numel()
+    training = module.training
+    if numel >= limits[0 if training else 1] or torch._C._are_functorch_transforms_active():
+        return None
+    running_mean, running_var = module.running_mean, module.running_var
+    if not training and running_mean is not None and running_var is not None:
+        if eps < 0:
+            return None
+        output = native_batch_norm(
+            input, module.weight, module.bias, running_mean, running_var, False, 0.0, eps
+        )
+        if output is not None:
+            _record(module)
+        return output
+    # Batch statistics: training, or evaluation without running statistics (as torch.nn).
+    if (
+        not (module.through_mean and module.through_var)
+        or eps <= 0
+        or numel < 2 * input.shape[1]  # m >= 2 (a channel-count mismatch is ATen's to refuse)
+    ):
+        return None
+    momentum, tracked, seen = module.momentum, module.num_batches_tracked, 0
+    update = training and module.track_running_stats
+    if update:
+        # stats_sink_for(module), without nn.Module.__getattr__'s miss (an exception) per call.
+        if tracked is None or recomputing() or module.__dict__.get("_stats_sink") is not None:
+            return None
+        if running_mean is None or running_var is None:
+            return None
+        if not (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0)):  # noqa: E721
+            return None
+        seen = int(tracked) if momentum is None else 0
+    else:
+        running_mean = running_var = None
+    output = native_batch_norm(
+        input, module.weight, module.bias, running_mean, running_var, True, momentum, eps, seen
+    )
+    if output is None:
+        return None
+    if update:
+        tracked.add_(1)
+    _record(module)
+    return output
+
+
+def _record(module: Any) -> None:
+    # Read first: nn.Module.__setattr__ (which looks through parameters, buffers and modules)
+    # costs more than the rest of a small evaluation forward's checks.
+    if module.last_backend != NATIVE:
+        module.last_backend = NATIVE

@@ -1,0 +1,30 @@
+"""benchmarks/model_step.py runs end to end (``--quick``) and writes its record; no timing is
+judged here, only that every figure is there and that the fused pairs save less than torch.nn's
+(for a whole ResNet they need not: see docs/torch.md, "Fused activations")."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "model_step.py"
+
+
+def test_model_step_quick_writes_every_figure(tmp_path, monkeypatch):
+    out = tmp_path / "model_step.json"
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--quick", "--threads", "1", "--out", str(out)])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    record = json.loads(out.read_text())
+    (result,) = record["results"]
+    for variant in ("torch.nn", "convert", "convert+fused"):
+        figures = result[variant]
+        assert figures["step_ms"] > 0 and figures["speed_vs_torch_nn"] > 0
+        assert 0 < figures["bn_share"] < 1 and figures["saved_bytes"] > 0
+    for pairs in record["pairs"].values():
+        assert pairs["bn+relu"]["ratio"] < 1 and pairs["bn+leaky_relu"]["ratio"] < 1

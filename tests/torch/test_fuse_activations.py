@@ -1,0 +1,145 @@
+"""``convert(model, fuse_activations=True)``: the patterns it fuses (torch.fx and nn.Sequential),
+what it reports, and a fused model equal to the unfused torch.nn one (outputs, gradients,
+running statistics) in float64."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import batchnorm.torch as bt
+from batchnorm.torch.fuse import fuse_activations
+
+
+class Block(nn.Module):
+    """A ResNet basic block (shared ReLU module, BN + add + ReLU tail) and a LeakyReLU branch."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.head = nn.Sequential(nn.Conv2d(c, c, 1), nn.BatchNorm2d(c), nn.LeakyReLU(0.2))
+        self.bn4 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = self.relu(out + x)
+        out = F.leaky_relu(self.bn3(out), 0.05)
+        out = self.head(out)
+        return torch.relu(self.bn4(out) + 1.0)  # a constant add: not a residual, stays
+
+
+class Branchy(nn.Module):
+    """Control flow on a value: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.body(x)
+        return self.body(-x)
+
+
+def _compare(ours, theirs, x, steps=2):
+    for step in range(steps + 1):
+        training = step < steps
+        ours.train(training), theirs.train(training)
+        xs = [(x + step).clone().requires_grad_() for _ in range(2)]
+        ys = [m(xi) for m, xi in zip((ours, theirs), xs, strict=True)]
+        torch.testing.assert_close(ys[0], ys[1])
+        dy = torch.randn_like(ys[0])
+        g0 = torch.autograd.grad(ys[0], [xs[0], *ours.parameters()], dy)
+        g1 = torch.autograd.grad(ys[1], [xs[1], *theirs.parameters()], dy)
+        for a, b in zip(g0, g1, strict=True):
+            torch.testing.assert_close(a, b)
+    for a, b in zip(ours.buffers(), theirs.buffers(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_traced_model_is_fused_and_equal(caplog):
+    torch.manual_seed(0)
+    theirs = Block().double()
+    with caplog.at_level(logging.INFO, logger="batchnorm"):
+        ours = bt.convert(copy.deepcopy(theirs), fuse_activations=True)
+    assert isinstance(ours, torch.fx.GraphModule)
+    kinds = {name: type(m).__name__ for name, m in ours.named_modules()}
+    assert kinds["bn1"] == "BatchNormReLU2d"
+    assert kinds["bn2"] == "_GuardedAddReLU"
+    assert kinds["bn3"] == "BatchNormLeakyReLU2d" and ours.bn3.negative_slope == 0.05
+    assert kinds["head.1"] == "BatchNormLeakyReLU2d"
+    assert ours.get_submodule("head.1").negative_slope == 0.2
+    assert kinds["bn4"] == "BatchNorm2d"  # + 1.0 is no residual tensor
+    assert "fused 4 batch norm(s)" in caplog.text and "not fused bn4" in caplog.text
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    _compare(ours, theirs, x)
+
+
+def test_untraceable_model_falls_back_to_sequential():
+    torch.manual_seed(0)
+    theirs = Branchy().double()
+    ours, report = fuse_activations(bt.convert(copy.deepcopy(theirs)))
+    assert not report.traced and "could not trace" in report.note
+    assert report.fused == [("body.1", "BN + relu")]
+    assert isinstance(ours.body[1], bt.BatchNormReLU2d) and isinstance(ours.body[2], nn.Identity)
+    _compare(ours, theirs, torch.randn(2, 3, 4, 4, dtype=torch.float64))
+
+
+def test_switches_and_shared_layers_are_not_fused():
+    shared = nn.BatchNorm2d(3)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU())
+    _, report = fuse_activations(bt.convert(model))
+    assert report.fused == [] and "more than one place" in str(report)
+    frozen = bt.convert(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()), through_mean=False)
+    _, report = fuse_activations(frozen)
+    assert report.fused == [] and "switch" in str(report)
+
+
+def test_broadcasting_add_runs_unfused():
+    class Bias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x, shift):
+            return F.relu(self.bn(x) + shift)
+
+    torch.manual_seed(0)
+    theirs = Bias().double()
+    ours = bt.convert(copy.deepcopy(theirs), fuse_activations=True)
+    assert type(ours.bn).__name__ == "_GuardedAddReLU"
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    shift = torch.randn(3, 1, 1, dtype=torch.float64)
+    torch.testing.assert_close(ours(x, shift), theirs(x, shift))
+    full = torch.randn_like(x)
+    torch.testing.assert_close(ours(x, full), theirs(x, full))
+    torch.testing.assert_close(ours.bn.running_var, theirs.bn.running_var)
+
+
+def test_fusion_saves_less_for_backward():
+    torch.manual_seed(0)
+    theirs = Block()
+    ours = bt.convert(copy.deepcopy(theirs), fuse_activations=True)
+
+    def saved(model):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.randn(8, 4, 16, 16, requires_grad=True))
+        return sum(storages.values())
+
+    assert saved(ours) < saved(theirs)

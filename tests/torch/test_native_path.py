@@ -1,0 +1,164 @@
+"""``backend="auto"`` on PyTorch's own kernel (``native.py``): the same layer as torch.nn, with
+our guarantees (errors before state changes, non-finite batches kept out of the running
+statistics), and ``explain_backend`` agreeing with what ran."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import batchnorm.torch as bt
+from batchnorm.torch import native
+
+
+def _buffers(module):
+    return {name: b.clone() for name, b in module.named_buffers()}
+
+
+def _steps(module, xs, training):
+    module.train(training)
+    outputs, grads = [], []
+    for x in xs:
+        leaf = x.clone().requires_grad_()
+        y = module(leaf)
+        params = [p for p in (module.weight, module.bias) if p is not None]
+        grads.append(torch.autograd.grad(y, [leaf, *params], torch.ones_like(y) + y.detach()))
+        outputs.append(y.detach())
+    return outputs, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("momentum", "affine", "track"), [(0.1, True, True), (None, True, True), (0.3, False, False)]
+)
+def test_small_layer_runs_pytorch_kernel_and_matches_torch_nn(dtype, momentum, affine, track):
+    torch.manual_seed(0)
+    xs = [(torch.randn(4, 3, 5, 5) * 2 + 0.5).to(dtype) for _ in range(3)]
+    theirs = torch.nn.BatchNorm2d(3, momentum=momentum, affine=affine, track_running_stats=track)
+    ours = bt.BatchNorm2d(3, momentum=momentum, affine=affine, track_running_stats=track)
+    theirs.to(dtype), ours.to(dtype)
+    for training in (True, False):
+        y_theirs, g_theirs = _steps(theirs, xs, training)
+        y_ours, g_ours = _steps(ours, xs, training)
+        assert ours.last_backend == "torch"
+        mode = "train" if training else "eval"
+        assert bt.explain_backend(xs[0], training=training).startswith("torch ("), mode
+        for a, b in zip([*y_ours, *sum(g_ours, ())], [*y_theirs, *sum(g_theirs, ())], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for name, b in theirs.named_buffers():
+            torch.testing.assert_close(dict(ours.named_buffers())[name], b, rtol=0, atol=0)
+
+
+def test_gradients_and_second_derivatives_in_float64():
+    module = bt.BatchNorm2d(3).double()
+    x = torch.randn(3, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    w = module.weight
+    module.track_running_stats = False  # gradcheck calls the layer many times
+
+    def f(x, w):
+        return module(x) * w.view(1, -1, 1, 1)
+
+    assert torch.autograd.gradcheck(f, (x, w))
+    assert torch.autograd.gradgradcheck(f, (x, w))
+    assert module.last_backend == "torch"
+
+
+def test_switches_and_sinks_take_our_stages():
+    x = torch.randn(4, 3, 2, 2)
+    assert bt.BatchNorm2d(3, through_mean=False)(x) is not None
+    for layer in (bt.BatchNorm2d(3, through_mean=False), bt.BatchNorm2d(3, through_var=False)):
+        layer(x)
+        assert layer.last_backend != "torch"
+    named = bt.BatchNorm2d(3, backend="reference")
+    named(x)
+    assert named.last_backend == "reference"
+    model = torch.nn.Sequential(bt.BatchNorm2d(3))
+    with bt.accumulate_stats(model):
+        model(x)
+    assert model[0].last_backend != "torch"
+    assert "switches" in bt.explain_backend(x, through_var=False)
+    assert "faster" in bt.explain_backend(torch.zeros(1, 3, 1, 1).expand(4096, 3, 8, 8))
+    # In evaluation the switches change nothing (the moments are constants): PyTorch's kernel.
+    layer = bt.BatchNorm2d(3, through_mean=False).eval()
+    layer(x)
+    assert layer.last_backend == "torch"
+
+
+def test_explain_backend_says_what_the_layer_ran(monkeypatch):
+    monkeypatch.setattr(native, "NATIVE_BELOW", {"cpu": (100, 200)})
+    for shape in [(2, 3, 4, 4), (4, 3, 2, 2), (2, 3, 2, 2)]:  # 96, 48, 24 values
+        for dtype in (torch.float32, torch.float16):
+            for layout in ("contiguous", "channels_last"):
+                x = torch.randn(shape).to(dtype)
+                if layout == "channels_last":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                for training in (True, False):
+                    layer = bt.BatchNorm2d(3).to(dtype).train(training)
+                    layer(x)
+                    said = bt.explain_backend(x, training=training).split(" ")[0]
+                    assert said == layer.last_backend, (shape, dtype, layout, training)
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda m: m(torch.randn(4, 5, 2, 2)), ValueError),  # 5 channels into a 3-channel layer
+        (lambda m: m(torch.randn(1, 3, 1, 1)), ValueError),  # m = 1 in training
+        (lambda m: m(torch.randn(4, 3, 2)), ValueError),  # rank
+        (lambda m: setattr(m, "eps", 0.0) or m(torch.randn(4, 3, 2, 2)), ValueError),
+        (lambda m: setattr(m, "momentum", 2.0) or m(torch.randn(4, 3, 2, 2)), ValueError),
+        (lambda m: m(torch.randn(4, 3, 2, 2, dtype=torch.float64).to(torch.int64)), TypeError),
+    ],
+)
+def test_bad_calls_raise_our_errors_before_any_state_change(call, error):
+    module = bt.BatchNorm2d(3)
+    module(torch.randn(4, 3, 2, 2))
+    before = _buffers(module)
+    with pytest.raises(error):
+        call(module)
+    for name, b in module.named_buffers():
+        assert torch.equal(b, before[name]), name
+
+
+def test_dtype_pytorch_refuses_is_computed_by_our_stages():
+    module = bt.BatchNorm2d(3)  # float32 parameters
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    y = module(x)
+    assert y.dtype == torch.float64 and module.last_backend != "torch"
+    assert int(module.num_batches_tracked) == 1
+
+
+def test_non_finite_batch_on_pytorch_kernel_keeps_old_statistics():
+    ours, theirs = bt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    good = torch.randn(4, 3, 2, 2)
+    ours(good), theirs(good)
+    bad = torch.randn(4, 3, 2, 2)
+    bad[0, 2, 1, 1] = float("nan")
+    before = _buffers(ours)
+    with pytest.warns(RuntimeWarning, match=r"channel\(s\) \[2\]"):
+        y = ours(bad)
+    assert ours.last_backend == "torch"
+    torch.testing.assert_close(y, theirs(bad), equal_nan=True)
+    for name in ("running_mean", "running_var"):
+        assert torch.equal(getattr(ours, name)[2], before[name][2])
+        torch.testing.assert_close(getattr(ours, name)[:2], getattr(theirs, name)[:2])
+    assert int(ours.num_batches_tracked) == 2
+    # A finite batch takes no detour and no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours(good)
+
+
+def test_functional_auto_uses_pytorch_kernel_with_the_guard():
+    running_mean, running_var = torch.zeros(2), torch.ones(2)
+    x = torch.randn(5, 2)
+    y = bt.batch_norm(x, running_mean, running_var, training=True)
+    torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True))
+    x[0, 1] = float("inf")
+    kept = running_mean[1].clone(), running_var[1].clone()
+    with pytest.warns(RuntimeWarning):
+        bt.batch_norm(x, running_mean, running_var, training=True)
+    assert torch.equal(running_mean[1], kept[0]) and torch.equal(running_var[1], kept[1])
+    assert torch.isfinite(running_mean).all() and torch.isfinite(running_var).all()
