@@ -201,8 +201,8 @@ def _run(argv: Sequence[str]) -> int:
             )
             return 2
         if args.style == "keras":
-            # Keras picks its backend once, at import, from KERAS_BACKEND; its own default,
-            # TensorFlow, is not one the style can take gradients on.
+            # Keras picks its backend once, at import, from KERAS_BACKEND; its own default is
+            # TensorFlow, an optional install (JAX comes with the frameworks extra).
             os.environ.setdefault("KERAS_BACKEND", "jax")
         try:
             adapter = make_adapter(

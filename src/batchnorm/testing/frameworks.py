@@ -110,10 +110,13 @@ def versions(names: Sequence[str] = _VERSIONED) -> dict[str, str]:
     """Installed versions of ``names`` (absent ones left out)."""
     found = {}
     for name in names:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
+        # TensorFlow's CPU wheel is distributed as tensorflow-cpu, imported as tensorflow
+        for dist in (name, f"{name}-cpu"):
+            try:
+                found[name] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                pass
     return found
 
 

@@ -9,7 +9,8 @@ with ``axis`` the case's channel axis (the case is handed over in its own layout
 ``float64`` as the case, ``mixed_float16`` / ``mixed_bfloat16`` for the 16-bit cases (16-bit
 compute, float32 variables: how Keras is meant to run them). Gradients come from the backend's
 own differentiation: ``jax.vjp`` of ``layer.stateless_call`` on JAX, ``torch.autograd.grad`` on
-PyTorch; other backends (TensorFlow) are reported as unsupported with the reason. Keras's
+PyTorch, ``tf.GradientTape`` on TensorFlow; any other backend is reported as unsupported with
+the reason. Keras's
 conventions are the declared default: momentum weighs the old value, the running variance is
 biased. Masked cases are skipped (the layer takes no per-position mask).
 """
@@ -35,7 +36,7 @@ DTYPE_POLICY = {
     "float16": "mixed_float16",
     "bfloat16": "mixed_bfloat16",
 }
-_DIFFERENTIABLE = ("jax", "torch")
+_DIFFERENTIABLE = ("jax", "torch", "tensorflow")
 _FLOATING = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -65,7 +66,9 @@ class KerasStyle(Style):
             getattr(cls, "func", None), "__name__", repr(cls)
         )
         extra = "".join(f", {k}={v!r}" for k, v in options.items())
-        how = {"jax": "jax.vjp", "torch": "torch.autograd"}.get(self.backend, "none")
+        how = {"jax": "jax.vjp", "torch": "torch.autograd", "tensorflow": "tf.GradientTape"}.get(
+            self.backend, "none"
+        )
         self.signature = (
             f"{name}(axis=, momentum=, epsilon=, dtype={extra}[, center=False, scale=False]) "
             f"on Keras {keras.__version__}, backend {self.backend}; gradients by {how}"
@@ -125,6 +128,10 @@ class _KerasSession:
             import torch
 
             return torch.tensor(arr, dtype=getattr(torch, self.case.dtype))
+        if self.backend == "tensorflow":
+            import tensorflow as tf
+
+            return tf.constant(arr, dtype=getattr(tf, self.case.dtype))
         import jax.numpy as jnp
 
         return jnp.asarray(arr, dtype=getattr(jnp, self.case.dtype))
@@ -136,7 +143,9 @@ class _KerasSession:
             raise ImplementationError(
                 f"{stage} returned a {type(value).__name__}, expected a tensor ({name})"
             )
-        dtype = str(value.dtype).removeprefix("torch.")
+        # NumPy, JAX and TensorFlow dtypes have a name; torch's print as "torch.float32"
+        name = getattr(value.dtype, "name", None)
+        dtype = name if isinstance(name, str) else str(value.dtype).removeprefix("torch.")
         if dtype not in _FLOATING:
             raise ImplementationError(f"{stage}: {name} has dtype {dtype}, not floating")
         if tuple(value.shape) != tuple(shape):
@@ -158,6 +167,14 @@ class _KerasSession:
                 xt = self._input(x).requires_grad_(True)
                 y = call_user("forward (training=True)", self.layer, xt, training=True)
                 self.pending = (xt, y)
+            elif self.backend == "tensorflow":
+                import tensorflow as tf
+
+                xt = self._input(x)
+                with tf.GradientTape() as tape:
+                    tape.watch(xt)
+                    y = call_user("forward (training=True)", self.layer, xt, training=True)
+                self.pending = (tape, xt, y)
             else:
                 y = self._jax_forward(self._input(x))
             return self._numpy("forward", "output", y, self.case.shape)
@@ -210,6 +227,21 @@ class _KerasSession:
                     wrt,
                     dyt,
                     allow_unused=True,
+                )
+                dx, dgamma, dbeta = (*grads, None, None)[:3]
+            elif self.backend == "tensorflow":
+                import tensorflow as tf
+
+                tape, xt, y = self.pending
+                wrt = [xt]
+                if self.case.affine:
+                    wrt += [self.layer.gamma.value, self.layer.beta.value]
+                grads = call_user(
+                    "backward (tf.GradientTape)",
+                    tape.gradient,
+                    y,
+                    wrt,
+                    output_gradients=tf.cast(self._input(dy), y.dtype),
                 )
                 dx, dgamma, dbeta = (*grads, None, None)[:3]
             else:
