@@ -44,13 +44,17 @@ __all__ = ["NATIVE_BELOW", "NATIVE", "module_forward", "native_batch_norm", "why
 NATIVE = "torch"
 
 #: device type -> (training, evaluation): ``backend="auto"`` runs PyTorch's kernel on inputs
-#: with fewer values than this. Measured with benchmarks/layer_cost.py on the shared 2-core
-#: machine (2026-12-04): in training our Numba stages win from (32, 64, 16, 16) = 524,288
-#: values (0.77 ms against torch.nn's 1.85 ms) and lose at (16, 64, 8, 8) = 65,536 (1.09 ms
-#: against 0.44 ms); in evaluation PyTorch's kernel is faster up to 2,097,152 values (0.19 ms
-#: against 0.26 ms) and 7.6x slower at 12,845,056 (its fresh output's page faults). Not
-#: measured on a GPU (none was lent): CUDA keeps the Triton stages.
-NATIVE_BELOW: dict[str, tuple[int, int]] = {"cpu": (262_144, 4_194_304)}
+#: with fewer values than this. Measured on the 2-core machine (2026-12-04). Layer alone
+#: (benchmarks/layer_cost.py): in training our Numba stages win from (32, 64, 16, 16) =
+#: 524,288 values (0.77 ms against torch.nn's 1.85 ms); in evaluation PyTorch's kernel is
+#: faster up to 2,097,152 values and 7.6x slower at 12,845,056 (its fresh output's page
+#: faults). Inside a whole model the training crossover moves up: between convolutions Numba's
+#: threads wake from sleep at every stage (OMP_WAIT_POLICY=PASSIVE, needed so that they do not
+#: spin against PyTorch's), and a ResNet-50 step at 64x64, batch 16, was 0.95x (float32) and
+#: 0.91x (bfloat16) of torch.nn's speed with the limit at 262,144 against 0.99x and 1.02x at
+#: 4,194,304 (same run, 2 threads; limits swept in one process). Not measured on a GPU (none
+#: was lent): CUDA keeps the Triton stages.
+NATIVE_BELOW: dict[str, tuple[int, int]] = {"cpu": (4_194_304, 4_194_304)}
 
 _FULL = (torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
