@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from ..cases import Case, CaseData
-from .base import ImplementationError, Session, Style, call_user, returned, vector
-from .numpy_io import NumpySession, numpy_unsupported
+from ..cases import CaseData
+from .base import ImplementationError, Session, call_user, returned, vector
+from .numpy_io import FunctionPairStyle, NumpySession
 
 
-class CourseStyle(Style):
+class CourseStyle(FunctionPairStyle):
     """``forward(x, gamma, beta, bn_param) -> (out, cache)``, ``backward(dout, cache) ->
     (dx, dgamma, dbeta)``: the course-assignment style (cs231n).
 
@@ -24,26 +23,10 @@ class CourseStyle(Style):
 
     style = "course"
     grad_order = "(dx, dgamma, dbeta)"
-    target_counts = (2,)
-    target_names = "two names (forward,backward)"
-
-    def __init__(
-        self, forward: Callable[..., Any], backward: Callable[..., Any], layout: str = "rows"
-    ) -> None:
-        if layout not in ("rows", "native"):
-            raise ValueError(f"layout must be 'rows' or 'native', got {layout!r}")
-        self.forward, self.backward, self.layout = forward, backward, layout
-        self.signature = (
-            f"forward(x, gamma, beta, bn_param) -> (out, cache); "
-            f"backward(dout, cache) -> (dx, dgamma, dbeta); layout {layout}"
-        )
-
-    @classmethod
-    def from_target(cls, objects: Sequence[Any], *, layout: str, device: str) -> CourseStyle:
-        return cls(objects[0], objects[1], layout=layout)
-
-    def unsupported(self, case: Case) -> str | None:
-        return numpy_unsupported(case, self.layout)
+    calls = (
+        "forward(x, gamma, beta, bn_param) -> (out, cache); "
+        "backward(dout, cache) -> (dx, dgamma, dbeta)"
+    )
 
     def session(self, data: CaseData, momentum: float) -> Session:
         return _CourseSession(self, data, momentum)

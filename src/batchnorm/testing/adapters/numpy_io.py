@@ -3,12 +3,13 @@ expect, in the case's dtype, and their results back in the case's layout as floa
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..cases import Case, CaseData
-from .base import NO_MASK_STYLE, ImplementationError, as_float64, vector
+from .base import NO_MASK_STYLE, ImplementationError, Style, as_float64, vector
 
 NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 
@@ -70,3 +71,29 @@ class NumpySession:
             vector(stage, "dgamma", dgamma, c),
             vector(stage, "dbeta", dbeta, c),
         )
+
+
+class FunctionPairStyle(Style):
+    """The NumPy styles' common shape: a ``forward`` and a ``backward`` function, each case
+    handed over as an (m, C) matrix (``layout="rows"``) or as (N, C, ...) arrays (``"native"``).
+    A subclass sets ``style``, ``grad_order``, ``calls`` (the two signatures, for the report's
+    header) and ``session``."""
+
+    target_counts = (2,)
+    target_names = "two names (forward,backward)"
+    calls: str
+
+    def __init__(
+        self, forward: Callable[..., Any], backward: Callable[..., Any], layout: str = "rows"
+    ) -> None:
+        if layout not in ("rows", "native"):
+            raise ValueError(f"layout must be 'rows' or 'native', got {layout!r}")
+        self.forward, self.backward, self.layout = forward, backward, layout
+        self.signature = f"{self.calls}; layout {layout}"
+
+    @classmethod
+    def from_target(cls, objects: Sequence[Any], *, layout: str, device: str) -> Style:
+        return cls(objects[0], objects[1], layout=layout)
+
+    def unsupported(self, case: Case) -> str | None:
+        return numpy_unsupported(case, self.layout)

@@ -3,17 +3,14 @@ statistics."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
-
 import numpy as np
 
-from ..cases import Case, CaseData
-from .base import ImplementationError, Session, Style, call_user, returned
-from .numpy_io import NumpySession, numpy_unsupported
+from ..cases import CaseData
+from .base import ImplementationError, Session, call_user, returned
+from .numpy_io import FunctionPairStyle, NumpySession
 
 
-class PlainStyle(Style):
+class PlainStyle(FunctionPairStyle):
     """``forward(X, gamma, beta, eps) -> (out, cache)``, ``backward(dout, cache) ->
     (dX, dbeta, dgamma)`` (note the order): the blog-post style of ``seeds/001``.
 
@@ -25,26 +22,9 @@ class PlainStyle(Style):
     grad_order = "(dX, dbeta, dgamma)"
     no_running = "the plain style keeps no running statistics"
     no_eval = "the plain style has no eval mode"
-    target_counts = (2,)
-    target_names = "two names (forward,backward)"
-
-    def __init__(
-        self, forward: Callable[..., Any], backward: Callable[..., Any], layout: str = "rows"
-    ) -> None:
-        if layout not in ("rows", "native"):
-            raise ValueError(f"layout must be 'rows' or 'native', got {layout!r}")
-        self.forward, self.backward, self.layout = forward, backward, layout
-        self.signature = (
-            f"forward(X, gamma, beta, eps) -> (out, cache); "
-            f"backward(dout, cache) -> (dX, dbeta, dgamma); layout {layout}"
-        )
-
-    @classmethod
-    def from_target(cls, objects: Sequence[Any], *, layout: str, device: str) -> PlainStyle:
-        return cls(objects[0], objects[1], layout=layout)
-
-    def unsupported(self, case: Case) -> str | None:
-        return numpy_unsupported(case, self.layout)
+    calls = (
+        "forward(X, gamma, beta, eps) -> (out, cache); backward(dout, cache) -> (dX, dbeta, dgamma)"
+    )
 
     def session(self, data: CaseData, momentum: float) -> Session:
         return _PlainSession(self, data)
