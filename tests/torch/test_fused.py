@@ -254,9 +254,13 @@ def test_fused_empty_batch_answers_as_torch(backend):
     assert y.shape == x.shape
 
 
-def test_auto_runs_the_numba_fused_kernels_on_a_large_cpu_tensor():
-    """What a CPU user gets by default: the Numba kernels, fused, with a 1-bit mask."""
+def test_auto_runs_the_numba_fused_kernels_on_a_large_cpu_tensor(monkeypatch):
+    """What a CPU user gets by default above PyTorch's-kernel size (``native.NATIVE_BELOW``,
+    lowered here to keep the tensor small): the Numba kernels, fused, with a 1-bit mask."""
     pytest.importorskip("numba")
+    from batchnorm.torch import native
+
+    monkeypatch.setattr(native, "NATIVE_BELOW", {"cpu": (16**4, 16**4)})
     module = BatchNormAddReLU2d(16)
     x = torch.randn(16, 16, 16, 16, requires_grad=True)
     residual = torch.randn_like(x)

@@ -162,3 +162,87 @@ def test_functional_auto_uses_pytorch_kernel_with_the_guard():
         bt.batch_norm(x, running_mean, running_var, training=True)
     assert torch.equal(running_mean[1], kept[0]) and torch.equal(running_var[1], kept[1])
     assert torch.isfinite(running_mean).all() and torch.isfinite(running_var).all()
+
+
+# ------------------------------------------------------------- fused layers on small calls
+
+
+def _torch_pair(fused):
+    """torch.nn's unfused sequence with ``fused``'s parameters and buffers (copies)."""
+    bn = torch.nn.BatchNorm2d(fused.num_features, momentum=fused.momentum)
+    bn.to(fused.weight.dtype).load_state_dict(fused.state_dict())
+    return bn.train(fused.training)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_small_fused_layer_is_torch_nn_bn_then_relu_exactly(dtype, with_residual):
+    torch.manual_seed(1)
+    fused = (bt.BatchNormAddReLU2d(3) if with_residual else bt.BatchNormReLU2d(3)).to(dtype)
+    with torch.no_grad():
+        fused.weight.uniform_(0.5, 1.5), fused.bias.uniform_(-0.5, 0.5)
+    bn = _torch_pair(fused)
+    for training in (True, False, True):
+        fused.train(training), bn.train(training)
+        x = (torch.randn(4, 3, 5, 5) * 2 + 0.5).to(dtype)
+        r = torch.randn(4, 3, 5, 5).to(dtype)
+        cotangent = torch.randn(4, 3, 5, 5).to(dtype)
+        grads = []
+        for module, layer in ((fused, fused), (bn, None)):
+            leaf, res = x.clone().requires_grad_(), r.clone().requires_grad_()
+            if layer is None:
+                z = module(leaf)
+                y = torch.relu(z + res if with_residual else z)
+            else:
+                y = module(leaf, res) if with_residual else module(leaf)
+            params = [module.weight, module.bias]
+            inputs = [leaf, res, *params] if with_residual else [leaf, *params]
+            grads.append((y.detach(), *torch.autograd.grad(y, inputs, cotangent)))
+        assert fused.last_backend == "torch"
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for name, b in bn.named_buffers():
+            torch.testing.assert_close(dict(fused.named_buffers())[name], b, rtol=0, atol=0)
+
+
+def test_large_fused_call_keeps_our_fused_stages(monkeypatch):
+    pytest.importorskip("numba")
+    monkeypatch.setattr(native, "NATIVE_BELOW", {"cpu": (100, 100)})
+    layer = bt.BatchNormReLU2d(3)
+    layer(torch.randn(4, 3, 3, 3))  # 108 values
+    assert layer.last_backend.endswith("(fused)")
+    layer(torch.randn(4, 3, 2, 2))  # 48 values
+    assert layer.last_backend == "torch"
+
+
+def test_small_fused_layer_keeps_a_non_finite_batch_out_of_the_statistics():
+    fused = bt.BatchNormReLU2d(3)
+    fused(torch.randn(4, 3, 2, 2))
+    before = _buffers(fused)
+    bad = torch.randn(4, 3, 2, 2)
+    bad[1, 0, 0, 1] = float("inf")
+    with pytest.warns(RuntimeWarning, match=r"channel\(s\) \[0\]"):
+        fused(bad)
+    assert fused.last_backend == "torch"
+    assert torch.equal(fused.running_mean[0], before["running_mean"][0])
+    assert torch.equal(fused.running_var[0], before["running_var"][0])
+    assert not torch.equal(fused.running_mean[1:], before["running_mean"][1:])
+
+
+@pytest.mark.parametrize(
+    "residual",
+    [
+        torch.randn(4, 3, 2, 3),  # shape
+        torch.randn(4, 3, 2, 2, dtype=torch.float64),  # dtype
+        torch.randn(4, 3, 2, 2, device="meta"),  # device
+    ],
+    ids=["shape", "dtype", "device"],
+)
+def test_small_fused_layer_rejects_a_bad_residual_before_any_state_change(residual):
+    fused = bt.BatchNormAddReLU2d(3)
+    fused(torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2))
+    before = _buffers(fused)
+    with pytest.raises((ValueError, TypeError), match="residual"):
+        fused(torch.randn(4, 3, 2, 2), residual)
+    for name, b in fused.named_buffers():
+        assert torch.equal(b, before[name]), name

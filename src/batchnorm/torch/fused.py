@@ -12,6 +12,11 @@ Triton, as one extra pass on Numba. PyTorch's unfused sequence writes and re-rea
 intermediate ``bn(x)`` (and ``bn(x) + residual``) and keeps the activation for the ReLU's
 backward. An empty batch takes the unfused sequence, which answers it as PyTorch does.
 
+With ``backend="auto"``, a call small enough that our stages' fixed cost would outweigh the
+fusion runs PyTorch's own kernel and then the activation in place on its output, the unfused
+sequence of ``torch.nn`` (``native.py``, the same size limits and guarantees as the plain
+layers); ``last_backend`` then says ``"torch"`` and the forward keeps what ``torch.nn`` keeps.
+
 Semantics are those of ``batchnorm.torch.batch_norm`` (PyTorch's ``F.batch_norm``): running
 statistics are updated in place in training (momentum weights the new batch, unbiased running
 variance); bad arguments raise before any buffer changes.
@@ -31,6 +36,7 @@ from ..kernels import select_backend
 from .function import AXIS, memory_format_of
 from .functional import _batch_norm, check_call, check_functional_momentum, write_batch_stats
 from .modules import _check_backend_name, forward_with_buffers
+from .native import NATIVE, native_batch_norm, why_not_native
 
 __all__ = [
     "BatchNormAddReLU2d",
@@ -187,7 +193,8 @@ def _fused(
     stats_sink: Any = None,
 ) -> tuple[torch.Tensor, str | None]:
     """``functional._batch_norm``'s arguments, then the ReLU (after adding ``residual`` when it
-    is not None). Returns ``(output, what ran)``: ``"<backend> (fused)"``, None for an empty
+    is not None). Returns ``(output, what ran)``: ``"<backend> (fused)"``, ``"torch"`` where
+    ``"auto"`` ran PyTorch's kernel and then the activation (``native.py``), None for an empty
     batch."""
     _check_backend_name(backend)
     if residual is not None:
@@ -199,6 +206,11 @@ def _fused(
                 f"residual has dtype {residual.dtype} but input has dtype {input.dtype}; "
                 "they must be equal"
             )
+        if residual.device != input.device:
+            raise ValueError(
+                f"residual is on {residual.device} but input is on {input.device}; "
+                "they must be on the same device"
+            )
     update = check_call(input, running_mean, running_var, weight, bias, training, momentum, eps)
     chosen, _ = select_backend(input, backend)
     if input.numel() == 0:  # the unfused sequence answers an empty batch as PyTorch does
@@ -209,6 +221,15 @@ def _fused(
         )  # fmt: skip
         output = output if residual is None else output + residual
         return torch.relu(output), None
+    if backend == "auto" and why_not_native(input, bool(training), stats_sink=stats_sink) is None:
+        # A small call: PyTorch's kernel, then the activation in place on its fresh output
+        # (what torch.nn's BatchNorm2d + ReLU(inplace=True) do), as in ``_batch_norm``.
+        output = native_batch_norm(
+            input, weight, bias, running_mean, running_var, bool(training), momentum,
+            float(eps), num_batches_tracked,
+        )  # fmt: skip
+        if output is not None:
+            return torch.relu_(output if residual is None else output.add_(residual)), NATIVE
     output, mean, var = FusedBatchNormReLUFunction.apply(
         input, weight, bias, residual, running_mean, running_var, bool(training), float(eps),
         chosen,
@@ -246,7 +267,8 @@ class _FusedBatchNorm2d(_TorchBatchNorm):
             num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra
         )
         self.backend: str = _check_backend_name(backend)
-        #: What the latest forward ran: "<backend name> (fused)".
+        #: What the latest forward ran: "<backend name> (fused)", or "torch" where ``"auto"``
+        #: ran PyTorch's kernel and the activation after it (a small call, ``native.py``).
         self.last_backend: str | None = None
 
     @classmethod
