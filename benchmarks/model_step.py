@@ -2,34 +2,37 @@
 
 ``python benchmarks/model_step.py [--quick] [--out FILE]``: ResNet-18- and ResNet-50-style
 networks (written below: no torchvision, no download), on CPU, batch 16 and 32, float32 and
-bfloat16, input 3 x SIZE x SIZE (64 by default; ``--size``). For each configuration, in one
-process and on the same weights and batch:
+bfloat16, input 3 x SIZE x SIZE for each SIZE of ``--sizes`` (64 and 112 by default; 112 is
+the input of the measurement issue 20 started from). For each configuration, in one process
+and on the same weights and batch:
 
-* the median time of a training step (forward, cross-entropy, backward, SGD update) after
-  warm-up, per variant, and its ratio to torch.nn's (> 1: faster than torch.nn);
+* the time of a training step (forward, cross-entropy, backward, SGD update) per variant over
+  ``--repeats`` rounds (15); every round runs each variant once, the order rotating by one
+  each round. Speed is torch.nn's time over the variant's (> 1: faster than torch.nn): the
+  median of the per-round ratios with their quartiles, and the ratio of the two fastest steps.
+  On this 2-core machine a step varies by several percent from round to round, as much as
+  batch norm's whole share of it, so a single ratio of medians says little;
 * the bytes of tensors saved for backward, counting each storage once
   (``torch.autograd.graph.saved_tensors_hooks``);
-* the share of the step spent in batch norm (and in ReLU) according to ``torch.profiler``:
-  the batch-norm modules' forward (a ``record_function`` range around each) plus their
-  backward nodes (autograd node names with "BatchNorm"); with fused activations the ReLU
-  is inside the fused module.
+* the share of the step spent in batch norm (and in ReLU) according to ``torch.profiler``
+  (one profiled step): the batch-norm modules' forward (a ``record_function`` range around
+  each) plus their backward nodes (autograd node names with "BatchNorm"); with fused
+  activations the ReLU is inside the fused module.
 
 Also, once: the saved-tensor bytes of one BN+ReLU (and BN+LeakyReLU) pair, torch.nn against
 the fused module, the figure docs/torch.md quotes. ``--quick`` (a one-block-per-stage ResNet,
-batch 4, 32 x 32, float32, 1 repeat) is the smoke run the tests use. ``--threads N`` sets
-torch's threads (the committed results used 1 on a 2-core machine shared with other jobs: with
-2, the load made PyTorch's threads wait on each other and single steps 10-100x slower).
-Variants are timed interleaved, round after round, so that a load change on a shared machine
-hits all of them alike; the script sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment has
-one (recorded in the JSON), since otherwise the Numba kernels' OpenMP workers keep spinning
-after each call and slow PyTorch's own ops that follow (a torch.nn step measured 4-6x slower
-right after a converted model's step).
+batch 4, 32 x 32, float32, 2 rounds) is the smoke run the tests use. ``--threads N`` sets
+torch's threads. The script sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment has one
+(recorded in the JSON): otherwise the OpenMP workers of Numba and of PyTorch (two runtimes in
+one process) spin after each call against each other's next call (docs/torch.md,
+Limitations).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import logging
 import os
@@ -44,6 +47,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 import batchnorm.torch as bt
 
@@ -213,6 +217,38 @@ def _is_relu(module: nn.Module) -> bool:
     return isinstance(module, nn.ReLU | nn.LeakyReLU)
 
 
+def timed_rounds(steps: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds per step of each variant, ``rounds`` rounds after two warm-up steps each
+    (JIT compilation, allocator, first-call caches). Every round runs every variant once,
+    starting one variant later each round, so that neither a load change on the shared
+    machine nor the order (a variant running right after another's) favours one."""
+    for step in steps.values():
+        step(), step()
+    names = list(steps)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for k in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            steps[k]()
+            times[k].append(time.perf_counter() - start)
+    return times
+
+
+def speed_figures(base: list[float], mine: list[float]) -> dict[str, float]:
+    """torch.nn's time over this variant's, > 1 when faster: the median and quartiles of the
+    per-round ratios (each round's steps ran seconds apart, so slow drifts of the machine
+    cancel), and the ratio of the fastest steps (a step is only ever slowed by other load)."""
+    ratios = sorted(b / m for b, m in zip(base, mine, strict=True))
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {
+        "speed_vs_torch_nn": statistics.median(ratios),
+        "speed_q1": quartiles[0],
+        "speed_q3": quartiles[2],
+        "speed_fastest_vs_fastest": min(base) / min(mine),
+    }
+
+
 def measure(name: str, batch: int, dtype: torch.dtype, size: int, repeats: int) -> dict:
     torch.manual_seed(0)
     model = MODELS[name]().to(dtype)
@@ -220,27 +256,19 @@ def measure(name: str, batch: int, dtype: torch.dtype, size: int, repeats: int) 
     x = torch.randn(batch, 3, size, size, dtype=dtype)
     target = torch.randint(0, 100, (batch,))
     steps = {k: step_fn(m, x, target) for k, m in models.items()}
-    for step in steps.values():  # warm-up: JIT compilation, allocator, first-call caches
-        step(), step()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(repeats):  # interleaved rounds
-        for k, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[k].append(time.perf_counter() - start)
+    times = timed_rounds(steps, repeats)
     result = {
         "model": name,
         "batch": batch,
         "dtype": str(dtype).replace("torch.", ""),
         "size": size,
     }
-    base = statistics.median(times["torch.nn"])
     for k, m in models.items():
-        med = statistics.median(times[k])
         loss = lambda m=m: nn.functional.cross_entropy(m(x).float(), target)  # noqa: E731
         result[k] = {
-            "step_ms": med * 1e3,
-            "speed_vs_torch_nn": base / med,
+            "step_ms": statistics.median(times[k]) * 1e3,
+            "fastest_step_ms": min(times[k]) * 1e3,
+            **speed_figures(times["torch.nn"], times[k]),
             "saved_bytes": saved_bytes(loss),
             **profile_shares(m, steps[k]),
         }
@@ -252,23 +280,37 @@ def measure(name: str, batch: int, dtype: torch.dtype, size: int, repeats: int) 
 
 
 def pair_bytes(dtype: torch.dtype, shape: tuple[int, ...] = (16, 64, 28, 28)) -> dict:
-    """Saved bytes of one BN+activation pair on an input of ``shape``, torch.nn vs fused."""
+    """Saved bytes of one BN+activation pair on an input of ``shape``: torch.nn, the fused
+    module on its fused kernels (the backend named: the memory the fusion itself saves), and
+    the fused module with ``backend="auto"``, which below ``native.NATIVE_BELOW`` runs
+    PyTorch's kernel and the activation and so keeps what torch.nn keeps."""
+    kernels = "numba" if importlib.util.find_spec("numba") else "reference"
     x = torch.randn(shape, dtype=dtype, requires_grad=True)
     out = {}
     pairs = {
         "bn+relu": (
             nn.Sequential(nn.BatchNorm2d(shape[1]), nn.ReLU()),
+            bt.BatchNormReLU2d(shape[1], backend=kernels),
             bt.BatchNormReLU2d(shape[1]),
         ),
         "bn+leaky_relu": (
             nn.Sequential(nn.BatchNorm2d(shape[1]), nn.LeakyReLU(0.01)),
+            bt.BatchNormLeakyReLU2d(shape[1], negative_slope=0.01, backend=kernels),
             bt.BatchNormLeakyReLU2d(shape[1], negative_slope=0.01),
         ),
     }
-    for name, (theirs, ours) in pairs.items():
-        theirs, ours = theirs.to(dtype), ours.to(dtype)
-        a, b = saved_bytes(lambda m=theirs: m(x)), saved_bytes(lambda m=ours: m(x))
-        out[name] = {"torch.nn": a, "fused": b, "ratio": b / a}
+    for name, modules in pairs.items():
+        theirs, fused, auto = (m.to(dtype) for m in modules)
+        a, b, c = (saved_bytes(lambda m=m: m(x)) for m in (theirs, fused, auto))
+        out[name] = {
+            "torch.nn": a,
+            "fused": b,
+            "ratio": b / a,
+            "kernels": kernels,
+            "auto": c,
+            "auto_ratio": c / a,
+            "auto_ran": auto.last_backend,
+        }
     return out
 
 
@@ -276,8 +318,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny ResNet, batch 4")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--size", type=int, default=64, help="input height and width")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--sizes",
+        default="64,112",
+        help="input heights (= widths), comma-separated (112: the issue's own measurement)",
+    )
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds per configuration")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -285,23 +331,25 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     pair_shape = (16, 64, 28, 28)
     if args.quick:
-        configs = [("tiny", 4, torch.float32)]
-        size, repeats, pair_shape = 32, 1, (2, 8, 4, 4)
+        configs = [("tiny", 4, torch.float32, 32)]
+        sizes, repeats, pair_shape = [32], 2, (2, 8, 4, 4)
     else:
+        sizes = [int(v) for v in args.sizes.split(",")]
         configs = [
-            (name, batch, dtype)
+            (name, batch, dtype, size)
+            for size in sizes
             for name in ("resnet18", "resnet50")
             for dtype in (torch.float32, torch.bfloat16)
             for batch in (16, 32)
         ]
-        size, repeats = args.size, args.repeats
+        repeats = args.repeats
     record = {
         "benchmark": "model_step",
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__,
-        "input": f"3x{size}x{size}",
+        "inputs": [f"3x{size}x{size}" for size in sizes],
         "repeats": repeats,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "pairs": {
@@ -310,19 +358,26 @@ def main() -> None:
         },
         "results": [],
     }
-    print(f"input 3x{size}x{size}, {repeats} timed steps per variant (median)")
-    for name, batch, dtype in configs:
+    print(
+        f"{repeats} rounds per configuration; speed = torch.nn's time / the variant's, "
+        "median of the rounds' ratios [quartiles]"
+    )
+    for name, batch, dtype, size in tqdm(configs, desc="configurations", disable=args.quick):
         r = measure(name, batch, dtype, size, repeats)
         record["results"].append(r)
         cells = [
-            f"{k} {r[k]['step_ms']:.0f} ms x{r[k]['speed_vs_torch_nn']:.2f} "
+            f"{k} {r[k]['step_ms']:.0f} ms x{r[k]['speed_vs_torch_nn']:.3f} "
+            f"[{r[k]['speed_q1']:.3f}, {r[k]['speed_q3']:.3f}] "
             f"saved {r[k]['saved_bytes'] / 2**20:.0f} MiB bn {100 * r[k]['bn_share']:.1f}%"
             for k in ("torch.nn", "convert", "convert+fused")
         ]
-        print(f"{name} batch {batch} {r['dtype']}: " + " | ".join(cells), flush=True)
+        tqdm.write(f"{name} {size}px batch {batch} {r['dtype']}: " + " | ".join(cells))
     for d, pairs in record["pairs"].items():
         for k, v in pairs.items():
-            print(f"pair {k} {d}: fused saves {v['ratio']:.3f}x torch.nn's bytes")
+            print(
+                f"pair {k} {d}: fused kernels ({v['kernels']}) save {v['ratio']:.3f}x torch.nn's "
+                f"bytes; auto ({v['auto_ran']}) {v['auto_ratio']:.3f}x"
+            )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1) + "\n")

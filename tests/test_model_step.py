@@ -25,6 +25,12 @@ def test_model_step_quick_writes_every_figure(tmp_path, monkeypatch):
     for variant in ("torch.nn", "convert", "convert+fused"):
         figures = result[variant]
         assert figures["step_ms"] > 0 and figures["speed_vs_torch_nn"] > 0
+        assert figures["speed_q1"] <= figures["speed_vs_torch_nn"] <= figures["speed_q3"]
+        assert figures["fastest_step_ms"] <= figures["step_ms"]
         assert 0 < figures["bn_share"] < 1 and figures["saved_bytes"] > 0
+    assert result["torch.nn"]["speed_vs_torch_nn"] == 1.0
     for pairs in record["pairs"].values():
+        # The fused kernels keep less; "auto" on this small pair runs PyTorch's kernel (BN+ReLU),
+        # keeping what torch.nn keeps, while the In-Place ABN layer keeps its own kernels.
         assert pairs["bn+relu"]["ratio"] < 1 and pairs["bn+leaky_relu"]["ratio"] < 1
+        assert pairs["bn+relu"]["auto_ran"] == "torch" and pairs["bn+relu"]["auto_ratio"] == 1.0

@@ -208,5 +208,10 @@ def relu_backward(prep: Prepared, dy: np.ndarray, relu_mask: Array) -> Array:
     dz = prep.empty()
     if prep.size:
         kernel = _k().rows_relu_backward if prep.rows else _k().cols_relu_backward
-        kernel(prep.view(dy), bits, prep.view(dz))
+        kernel(_as_integers(prep.view(dy)), bits, _as_integers(prep.view(dz)))
     return prep.wrap(dz)
+
+
+def _as_integers(a: np.ndarray) -> np.ndarray:
+    """The same memory as integers of the same width (16-bit storage is already integer)."""
+    return a if a.dtype.kind in "iu" else a.view(np.dtype(f"i{a.itemsize}"))

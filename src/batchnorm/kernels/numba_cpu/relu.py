@@ -7,7 +7,11 @@ byte ``i // 8``; a row is padded to whole bytes, so that no byte is shared by tw
 rows can be written by different threads. A bit is set where the ReLU passed its input, i.e.
 where ``not z <= 0`` (z > 0, and NaN, which ``torch.relu`` passes through with its gradient):
 the gradient reaching batch norm's output is ``dy`` there and 0 elsewhere (0 at z = 0), as
-PyTorch's ``threshold_backward`` and the Triton kernels give it.
+PyTorch's ``threshold_backward`` and the Triton kernels give it. The bit is read from the
+stored output (y > 0 or NaN), which is z's sign except where a 16-bit output rounds a tiny
+positive z to 0: there the gradient is blocked, as in PyTorch's unfused sequence, whose ReLU
+sees the rounded value. The backward kernels take the gradients as integers of the same width
+(``dy & -bit``).
 
 ``z`` is formed in the compute dtype, the residual added there, and the result rounded once to
 the storage dtype (PyTorch's unfused sequence rounds bn(x) before the add: 16-bit outputs may
@@ -17,6 +21,7 @@ differ in the last bit).
 from __future__ import annotations
 
 import numba
+import numpy as np
 from numba import prange
 
 from .jit import _JIT, _at, _like, _load, _store
@@ -26,35 +31,50 @@ __all__ = ["rows_relu_elemt", "cols_relu_elemt", "rows_relu_backward", "cols_rel
 
 @numba.njit(**_JIT)
 def _relu_run(x, residual, has_residual, y, bits, mean, scale, shift):
-    """One row: y = relu((x - mean) * scale + shift [+ residual]), bits of z > 0."""
+    """One row: y = relu((x - mean) * scale + shift [+ residual]), then its bits.
+
+    Two loops, not one: the first is a select LLVM vectorises; the bits come after, from the
+    stored output while it is in L1 (measured at (32, 64, 32, 32) float32, 2 threads: 0.21 ms
+    against 0.50 ms with the bits packed in the same loop under a branch)."""
     n = x.shape[0]
-    for j in range(bits.shape[0]):
+    for i in range(n):
+        z = (_load(x[i]) - _at(mean, i)) * _at(scale, i) + _at(shift, i)
+        if has_residual:
+            z += _like(_load(residual[i]), z)
+        # z > 0 or NaN: passed through, value and gradient, as torch.relu.
+        y[i] = _store(y, z if not z <= 0 else _like(0.0, z))
+    full = n // 8
+    for j in range(full):
         byte = 0
-        for k in range(min(8, n - 8 * j)):
-            i = 8 * j + k
-            z = (_load(x[i]) - _at(mean, i)) * _at(scale, i) + _at(shift, i)
-            if has_residual:
-                z += _like(_load(residual[i]), z)
-            if z <= 0:
-                y[i] = _store(y, _like(0.0, z))
-            else:  # z > 0 or NaN: passed through, value and gradient, as torch.relu
-                byte |= 1 << k
-                y[i] = _store(y, z)
+        for k in range(8):
+            byte |= _passed(y[8 * j + k]) << k
         bits[j] = byte
+    if full < bits.shape[0]:
+        byte = 0
+        for k in range(n - 8 * full):
+            byte |= _passed(y[8 * full + k]) << k
+        bits[full] = byte
+
+
+@numba.njit(inline="always", **_JIT)
+def _passed(stored):
+    """1 where the stored output passed the gradient: not <= 0 (positive, or NaN)."""
+    return 0 if _load(stored) <= 0 else 1
 
 
 @numba.njit(**_JIT)
 def _relu_backward_run(dy, bits, dz):
-    """One row: dz = dy where the bit is set, 0 elsewhere."""
+    """One row: dz = dy where the bit is set, 0 elsewhere, on the values' integer bits (an AND
+    with 0 or all ones: exact, a NaN or inf in dy at a blocked position gives 0, and LLVM
+    vectorises it; measured 0.22 ms against 0.61 ms for the branch per element)."""
     n = dy.shape[0]
-    for j in range(bits.shape[0]):
-        byte = bits[j]
-        for k in range(min(8, n - 8 * j)):
-            i = 8 * j + k
-            if (byte >> k) & 1:
-                dz[i] = dy[i]
-            else:
-                dz[i] = 0
+    full = n // 8
+    for j in range(full):
+        byte = np.int64(bits[j])
+        for k in range(8):
+            dz[8 * j + k] = dy[8 * j + k] & -((byte >> k) & 1)
+    for i in range(8 * full, n):
+        dz[i] = dy[i] & -((np.int64(bits[i >> 3]) >> (i & 7)) & 1)
 
 
 @numba.njit(parallel=True, **_JIT)
