@@ -28,6 +28,7 @@ def test_model_step_quick_writes_every_figure(tmp_path, monkeypatch):
         assert figures["speed_q1"] <= figures["speed_vs_torch_nn"] <= figures["speed_q3"]
         assert figures["fastest_step_ms"] <= figures["step_ms"]
         assert 0 < figures["bn_share"] < 1 and figures["saved_bytes"] > 0
+        assert figures["bn_relu_ms"] > 0
     assert result["torch.nn"]["speed_vs_torch_nn"] == 1.0
     for pairs in record["pairs"].values():
         # The fused kernels keep less; "auto" on this small pair runs PyTorch's kernel (BN+ReLU),
