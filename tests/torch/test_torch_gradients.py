@@ -329,6 +329,9 @@ def test_eval_without_grad_skips_autograd_but_grad_and_transforms_do_not(monkeyp
     calls = []
     original = fn.BatchNormFunction.apply
     monkeypatch.setattr(fn.BatchNormFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    # Outside torch.func the C++ apply is called directly (``function._APPLY``).
+    original_cpp = fn._APPLY
+    monkeypatch.setattr(fn, "_APPLY", lambda *a: calls.append(1) or original_cpp(*a))
     ours, theirs = bt.BatchNorm2d(3, backend="reference"), torch.nn.BatchNorm2d(3)
     with torch.no_grad():
         ours.running_mean.uniform_(-1, 1)

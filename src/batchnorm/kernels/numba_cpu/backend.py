@@ -15,6 +15,7 @@ from ...reference.stages import (
 from ...reference.stats import BatchStats
 from . import compiled, masked_run
 from . import launchers as run
+from .compiled import sized_threads
 from .layout import Prepared, _dtype_name, _is_torch
 
 __all__ = ["NumbaBackend", "SUPPORTED_DTYPES", "unavailable_reason"]
@@ -61,6 +62,7 @@ class NumbaBackend:
     def unavailable_reason(self, x: Array) -> str | None:
         return unavailable_reason(x)
 
+    @sized_threads
     def batch_stats(self, x, axis, *, mask=None):
         prep = Prepared(x, axis)
         if mask is not None:
@@ -70,6 +72,7 @@ class NumbaBackend:
         mean, var, _ = run._stats(prep, 1.0)
         return BatchStats(prep.count, prep.out_vector(mean), prep.out_vector(var))
 
+    @sized_threads
     def elemt(self, x, mean, invstd, gamma, beta, axis, *, residual=None, relu=False, mask=None):
         prep = Prepared(x, axis)
         scale = (prep.vector(gamma, 1.0) * prep.vector(invstd)).astype(prep.cdt)
@@ -90,6 +93,7 @@ class NumbaBackend:
         res = None if residual is None else prep.same_layout(residual, "residual")
         return Elemt(*run.relu_elemt(prep, mean, scale, shift, res))
 
+    @sized_threads
     def forward_infer(self, x, running_mean, running_var, gamma, beta, eps, axis):
         prep = Prepared(x, axis)
         mean = prep.vector(running_mean)
@@ -98,6 +102,7 @@ class NumbaBackend:
         scale = (prep.vector(gamma, 1.0) * invstd).astype(prep.cdt)
         return run._elemt(prep, mean, scale, prep.vector(beta, 0.0))
 
+    @sized_threads
     def forward_train(self, x, gamma, beta, eps, axis, *, residual=None, relu=False):
         prep = Prepared(x, axis)
         if residual is None and not relu:
@@ -110,6 +115,7 @@ class NumbaBackend:
         vectors = (prep.out_vector(v) for v in (mean, var, invstd))
         return ForwardOut(y, *vectors, relu_mask)
 
+    @sized_threads
     def backward_reduce(self, dy, x, mean, invstd, axis, *, mask=None):
         prep = Prepared(x, axis)
         if mask is not None:
@@ -123,6 +129,7 @@ class NumbaBackend:
         )
         return tuple(prep.out_vector(s) for s in sums)
 
+    @sized_threads
     def backward_elemt(
         self, dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis, *,
         through_mean=True, through_var=True, mask=None,
@@ -143,10 +150,12 @@ class NumbaBackend:
             prep.vector(gamma, 1.0), s_dy, s_dy_xhat, int(count),
         )  # fmt: skip
 
+    @sized_threads
     def relu_backward(self, dy, x, relu_mask, axis):
         prep = Prepared(x, axis)
         return run.relu_backward(prep, prep.same_layout(dy), relu_mask)
 
+    @sized_threads
     def backward_train(
         self, dy, x, mean, invstd, gamma, axis, *, through_mean=True, through_var=True,
         relu_mask=None, residual_grad=False,
