@@ -56,7 +56,7 @@ def test_running_stats_shortcut_hands_non_finite_batches_to_the_reference(bad):
     "shape", [(8, 16, 4, 4), (4, 8, 32, 32), (32, 64, 2, 2)], ids=["cols", "rows", "narrow"]
 )
 def test_numba_stages_on_one_thread_equal_the_parallel_run(monkeypatch, shape):
-    """Below ``SERIAL_BELOW_BYTES`` the stages run on the calling thread: the same numbers
+    """Up to ``SERIAL_MAX_BYTES`` the stages run on the calling thread: the same numbers
     (the kernels split work by shape, never by thread count), and the caller's thread count
     is back afterwards."""
     numba = pytest.importorskip("numba")
@@ -70,8 +70,8 @@ def test_numba_stages_on_one_thread_equal_the_parallel_run(monkeypatch, shape):
     threads_seen = []
     real_set = numba.set_num_threads
 
-    def run(serial_below):
-        monkeypatch.setattr(compiled, "SERIAL_BELOW_BYTES", serial_below)
+    def run(serial_max):
+        monkeypatch.setattr(compiled, "SERIAL_MAX_BYTES", serial_max)
         fwd = backend.forward_train(x, gamma, beta, 1e-5, 1, relu=True)
         threads_seen.append(numba.get_num_threads())
         bwd = backend.backward_train(dy, x, fwd.mean, fwd.invstd, gamma, 1, relu_mask=fwd.relu_mask)

@@ -40,14 +40,16 @@ def num_threads() -> int:
     return _numba.get_num_threads()
 
 
-#: Inputs smaller than this many bytes run on the calling thread alone: waking Numba's OpenMP
+#: Inputs of at most this many bytes run on the calling thread alone: waking Numba's OpenMP
 #: workers costs about 0.1 ms per parallel region on this machine (they sleep between calls
 #: under OMP_WAIT_POLICY=PASSIVE, and a training step has 4-5 regions), more than a second
 #: thread saves on a small input. Measured with a convolution between calls, training step
-#: through the backend's stages, ms with 1 / 2 threads: (32, 512, 2, 2) 0.24 / 0.45,
-#: (32, 128, 8, 8) 0.59 / 0.69, (32, 64, 16, 16) 0.56 / 0.57, (32, 64, 32, 32) 3.2 / 2.2.
-#: ``BATCHNORM_NUMBA_SERIAL_BELOW_KB`` sets it (0: always the full thread count).
-SERIAL_BELOW_BYTES = int(float(os.environ.get("BATCHNORM_NUMBA_SERIAL_BELOW_KB", "2048")) * 1024)
+#: through the backend's stages, min ms on 1 / 2 threads: (16, 256, 4, 4) 0.28 / 0.53,
+#: (32, 512, 2, 2) 0.26 / 0.53, (32, 128, 8, 8) 0.61 / 0.81, (64, 256, 4, 4) 0.65 / 0.75;
+#: from 2 MiB two threads win: (32, 256, 8, 8) 1.58 / 1.20, (32, 64, 16, 16) 0.88 / 0.80.
+#: (One shape within the limit loses: (32, 256, 4, 4), 0.82 / 0.50.)
+#: ``BATCHNORM_NUMBA_SERIAL_MAX_KB`` sets it (0: always the full thread count).
+SERIAL_MAX_BYTES = int(float(os.environ.get("BATCHNORM_NUMBA_SERIAL_MAX_KB", "1024")) * 1024)
 
 
 def _nbytes(x: Any) -> int:
@@ -59,12 +61,12 @@ def _nbytes(x: Any) -> int:
 
 def sized_threads(stage: Any) -> Any:
     """A backend stage method run on one thread when its first array argument (x, or dy of
-    x's shape) is below ``SERIAL_BELOW_BYTES``; the caller's own Numba thread count is
-    restored after (and never raised: a caller at 1 thread stays there)."""
+    X's own Numba thread count is
+        restored after (and never raised: a caller at 1 thread stays there)."""
 
     @functools.wraps(stage)
     def run(self: Any, first: Any, *args: Any, **kwargs: Any) -> Any:
-        if NUMBA_IMPORT_ERROR is not None or _nbytes(first) >= SERIAL_BELOW_BYTES:
+        if NUMBA_IMPORT_ERROR is not None or _nbytes(first) > SERIAL_MAX_BYTES:
             return stage(self, first, *args, **kwargs)
         threads = _numba.get_num_threads()
         if threads == 1:
