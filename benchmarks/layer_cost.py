@@ -3,8 +3,10 @@
 ``python benchmarks/layer_cost.py [--threads N]``: median milliseconds of a training step
 (forward, then backward of the sum) and of an evaluation forward under no_grad, per layer and
 shape, all in one process, and each of ours as a ratio to torch.nn's (< 1.3: the target of
-issue 20). The layers are timed interleaved, round after round, so that a load change on a
-shared machine hits all of them alike. Which path ``auto`` ran is printed (``last_backend``:
+issue 20): ``BatchNorm2d`` with ``backend="auto"`` and ``"numba"`` against ``nn.BatchNorm2d``,
+and the fused ``BatchNormReLU2d`` (auto) against ``nn.BatchNorm2d`` + ``nn.ReLU(inplace=True)``.
+The layers are timed interleaved, round after round, so that a load change on a shared machine
+hits all of them alike. Which path ``auto`` ran is printed (``last_backend``:
 "torch" is PyTorch's own kernel, see docs/torch.md, "Cost per call").
 """
 
@@ -69,21 +71,25 @@ def main() -> None:
             "torch.nn": nn.BatchNorm2d(channels),
             "ours auto": bt.BatchNorm2d(channels),
             "ours numba": bt.BatchNorm2d(channels, backend="numba"),
+            "torch.nn bn+relu": nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True)),
+            "ours fused auto": bt.BatchNormReLU2d(channels),
         }
+        peer = {"ours fused auto": "torch.nn bn+relu"}
         train = medians_ms(
             {k: (lambda m=m, x=x: train_step(m, x)) for k, m in layers.items()}, repeats
         )
-        paths_train = {k: m.last_backend for k, m in layers.items() if k != "torch.nn"}
+        paths_train = {k: getattr(m, "last_backend", None) for k, m in layers.items()}
         infer = medians_ms(
             {k: (lambda m=m, x=x: eval_forward(m, x)) for k, m in layers.items()}, repeats
         )
         cells = []
-        for name in layers:
+        for name, layer in layers.items():
             cell = f"{name} {train[name]:.3f} / {infer[name]:.3f}"
-            if name != "torch.nn":
-                ratio_t, ratio_e = train[name] / train["torch.nn"], infer[name] / infer["torch.nn"]
-                path = f"{paths_train[name]} / {layers[name].last_backend}"
-                cell += f" ({ratio_t:.2f}x / {ratio_e:.2f}x, {path})"
+            if name.startswith("ours"):
+                base = peer.get(name, "torch.nn")
+                ratio_t, ratio_e = train[name] / train[base], infer[name] / infer[base]
+                path = f"{paths_train[name]} / {layer.last_backend}"
+                cell += f" ({ratio_t:.2f}x / {ratio_e:.2f}x of {base}, {path})"
             cells.append(cell)
         print(f"{shape}, {x.numel()}: " + ", ".join(cells), flush=True)
 

@@ -37,6 +37,7 @@ from .function import AXIS, memory_format_of
 from .functional import _batch_norm, check_call, check_functional_momentum, write_batch_stats
 from .modules import _check_backend_name, forward_with_buffers
 from .native import NATIVE, native_batch_norm, why_not_native
+from .native import module_forward as native_module_forward
 
 __all__ = [
     "BatchNormAddReLU2d",
@@ -286,7 +287,16 @@ class _FusedBatchNorm2d(_TorchBatchNorm):
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (N, C, H, W), got {input.dim()}D input")
 
+    #: The full gradient always (``native.module_forward`` reads the switches).
+    through_mean = through_var = True
+
     def _run(self, input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if self.backend == "auto" and (residual is None or _plain_residual(residual, input)):
+            # A small call: the plain layers' cheap checks and PyTorch's kernel (``native``),
+            # then the activation in place on its fresh output.
+            output = native_module_forward(self, input)
+            if output is not None:
+                return torch.relu_(output if residual is None else output.add_(residual))
         return forward_with_buffers(self, input, _fused, residual=residual)
 
     def extra_repr(self) -> str:
@@ -310,3 +320,15 @@ class BatchNormAddReLU2d(_FusedBatchNorm2d):
         if not isinstance(residual, torch.Tensor):
             raise TypeError(f"residual must be a torch.Tensor, got {type(residual).__name__}")
         return self._run(input, residual)
+
+
+def _plain_residual(residual: Any, input: Any) -> bool:
+    """Whether ``residual`` can be added to ``input``'s batch norm as it is (else ``_fused``
+    checks it and raises, before any buffer changes)."""
+    return (
+        isinstance(residual, torch.Tensor)
+        and isinstance(input, torch.Tensor)
+        and residual.shape == input.shape
+        and residual.dtype == input.dtype
+        and residual.device == input.device
+    )
