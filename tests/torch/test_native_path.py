@@ -246,3 +246,24 @@ def test_small_fused_layer_rejects_a_bad_residual_before_any_state_change(residu
         fused(torch.randn(4, 3, 2, 2), residual)
     for name, b in fused.named_buffers():
         assert torch.equal(b, before[name]), name
+
+
+def test_long_contiguous_runs_take_our_stages_sooner_in_training(monkeypatch):
+    """``NATIVE_BELOW_LONG_ROWS``: a contiguous input with >= 128 values per (n, c) leaves
+    PyTorch's kernel at the lower limit; channels_last or short runs keep the general one."""
+    pytest.importorskip("numba")
+    monkeypatch.setattr(native, "NATIVE_BELOW", {"cpu": (1000, 1000)})
+    monkeypatch.setattr(native, "NATIVE_BELOW_LONG_ROWS", {"cpu": 300})
+    long_runs = torch.randn(2, 2, 8, 16)  # 512 values, 128 per (n, c)
+    cases = [
+        (long_runs, True, "reference"),  # our stages (the reference at this size)
+        (long_runs, False, "torch"),  # evaluation: the general limit
+        (long_runs.contiguous(memory_format=torch.channels_last), True, "torch"),
+        (torch.randn(4, 4, 4, 8), True, "torch"),  # 512 values, 32 per (n, c)
+    ]
+    for x, training, ran in cases:
+        layer = bt.BatchNorm2d(x.shape[1]).train(training)
+        layer(x)
+        assert layer.last_backend == ran, (tuple(x.shape), x.is_contiguous(), training)
+        assert bt.explain_backend(x, training=training).split(" ")[0] == ran
+    assert "long contiguous runs" in bt.explain_backend(long_runs)
