@@ -249,8 +249,9 @@ def test_small_fused_layer_rejects_a_bad_residual_before_any_state_change(residu
 
 
 def test_long_contiguous_runs_take_our_stages_sooner_in_training(monkeypatch):
-    """``NATIVE_BELOW_LONG_ROWS``: a contiguous input with >= 128 values per (n, c) leaves
-    PyTorch's kernel at the lower limit; channels_last or short runs keep the general one."""
+    """``NATIVE_BELOW_LONG_ROWS``: a contiguous float32/float64 input with >= 128 values per
+    (n, c) leaves PyTorch's kernel at the lower limit; channels_last, short runs or a 16-bit
+    dtype keep the general one."""
     pytest.importorskip("numba")
     monkeypatch.setattr(native, "NATIVE_BELOW", {"cpu": (1000, 1000)})
     monkeypatch.setattr(native, "NATIVE_BELOW_LONG_ROWS", {"cpu": 300})
@@ -260,9 +261,10 @@ def test_long_contiguous_runs_take_our_stages_sooner_in_training(monkeypatch):
         (long_runs, False, "torch"),  # evaluation: the general limit
         (long_runs.contiguous(memory_format=torch.channels_last), True, "torch"),
         (torch.randn(4, 4, 4, 8), True, "torch"),  # 512 values, 32 per (n, c)
+        (long_runs.to(torch.bfloat16), True, "torch"),  # 16-bit: PyTorch's kernel is faster
     ]
     for x, training, ran in cases:
-        layer = bt.BatchNorm2d(x.shape[1]).train(training)
+        layer = bt.BatchNorm2d(x.shape[1]).to(x.dtype).train(training)
         layer(x)
         assert layer.last_backend == ran, (tuple(x.shape), x.is_contiguous(), training)
         assert bt.explain_backend(x, training=training).split(" ")[0] == ran

@@ -63,14 +63,18 @@ NATIVE = "torch"
 #: was lent): CUDA keeps the Triton stages.
 NATIVE_BELOW: dict[str, tuple[int, int]] = {"cpu": (4_194_304, 4_194_304)}
 
-#: device type -> training limit for inputs whose contiguous runs per (n, c) are long (a
-#: contiguous (N, C, *) input with at least ``ROWS_MIN_INNER`` values per channel per sample:
-#: the Numba "rows" kernels), where our stages win sooner. Measured with a convolution between
-#: calls (as in a model), training step, torch.nn's time over ours on ``backend="numba"``:
-#: (32, 128, 16, 16) 1.31x, (16, 64, 32, 32) 1.24x, (32, 256, 16, 16) 1.43x, (16, 64, 56, 56)
-#: 2.10x; with short runs ("cols" kernels) PyTorch's kernel still wins there: (32, 512, 8, 8)
-#: 0.99x, (32, 1024, 4, 4) 0.67x. (2026-12-04, 2 threads, after our per-call cost fell from
-#: 1.34 to 0.73 ms at (32, 128, 8, 8).)
+#: device type -> training limit for float32/float64 inputs whose contiguous runs per (n, c)
+#: are long (a contiguous (N, C, *) input with at least ``ROWS_MIN_INNER`` values per channel
+#: per sample: the Numba "rows" kernels), where our stages win sooner. Measured with a
+#: convolution between calls (as in a model), training step, torch.nn's time over ours on
+#: ``backend="numba"``: (32, 128, 16, 16) 1.31x, (16, 64, 32, 32) 1.24x, (32, 256, 16, 16)
+#: 1.43x, (16, 64, 56, 56) 2.10x; with short runs ("cols" kernels) PyTorch's kernel still
+#: wins: (32, 512, 8, 8) 0.99x, (32, 1024, 4, 4) 0.67x (2026-12-04, 2 threads, after our
+#: per-call cost fell from 1.34 to 0.73 ms at (32, 128, 8, 8)). Not for 16-bit inputs:
+#: PyTorch's bfloat16 kernel is 5x faster than its float32 one here and beats our stages up to
+#: a few million values ((32, 128, 16, 16) 0.77x, (32, 64, 32, 32) 0.69x, (16, 64, 56, 56)
+#: 0.81x; (32, 256, 28, 28), above the general limit, 1.14x); with the lower limit applied to
+#: them, the bfloat16 ResNets' batch-norm time rose (README, "Performance").
 NATIVE_BELOW_LONG_ROWS: dict[str, int] = {"cpu": 1_048_576}
 ROWS_MIN_INNER = 128  # = batchnorm.kernels.numba_cpu.tuning.ROWS_MIN_INNER
 
@@ -115,7 +119,7 @@ def why_not_native(
 def _training_limit(input: torch.Tensor, limit: int) -> int:
     """The training limit for ``input``: lower for long contiguous runs per (n, c)."""
     rows_limit = NATIVE_BELOW_LONG_ROWS.get(input.device.type)
-    if rows_limit is None or rows_limit >= limit or input.dim() < 3:
+    if rows_limit is None or rows_limit >= limit or input.dim() < 3 or input.dtype not in _FULL:
         return limit
     if math.prod(input.shape[2:]) >= ROWS_MIN_INNER and input.is_contiguous():
         return rows_limit
