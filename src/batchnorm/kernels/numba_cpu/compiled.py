@@ -61,8 +61,8 @@ def _nbytes(x: Any) -> int:
 
 def sized_threads(stage: Any) -> Any:
     """A backend stage method run on one thread when its first array argument (x, or dy of
-    X's own Numba thread count is
-        restored after (and never raised: a caller at 1 thread stays there)."""
+    x's shape) has at most ``SERIAL_MAX_BYTES``; the caller's own Numba thread count is
+    restored after (and never raised: a caller at 1 thread stays there)."""
 
     @functools.wraps(stage)
     def run(self: Any, first: Any, *args: Any, **kwargs: Any) -> Any:
