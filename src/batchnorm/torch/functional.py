@@ -294,7 +294,7 @@ def write_running_stats(
     """Fold one batch's ``mean`` and biased ``var`` (over ``count`` values per channel) into the
     buffers, in place: ``reference.update_running_stats`` decides the values (PyTorch's momentum
     convention, unbiased running variance, non-finite channels kept and warned about)."""
-    if count >= 2 and int(num_batches_tracked) >= 0:
+    if running_mean.is_cpu and count >= 2 and int(num_batches_tracked) >= 0:
         # The usual case in a few torch ops: ``update_running_stats``'s arithmetic, the same
         # expressions in the same order (a test holds the two equal bit for bit), with its
         # finiteness test read once for all channels: dot(new_mean, new_var) is finite exactly
@@ -308,11 +308,8 @@ def write_running_stats(
             new_var = (1.0 - w) * running_var + w * (var * (count / (count - 1))).to(
                 running_var.dtype
             )
-            if (
-                new_mean.is_cpu
-                and new_mean.dtype == new_var.dtype
-                and math.isfinite(torch.dot(new_mean, new_var))
-            ):
+            # (On CPU only: elsewhere the host read would stall the device.)
+            if new_mean.dtype == new_var.dtype and math.isfinite(torch.dot(new_mean, new_var)):
                 running_mean.copy_(new_mean)
                 running_var.copy_(new_var)
                 return
