@@ -35,3 +35,17 @@ def test_model_step_quick_writes_every_figure(tmp_path, monkeypatch):
         # keeping what torch.nn keeps, while the In-Place ABN layer keeps its own kernels.
         assert pairs["bn+relu"]["ratio"] < 1 and pairs["bn+leaky_relu"]["ratio"] < 1
         assert pairs["bn+relu"]["auto_ran"] == "torch" and pairs["bn+relu"]["auto_ratio"] == 1.0
+
+
+def test_native_limit_ab_runs_and_restores_the_limit(monkeypatch, capsys):
+    from batchnorm.torch import native
+
+    script = SCRIPT.parent / "native_limit_ab.py"
+    before = dict(native.NATIVE_BELOW_LONG_ROWS)
+    argv = [str(script), "--model", "tiny", "--batch", "2", "--size", "32", "--rounds", "2",
+            "--threads", "1", "--limits", "0,4194304"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "long rows from 0" in out and "long rows from 4194304" in out
+    assert native.NATIVE_BELOW_LONG_ROWS == before
