@@ -47,7 +47,7 @@ def num_threads() -> int:
 #: through the backend's stages, min ms on 1 / 2 threads: (16, 256, 4, 4) 0.28 / 0.53,
 #: (32, 512, 2, 2) 0.26 / 0.53, (32, 128, 8, 8) 0.61 / 0.81, (64, 256, 4, 4) 0.65 / 0.75;
 #: from 2 MiB two threads win: (32, 256, 8, 8) 1.58 / 1.20, (32, 64, 16, 16) 0.88 / 0.80.
-#: (One shape within the limit loses: (32, 256, 4, 4), 0.82 / 0.50.)
+#: ((32, 256, 4, 4) once measured 0.82 / 0.50, and 0.34 / 0.63 when measured again.)
 #: ``BATCHNORM_NUMBA_SERIAL_MAX_KB`` sets it (0: always the full thread count).
 SERIAL_MAX_BYTES = int(float(os.environ.get("BATCHNORM_NUMBA_SERIAL_MAX_KB", "1024")) * 1024)
 
