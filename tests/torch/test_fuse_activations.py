@@ -81,6 +81,10 @@ def test_traced_model_is_fused_and_equal(caplog):
     assert ours.get_submodule("head.1").negative_slope == 0.2
     assert kinds["bn4"] == "BatchNorm2d"  # + 1.0 is no residual tensor
     assert "fused 4 batch norm(s)" in caplog.text and "not fused bn4" in caplog.text
+    # The activations the fused modules took over are gone (the shared self.relu too, both of
+    # its call sites fused); no state goes with them.
+    assert "relu" not in kinds and "head.2" not in kinds
+    assert list(ours.state_dict()) == list(bt.convert(copy.deepcopy(theirs)).state_dict())
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
     _compare(ours, theirs, x)
 

@@ -174,6 +174,9 @@ def _fuse_graph(gm: torch.fx.GraphModule, report: FusionReport) -> None:
         report.skipped.append((node.target, "no ReLU / add+ReLU / LeakyReLU follows it"))
     gm.graph.lint()
     gm.recompile()
+    # The activations the fused modules took over are dead now (stateless: no state_dict key
+    # goes); a traced GraphModule holds only the submodules its graph used, so nothing else can.
+    gm.delete_all_unused_submodules()
 
 
 def _fuse_sequential(model: nn.Module, report: FusionReport) -> None:
