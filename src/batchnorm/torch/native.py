@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from .. import reference as ref
+from ..kernels.numba_cpu.tuning import ROWS_MIN_INNER  # pure Python: no numba import
 from .stats_sink import recomputing
 
 __all__ = [
@@ -76,7 +77,6 @@ NATIVE_BELOW: dict[str, tuple[int, int]] = {"cpu": (4_194_304, 4_194_304)}
 #: 0.81x; (32, 256, 28, 28), above the general limit, 1.14x); with the lower limit applied to
 #: them, the bfloat16 ResNets' batch-norm time rose (README, "Performance").
 NATIVE_BELOW_LONG_ROWS: dict[str, int] = {"cpu": 1_048_576}
-ROWS_MIN_INNER = 128  # = batchnorm.kernels.numba_cpu.tuning.ROWS_MIN_INNER
 
 _FULL = (torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
