@@ -9,9 +9,11 @@ and on the same weights and batch:
 * the time of a training step (forward, cross-entropy, backward, SGD update) per variant over
   ``--repeats`` rounds (15); every round runs each variant once, the order rotating by one
   each round. Speed is torch.nn's time over the variant's (> 1: faster than torch.nn): the
-  median of the per-round ratios with their quartiles, and the ratio of the two fastest steps.
-  On this 2-core machine a step varies by several percent from round to round, as much as
-  batch norm's whole share of it, so a single ratio of medians says little;
+  median of the per-round ratios with their quartiles, the median's distribution-free 95%
+  interval (order statistics) with a verdict (``faster`` or ``slower`` where the interval
+  excludes 1.0, else ``within noise``), and the ratio of the two fastest steps. On this
+  2-core machine a step varies by several percent from round to round, as much as batch
+  norm's whole share of it, so a single ratio of medians says little;
 * the bytes of tensors saved for backward, counting each storage once
   (``torch.autograd.graph.saved_tensors_hooks``);
 * the share of the step spent in batch norm (and in ReLU) according to ``torch.profiler``
@@ -35,6 +37,7 @@ import copy
 import importlib.util
 import json
 import logging
+import math
 import os
 
 # Before numba or torch start their OpenMP pools: idle workers sleep instead of spinning
@@ -44,6 +47,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -243,16 +247,48 @@ def timed_rounds(steps: dict, rounds: int) -> dict[str, list[float]]:
     return times
 
 
-def speed_figures(base: list[float], mine: list[float]) -> dict[str, float]:
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median of ``values``' population: the k-th
+    smallest and k-th largest value, with the largest k whose coverage, from the binomial
+    distribution of how many values fall below the median (p = 1/2), is at least
+    ``confidence`` (Conover, Practical Nonparametric Statistics, 3rd ed., sec. 3.2). Too few
+    values for that (fewer than 6 at 95%): the smallest and the largest."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("median_interval needs at least one value")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    k = 1
+    # Coverage of [x_(j), x_(n+1-j)] is 1 - 2 P(B <= j - 1), B ~ Binomial(n, 1/2).
+    below = 1  # 2**n * P(B <= j - 1), built up one term at a time
+    for j in range(2, n // 2 + 1):
+        below += math.comb(n, j - 1)
+        if 1 - 2 * below / 2**n < confidence:
+            break
+        k = j
+    return ordered[k - 1], ordered[n - k]
+
+
+def verdict(low: float, high: float) -> str:
+    """"faster" or "slower" than torch.nn where the median ratio's interval excludes 1."""
+    return "faster" if low > 1 else "slower" if high < 1 else "within noise"
+
+
+def speed_figures(base: list[float], mine: list[float]) -> dict[str, Any]:
     """torch.nn's time over this variant's, > 1 when faster: the median and quartiles of the
     per-round ratios (each round's steps ran seconds apart, so slow drifts of the machine
-    cancel), and the ratio of the fastest steps (a step is only ever slowed by other load)."""
+    cancel), the median's 95% interval and what it says, and the ratio of the fastest steps
+    (a step is only ever slowed by other load)."""
     ratios = sorted(b / m for b, m in zip(base, mine, strict=True))
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    low, high = median_interval(ratios)
     return {
         "speed_vs_torch_nn": statistics.median(ratios),
         "speed_q1": quartiles[0],
         "speed_q3": quartiles[2],
+        "speed_ci95": [low, high],
+        "verdict": verdict(low, high),
         "speed_fastest_vs_fastest": min(base) / min(mine),
     }
 
@@ -368,14 +404,14 @@ def main() -> None:
     }
     print(
         f"{repeats} rounds per configuration; speed = torch.nn's time / the variant's, "
-        "median of the rounds' ratios [quartiles]"
+        "median of the rounds' ratios (its 95% interval: faster, slower or within noise)"
     )
     for name, batch, dtype, size in tqdm(configs, desc="configurations", disable=args.quick):
         r = measure(name, batch, dtype, size, repeats)
         record["results"].append(r)
         cells = [
             f"{k} {r[k]['step_ms']:.0f} ms x{r[k]['speed_vs_torch_nn']:.3f} "
-            f"[{r[k]['speed_q1']:.3f}, {r[k]['speed_q3']:.3f}] "
+            f"(95% {r[k]['speed_ci95'][0]:.3f}-{r[k]['speed_ci95'][1]:.3f}: {r[k]['verdict']}) "
             f"saved {r[k]['saved_bytes'] / 2**20:.0f} MiB bn {100 * r[k]['bn_share']:.1f}% "
             f"bn+relu {r[k]['bn_relu_ms']:.1f} ms"
             for k in ("torch.nn", "convert", "convert+fused")

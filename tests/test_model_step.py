@@ -29,7 +29,11 @@ def test_model_step_quick_writes_every_figure(tmp_path, monkeypatch):
         assert figures["fastest_step_ms"] <= figures["step_ms"]
         assert 0 < figures["bn_share"] < 1 and figures["saved_bytes"] > 0
         assert figures["bn_relu_ms"] > 0
+        low, high = figures["speed_ci95"]
+        assert low <= figures["speed_vs_torch_nn"] <= high
+        assert figures["verdict"] in ("faster", "slower", "within noise")
     assert result["torch.nn"]["speed_vs_torch_nn"] == 1.0
+    assert result["torch.nn"]["verdict"] == "within noise"
     for pairs in record["pairs"].values():
         # The fused kernels keep less; "auto" on this small pair runs PyTorch's kernel (BN+ReLU),
         # keeping what torch.nn keeps, while the In-Place ABN layer keeps its own kernels.
@@ -49,3 +53,47 @@ def test_native_limit_ab_runs_and_restores_the_limit(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "long rows from 0" in out and "long rows from 4194304" in out
     assert native.NATIVE_BELOW_LONG_ROWS == before
+
+
+def _script():
+    return runpy.run_path(str(SCRIPT), run_name="model_step")
+
+
+@pytest.mark.parametrize("n", [6, 9, 15, 25, 40])
+def test_median_interval_has_the_binomial_order_statistics(n):
+    # Oracle: the coverage of [x_(k), x_(n+1-k)] summed term by term from the binomial law
+    # (P(x_(k) <= median < x_(n+1-k)) = P(k <= B <= n - k), B ~ Bin(n, 1/2)); the interval is
+    # the narrowest symmetric one with coverage >= 95%.
+    from math import comb
+
+    median_interval = _script()["median_interval"]
+
+    def coverage(k):
+        return sum(comb(n, b) for b in range(k, n - k + 1)) / 2**n
+
+    k = max(j for j in range(1, n // 2 + 1) if coverage(j) >= 0.95)
+    values = [float(v) for v in range(100, 100 + n)][::-1]  # unsorted on purpose
+    assert median_interval(values) == (100.0 + k - 1, 100.0 + n - k)
+
+
+def test_median_interval_known_values_and_bad_input():
+    median_interval = _script()["median_interval"]
+    # Conover's table: n = 15 -> 4th smallest to 4th largest (coverage 96.5%).
+    assert median_interval(list(range(1, 16))) == (4, 12)
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)  # too few: the extremes
+    with pytest.raises(ValueError, match="at least one"):
+        median_interval([])
+    with pytest.raises(ValueError, match="confidence"):
+        median_interval([1.0, 2.0], confidence=1.5)
+
+
+def test_verdict_reads_the_interval():
+    ns = _script()
+    speed_figures = ns["speed_figures"]
+    base = [1.0] * 15
+    faster = speed_figures(base, [0.9 + 0.001 * i for i in range(15)])
+    slower = speed_figures(base, [1.1 + 0.001 * i for i in range(15)])
+    mixed = speed_figures(base, [0.95 + 0.01 * i for i in range(15)])
+    assert faster["verdict"] == "faster" and faster["speed_ci95"][0] > 1
+    assert slower["verdict"] == "slower" and slower["speed_ci95"][1] < 1
+    assert mixed["verdict"] == "within noise"

@@ -675,3 +675,35 @@ def test_pipelined_backward_does_not_depend_on_lanes(dtype):
         dy.astype(np.float64), x.astype(np.float64), mean, invstd, 1
     )
     assert _rel(sum_dy, want_dy) <= tol and _rel(sum_dy_xhat, want_dy_xhat) <= tol
+
+
+@pytest.mark.skipif(torch is None, reason="torch not installed")
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "shape",
+    [(3, 5, 6), (2, 3, 130), (2, 3, 196), (2, 3, 256), (2, 2, 321), (1, 2, 3136)],
+    ids=["cols", "rows_tail2", "rows_tail4", "rows_256", "rows_tail1", "rows_long"],
+)
+def test_relu_backward_is_threshold_backward_bit_for_bit(shape, dtype):
+    """The fused backward's ReLU step, per width and row length (the loop is written
+    differently for 64-bit values; rows of 128-320 values were a separate code path of
+    LLVM's), against PyTorch's ``threshold_backward``: dy where the forward's output passed
+    (> 0 or NaN), else exactly 0, also for a NaN or inf gradient at a blocked position."""
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(zlib.crc32(f"{shape}{dtype}".encode()))
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dt)
+    x[:, 0, 0] = float("nan")  # channel 0's outputs are NaN and pass, as torch.relu's
+    out = NB.forward_train(x, None, None, 1e-5, 1, relu=True)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dt)
+    dy.view(-1)[::5] = float("inf")
+    dy.view(-1)[1::5] = float("nan")
+    got = NB.relu_backward(dy, x, out.relu_mask, 1)
+    assert got.dtype == dt and got.shape == dy.shape
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dt.itemsize]
+    passed = ~(out.y <= 0)
+    assert 0.3 < passed[:, 1:].double().mean() < 0.7 and passed[:, 0].all()
+    want_bits = torch.where(passed, dy.view(ints), torch.zeros((), dtype=ints))
+    assert torch.equal(got.view(ints), want_bits)  # dy's own bits (NaN payloads too), or +0
+    # PyTorch's op agrees in value (its bfloat16 path may change a NaN's payload).
+    want = torch.ops.aten.threshold_backward(dy, out.y, 0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)

@@ -63,18 +63,45 @@ def _passed(stored):
 
 
 @numba.njit(**_JIT)
-def _relu_backward_run(dy, bits, dz):
+def _relu_backward_run(dy, bits, dz, table):
     """One row: dz = dy where the bit is set, 0 elsewhere, on the values' integer bits (an AND
-    with 0 or all ones: exact, a NaN or inf in dy at a blocked position gives 0, and LLVM
-    vectorises it; measured 0.22 ms against 0.61 ms for the branch per element)."""
+    with 0 or all ones: exact, and a NaN or inf in dy at a blocked position gives 0).
+
+    Written so that LLVM vectorises the loop at every row length. The earlier loop over bytes
+    (8 shifts each) was vectorised only from 40 bytes per row, and its scalar fallback took
+    2.7-3 ns per element for float32 rows of 128-310 values against 0.13 ns on long rows
+    (1 thread, AVX-512). 16- and 32-bit: a loop over the elements, each shifting its own byte.
+    64-bit values, where that loop stays scalar up to about a thousand values, AND with the 8
+    masks of each byte read from ``table`` (``RELU_MASKS``)."""
+    if dy.itemsize < 8:
+        _narrow_backward_run(dy, bits, dz)
+    else:
+        _wide_backward_run(dy, bits, dz, table)
+
+
+@numba.njit(**_JIT)
+def _narrow_backward_run(dy, bits, dz):
+    one = dy.dtype.type(1)
+    for i in range(dy.shape[0]):
+        dz[i] = dy[i] & -((dy.dtype.type(bits[i >> 3]) >> (i & 7)) & one)
+
+
+@numba.njit(**_JIT)
+def _wide_backward_run(dy, bits, dz, table):
     n = dy.shape[0]
     full = n // 8
     for j in range(full):
-        byte = np.int64(bits[j])
+        masks = table[bits[j]]
         for k in range(8):
-            dz[8 * j + k] = dy[8 * j + k] & -((byte >> k) & 1)
-    for i in range(8 * full, n):
-        dz[i] = dy[i] & -((np.int64(bits[i >> 3]) >> (i & 7)) & 1)
+            dz[8 * j + k] = dy[8 * j + k] & masks[k]
+    if 8 * full < n:
+        masks = table[bits[full]]
+        for i in range(8 * full, n):
+            dz[i] = dy[i] & masks[i - 8 * full]
+
+
+#: Row b: the 8 masks (0 or all ones) of the bits of byte b, lowest bit first.
+RELU_MASKS = np.array([[-((b >> k) & 1) for k in range(8)] for b in range(256)], np.int64)
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -101,10 +128,10 @@ def rows_relu_backward(dy, bits, dz):
     outer, channels = dy.shape[0], dy.shape[1]
     for item in prange(outer * channels):
         n, c = item // channels, item % channels
-        _relu_backward_run(dy[n, c], bits[n, c], dz[n, c])
+        _relu_backward_run(dy[n, c], bits[n, c], dz[n, c], RELU_MASKS)
 
 
 @numba.njit(parallel=True, **_JIT)
 def cols_relu_backward(dy, bits, dz):
     for n in prange(dy.shape[0]):
-        _relu_backward_run(dy[n], bits[n], dz[n])
+        _relu_backward_run(dy[n], bits[n], dz[n], RELU_MASKS)
