@@ -271,7 +271,7 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
 
 
 def verdict(low: float, high: float) -> str:
-    """"faster" or "slower" than torch.nn where the median ratio's interval excludes 1."""
+    """``faster`` or ``slower`` than torch.nn where the median ratio's interval excludes 1."""
     return "faster" if low > 1 else "slower" if high < 1 else "within noise"
 
 
