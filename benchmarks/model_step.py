@@ -180,6 +180,18 @@ def _is_bn(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
 
+def profiled_part(name: str) -> str | None:
+    """``bn`` or ``relu`` for a profiler event that is one of their forward ranges or backward
+    nodes, else None. The engine's ``autograd::engine::evaluate_function: <node>`` wraps each
+    node and is left out: counting both counted every backward twice (as this script did
+    until 2026-12-04)."""
+    if name == "bench::bn" or ("BatchNorm" in name and "Backward" in name):
+        return None if name.startswith("autograd::engine::") else "bn"
+    if name in ("bench::relu", "ReluBackward0", "ThresholdBackward0"):
+        return "relu"
+    return None
+
+
 def profile_shares(model: nn.Module, step, steps: int = 3) -> dict[str, float]:
     """Shares of ``steps`` profiled steps in batch norm and in ReLU (forward ranges + backward
     nodes), and their milliseconds per step together: the part of the step the variants
@@ -211,13 +223,10 @@ def profile_shares(model: nn.Module, step, steps: int = 3) -> dict[str, float]:
     finally:
         for h in handles:
             h.remove()
-    bn_us = relu_us = 0.0
+    spent = {"bn": 0.0, "relu": 0.0, None: 0.0}
     for event in prof.key_averages():
-        name = event.key
-        if name == "bench::bn" or ("BatchNorm" in name and "Backward" in name):
-            bn_us += event.cpu_time_total
-        elif name == "bench::relu" or name in ("ReluBackward0", "ThresholdBackward0"):
-            relu_us += event.cpu_time_total
+        spent[profiled_part(event.key)] += event.cpu_time_total
+    bn_us, relu_us = spent["bn"], spent["relu"]
     return {
         "bn_share": bn_us / total_us,
         "relu_share": relu_us / total_us,

@@ -4,8 +4,9 @@
 [--dtype float32] [--limits 1048576,4194304] [--rounds 20] [--fuse]``: torch.nn and one
 ``convert``-ed copy of the same ResNet per training limit for long contiguous runs, timed in
 rotating rounds (``model_step.timed_rounds``); per limit, the median of the per-round ratios
-torch.nn's time / the variant's, with quartiles, and the ratio of the fastest steps. The limit
-is switched before each step of its variant, so every variant runs under its own. This is how
+torch.nn's time / the variant's, with quartiles, its 95% interval and verdict, and the ratio
+of the fastest steps. The limit is switched before each step of its variant, so every
+variant runs under its own. This is how
 the 1,048,576 of ``NATIVE_BELOW_LONG_ROWS`` was checked against the general limit on a whole
 model (the per-layer measurements are in its comment).
 """
@@ -71,6 +72,7 @@ def main() -> None:
         print(
             f"{name:24s} median step {statistics.median(t) * 1e3:8.1f} ms  speed "
             f"{f['speed_vs_torch_nn']:.3f} [{f['speed_q1']:.3f}, {f['speed_q3']:.3f}]  "
+            f"95% {f['speed_ci95'][0]:.3f}-{f['speed_ci95'][1]:.3f} ({f['verdict']})  "
             f"fastest/fastest {f['speed_fastest_vs_fastest']:.3f}"
         )
 

@@ -97,3 +97,15 @@ def test_verdict_reads_the_interval():
     assert faster["verdict"] == "faster" and faster["speed_ci95"][0] > 1
     assert slower["verdict"] == "slower" and slower["speed_ci95"][1] < 1
     assert mixed["verdict"] == "within noise"
+
+
+def test_profiled_part_counts_each_backward_node_once():
+    # Event names as torch.profiler gives them (printed from a Conv-BN-ReLU step, torch 2.13).
+    profiled_part = _script()["profiled_part"]
+    assert profiled_part("NativeBatchNormBackward0") == "bn"
+    assert profiled_part("BatchNormFunctionBackward") == "bn"
+    assert profiled_part("FusedBatchNormReLUFunctionBackward") == "bn"
+    assert profiled_part("autograd::engine::evaluate_function: NativeBatchNormBackward0") is None
+    assert profiled_part("autograd::engine::evaluate_function: ReluBackward0") is None
+    assert profiled_part("ReluBackward0") == "relu" and profiled_part("bench::relu") == "relu"
+    assert profiled_part("bench::bn") == "bn" and profiled_part("aten::convolution") is None
