@@ -72,6 +72,7 @@ def test_traced_model_is_fused_and_equal(caplog):
     theirs = Block().double()
     with caplog.at_level(logging.INFO, logger="batchnorm"):
         ours = bt.convert(copy.deepcopy(theirs), fuse_activations=True)
+    # The graph fused more than Sequential pairs (a BN + add + ReLU, functional activations).
     assert isinstance(ours, torch.fx.GraphModule)
     kinds = {name: type(m).__name__ for name, m in ours.named_modules()}
     assert kinds["bn1"] == "BatchNormReLU2d"
@@ -87,6 +88,47 @@ def test_traced_model_is_fused_and_equal(caplog):
     assert list(ours.state_dict()) == list(bt.convert(copy.deepcopy(theirs)).state_dict())
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
     _compare(ours, theirs, x)
+
+
+class Features(nn.Module):
+    """A user's class: its fusable pairs all sit in a Sequential, and it has its own method."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+            nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.LeakyReLU(0.1),
+        )  # fmt: skip
+        self.fc = nn.Linear(4, 2)
+
+    def embed(self, x):
+        return self.features(x).mean((2, 3))
+
+    def forward(self, x):
+        return self.fc(self.embed(x))
+
+
+def test_sequential_pairs_are_fused_in_place_and_the_class_kept(caplog):
+    torch.manual_seed(0)
+    theirs = Features().double()
+    ours = copy.deepcopy(theirs)
+    with caplog.at_level(logging.INFO, logger="batchnorm"):
+        fused = bt.convert(ours, fuse_activations=True)
+    assert fused is ours and type(fused) is Features  # not a GraphModule: methods kept
+    assert "in place" in caplog.text and "fused 2 batch norm(s)" in caplog.text
+    body = fused.features
+    assert type(body) is nn.Sequential and len(body) == 6
+    assert isinstance(body[1], bt.BatchNormReLU2d) and isinstance(body[2], nn.Identity)
+    assert isinstance(body[4], bt.BatchNormLeakyReLU2d) and body[4].negative_slope == 0.1
+    assert list(fused.state_dict()) == list(theirs.state_dict())
+    x = torch.randn(3, 3, 5, 5, dtype=torch.float64)
+    _compare(fused, theirs, x)
+    torch.testing.assert_close(fused.embed(x), theirs.embed(x))
+    # A bare Sequential comes back as itself, indexable.
+    seq = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+    out, report = fuse_activations(bt.convert(seq))
+    assert out is seq and report.traced and report.in_place
+    assert report.fused == [("1", "BN + relu")] and isinstance(out[1], bt.BatchNormReLU2d)
 
 
 def test_untraceable_model_falls_back_to_sequential():

@@ -38,10 +38,11 @@ def convert(
 
     ``fuse_activations=True``: then each ``BatchNorm2d`` followed by a ReLU, an add and a ReLU,
     or a LeakyReLU becomes one fused module that saves less for the backward
-    (``fuse.fuse_activations``): the result is a new ``torch.fx.GraphModule`` sharing the
-    model's tensors where the model traces, else the model with its ``nn.Sequential`` pairs
-    fused. What was fused (and why not, elsewhere) is logged on the ``batchnorm`` logger
-    (``fuse.fuse_activations`` returns it as a report).
+    (``fuse.fuse_activations``): the model itself with its ``nn.Sequential`` pairs fused in
+    place where those are all there is to fuse (or where it does not trace), else a new
+    ``torch.fx.GraphModule`` sharing the model's tensors. What was fused (and why not,
+    elsewhere) is logged on the ``batchnorm`` logger (``fuse.fuse_activations`` returns it as
+    a report).
     """
     extras = {"backend": backend, "through_mean": through_mean, "through_var": through_var}
     converted = _swap(model, _OURS, extras, {})

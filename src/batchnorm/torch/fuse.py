@@ -10,10 +10,12 @@ Patterns (the batch norm a ``BatchNorm2d`` of ours, used at one place, its outpu
 ReLU / LeakyReLU as modules, ``torch.relu``, ``F.relu``, ``F.leaky_relu``, ``.relu()``; the add
 as ``+``, ``+=``, ``torch.add`` or ``.add``. Where the model traces with ``torch.fx`` (our
 :class:`~batchnorm.torch.fx.Tracer`), the graph is rewritten and a new ``torch.fx.GraphModule``
-is returned that shares every parameter and buffer with the model; where it does not trace,
-only consecutive children of every ``nn.Sequential`` are fused, in place, and the report says
-why tracing failed. The report (:class:`FusionReport`) lists what was fused and what was not;
-``convert`` logs it on the ``batchnorm`` logger.
+is returned that shares every parameter and buffer with the model, unless everything the graph
+fused is a consecutive BN, activation pair of an ``nn.Sequential``: then those pairs are fused
+in place and the model itself comes back, of its own class (a Sequential stays indexable, a
+user's class keeps its methods). Where it does not trace, only those Sequential pairs are
+fused, in place, and the report says why tracing failed. The report (:class:`FusionReport`)
+lists what was fused and what was not; ``convert`` logs it on the ``batchnorm`` logger.
 
 A fused module takes over the batch norm's tensors (``from_batch_norm``), so optimizers and
 state dicts keep working; a layer with a moments switch off is not fused (the fused layers have
@@ -46,15 +48,22 @@ logger = logging.getLogger("batchnorm")
 @dataclass
 class FusionReport:
     """What ``fuse_activations`` did: ``fused`` (batch-norm name, pattern), ``skipped`` (name,
-    why), ``traced`` (torch.fx rewrote the graph) and ``note`` (why it did not trace)."""
+    why), ``traced`` (torch.fx traced the model), ``note`` (why it did not trace) and
+    ``in_place`` (the model itself came back, its Sequential pairs fused)."""
 
     fused: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     traced: bool = False
     note: str | None = None
+    in_place: bool = False
 
     def __str__(self) -> str:
-        how = "torch.fx graph" if self.traced else f"nn.Sequential children only ({self.note})"
+        if self.in_place:
+            how = "nn.Sequential children, in place: all the torch.fx graph found"
+        elif self.traced:
+            how = "torch.fx graph"
+        else:
+            how = f"nn.Sequential children only ({self.note})"
         lines = [f"fused {len(self.fused)} batch norm(s) with their activation ({how})"]
         lines += [f"  {name}: {pattern}" for name, pattern in self.fused]
         lines += [f"  not fused {name}: {why}" for name, why in self.skipped]
@@ -179,7 +188,11 @@ def _fuse_graph(gm: torch.fx.GraphModule, report: FusionReport) -> None:
     gm.delete_all_unused_submodules()
 
 
-def _fuse_sequential(model: nn.Module, report: FusionReport) -> None:
+def _sequential_pairs(model: nn.Module, report: FusionReport) -> list[tuple]:
+    """The (Sequential, BN key, activation key, name, pattern, slope) of every consecutive
+    BN -> ReLU / LeakyReLU pair in the ``nn.Sequential`` modules of ``model`` that can fuse;
+    the others go to ``report.skipped``. Nothing is changed."""
+    pairs = []
     for prefix, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
             continue
@@ -188,9 +201,9 @@ def _fuse_sequential(model: nn.Module, report: FusionReport) -> None:
             bn, act = seq._modules[first], seq._modules[second]
             if not isinstance(bn, BatchNorm2d):
                 continue
-            pattern = None
+            pattern = slope = None
             if type(act) is nn.ReLU:
-                pattern, slope = "relu", None
+                pattern = "relu"
             elif type(act) is nn.LeakyReLU and act.negative_slope > 0:
                 pattern, slope = "leaky_relu", float(act.negative_slope)
             name = f"{prefix}.{first}" if prefix else first
@@ -198,23 +211,38 @@ def _fuse_sequential(model: nn.Module, report: FusionReport) -> None:
             if why is not None:
                 report.skipped.append((name, why))
                 continue
-            seq._modules[first] = _fused_module(bn, pattern, slope)
-            seq._modules[second] = nn.Identity()
-            report.fused.append((name, f"BN + {pattern}"))
+            pairs.append((seq, first, second, name, pattern, slope))
+    return pairs
+
+
+def _fuse_sequential(pairs: list[tuple], report: FusionReport) -> None:
+    for seq, first, second, name, pattern, slope in pairs:
+        seq._modules[first] = _fused_module(seq._modules[first], pattern, slope)
+        seq._modules[second] = nn.Identity()
+        report.fused.append((name, f"BN + {pattern}"))
 
 
 def fuse_activations(model: nn.Module) -> tuple[nn.Module, FusionReport]:
     """Fuse each of our ``BatchNorm2d`` in ``model`` with the activation after it (module
-    docstring). Returns ``(model, report)``: a new ``GraphModule`` where ``model`` traces, else
-    ``model`` itself with its ``nn.Sequential`` pairs fused in place."""
+    docstring). Returns ``(model, report)``: ``model`` itself, its class and methods kept,
+    with its ``nn.Sequential`` pairs fused in place, where those are all the traced graph
+    fuses (or where it does not trace); else a new ``GraphModule``."""
     report = FusionReport()
     try:
         gm = symbolic_trace(model)
     except Exception as exc:  # noqa: BLE001 (any tracing failure means: the fallback)
         report.note = f"torch.fx could not trace it: {type(exc).__name__}: {exc}"
-        _fuse_sequential(model, report)
+        _fuse_sequential(_sequential_pairs(model, report), report)
         return model, report
     report.traced = True
     _fuse_graph(gm, report)
+    pairs = _sequential_pairs(model, FusionReport())
+    if report.fused and sorted((p[3], f"BN + {p[4]}") for p in pairs) == sorted(report.fused):
+        # The graph found exactly the Sequential pairs (each BN called once, its output going
+        # to the activation alone): fusing them in place is the same model, and the user keeps
+        # an object of their own class (indexing, attributes, methods) instead of a GraphModule.
+        _fuse_sequential(pairs, FusionReport())
+        report.in_place = True
+        return model, report
     gm.train(model.training)
     return gm, report
