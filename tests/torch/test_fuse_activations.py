@@ -131,6 +131,68 @@ def test_sequential_pairs_are_fused_in_place_and_the_class_kept(caplog):
     assert report.fused == [("1", "BN + relu")] and isinstance(out[1], bt.BatchNormReLU2d)
 
 
+class OwnForward(nn.Sequential):
+    """A Sequential subclass that uses its children in its own way."""
+
+    def forward(self, x):
+        h = torch.relu(self[1](self[0](x)))
+        return h - self[2](h - 0.5)
+
+
+class SlopeElsewhere(nn.Module):
+    """The BN's output goes to a functional LeakyReLU; the Sequential's own one is unused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.LeakyReLU(0.1))
+
+    def forward(self, x):
+        return F.leaky_relu(self.f[1](self.f[0](x)), 0.5)
+
+
+class SlotReused(nn.Module):
+    """The Sequential's ReLU is also called outside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        return self.f[2](self.f(x) - 1)
+
+
+def test_in_place_only_where_it_is_the_same_model():
+    # Each of these traces and fuses something, but fusing the Sequential pair in place would
+    # change the result (found in review: 0.5, 1.16 and 1.0 off): a GraphModule comes back.
+    torch.manual_seed(0)
+    cases = [
+        OwnForward(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()),
+        SlopeElsewhere(),
+        SlotReused(),
+    ]
+    for theirs in cases:
+        theirs = theirs.double()
+        ours, report = fuse_activations(bt.convert(copy.deepcopy(theirs)))
+        assert not report.in_place, type(theirs).__name__
+        assert isinstance(ours, torch.fx.GraphModule)
+        _compare(ours, theirs, torch.randn(2, 3, 4, 4, dtype=torch.float64))
+
+
+def test_hooked_modules_are_not_fused_and_keep_their_hooks():
+    seen = []
+    model = bt.convert(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()))
+    model[2].register_forward_hook(lambda m, i, o: seen.append("relu"))
+    out, report = fuse_activations(model)
+    assert report.fused == [] and "hooks" in str(report) and out is model  # nothing to fuse
+    out(torch.randn(2, 3, 4, 4))
+    assert seen == ["relu"]
+    model = bt.convert(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()))
+    model[1].register_forward_hook(lambda m, i, o: o - 10)
+    _, report = fuse_activations(model)
+    assert report.fused == [] and "hooks" in str(report)
+    assert type(model[1]) is bt.BatchNorm2d and type(model[2]) is nn.ReLU
+
+
 def test_untraceable_model_falls_back_to_sequential():
     torch.manual_seed(0)
     theirs = Branchy().double()

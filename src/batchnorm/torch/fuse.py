@@ -19,8 +19,10 @@ lists what was fused and what was not; ``convert`` logs it on the ``batchnorm`` 
 
 A fused module takes over the batch norm's tensors (``from_batch_norm``), so optimizers and
 state dicts keep working; a layer with a moments switch off is not fused (the fused layers have
-no switches). The residual of a BN+add+ReLU is checked at run time: an add that broadcasts (a
-shape or dtype other than the batch norm's) runs unfused, with the same result.
+no switches), nor a batch norm or activation with hooks of its own (the fused module would not
+run them), nor a pair inside a Sequential subclass with a ``forward`` of its own. The residual
+of a BN+add+ReLU is checked at run time: an add that broadcasts (a shape or dtype other than
+the batch norm's) runs unfused, with the same result.
 """
 
 from __future__ import annotations
@@ -85,11 +87,23 @@ class _GuardedAddReLU(BatchNormAddReLU2d):
         return torch.relu(output + residual)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether ``module`` has hooks of its own, which a fused module would not run."""
+    return any(
+        getattr(module, name, None)
+        for name in (
+            "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"
+        )
+    )  # fmt: skip
+
+
 def _fusable(bn: nn.Module) -> str | None:
     if type(bn) is not BatchNorm2d:
         return f"{type(bn).__name__} is not our BatchNorm2d"
     if not (bn.through_mean and bn.through_var):
         return "a moments switch is off (the fused layers have none)"
+    if _hooked(bn):
+        return "it has hooks (the fused module would not run them)"
     return None
 
 
@@ -106,6 +120,8 @@ def _activation(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[str
     first argument alone, else None."""
     if node.op == "call_module":
         module = modules.get(node.target)
+        if _hooked(module):
+            return None
         if type(module) is nn.ReLU:
             return "relu", None
         if type(module) is nn.LeakyReLU and module.negative_slope > 0:
@@ -142,7 +158,11 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-def _fuse_graph(gm: torch.fx.GraphModule, report: FusionReport) -> None:
+def _fuse_graph(gm: torch.fx.GraphModule, report: FusionReport) -> dict[str, tuple]:
+    """Rewrite ``gm``'s graph (module docstring). Returns, for each BN + activation fused
+    where the activation was a module called at that one place only, (its name, slope): what
+    ``fuse_activations`` compares with the Sequential pairs."""
+    taken: dict[str, tuple] = {}
     modules = dict(gm.named_modules())
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -161,9 +181,14 @@ def _fuse_graph(gm: torch.fx.GraphModule, report: FusionReport) -> None:
             report.skipped.append((node.target, why))
             continue
         user = next(iter(node.users))
+        if user.op == "call_module" and _hooked(modules[user.target]):
+            report.skipped.append((node.target, "its activation has hooks (not run if fused)"))
+            continue
         found = _activation(user, modules)
         if found is not None and len(node.args) == 1:
             pattern, slope = found
+            if user.op == "call_module" and calls[user.target] == 1:
+                taken[node.target] = (user.target, slope)
             _set_submodule(gm, node.target, _fused_module(bn, pattern, slope))
             user.replace_all_uses_with(node)
             gm.graph.erase_node(user)
@@ -186,6 +211,7 @@ def _fuse_graph(gm: torch.fx.GraphModule, report: FusionReport) -> None:
     # The activations the fused modules took over are dead now (stateless: no state_dict key
     # goes); a traced GraphModule holds only the submodules its graph used, so nothing else can.
     gm.delete_all_unused_submodules()
+    return taken
 
 
 def _sequential_pairs(model: nn.Module, report: FusionReport) -> list[tuple]:
@@ -194,7 +220,8 @@ def _sequential_pairs(model: nn.Module, report: FusionReport) -> list[tuple]:
     the others go to ``report.skipped``. Nothing is changed."""
     pairs = []
     for prefix, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
+        # A subclass with a forward of its own may use its children in any order.
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
             continue
         names = list(seq._modules)
         for first, second in zip(names, names[1:], strict=False):
@@ -208,15 +235,18 @@ def _sequential_pairs(model: nn.Module, report: FusionReport) -> list[tuple]:
                 pattern, slope = "leaky_relu", float(act.negative_slope)
             name = f"{prefix}.{first}" if prefix else first
             why = _fusable(bn) or (None if pattern else "no ReLU / LeakyReLU follows it")
+            if why is None and _hooked(act):
+                why = "its activation has hooks (the fused module would not run them)"
             if why is not None:
                 report.skipped.append((name, why))
                 continue
-            pairs.append((seq, first, second, name, pattern, slope))
+            act_name = f"{prefix}.{second}" if prefix else second
+            pairs.append((seq, first, second, name, pattern, slope, act_name))
     return pairs
 
 
 def _fuse_sequential(pairs: list[tuple], report: FusionReport) -> None:
-    for seq, first, second, name, pattern, slope in pairs:
+    for seq, first, second, name, pattern, slope, _ in pairs:
         seq._modules[first] = _fused_module(seq._modules[first], pattern, slope)
         seq._modules[second] = nn.Identity()
         report.fused.append((name, f"BN + {pattern}"))
@@ -235,12 +265,18 @@ def fuse_activations(model: nn.Module) -> tuple[nn.Module, FusionReport]:
         _fuse_sequential(_sequential_pairs(model, report), report)
         return model, report
     report.traced = True
-    _fuse_graph(gm, report)
+    taken = _fuse_graph(gm, report)
+    if not report.fused:
+        return model, report  # nothing to fuse: the model as it was
     pairs = _sequential_pairs(model, FusionReport())
-    if report.fused and sorted((p[3], f"BN + {p[4]}") for p in pairs) == sorted(report.fused):
-        # The graph found exactly the Sequential pairs (each BN called once, its output going
-        # to the activation alone): fusing them in place is the same model, and the user keeps
-        # an object of their own class (indexing, attributes, methods) instead of a GraphModule.
+    same = len(pairs) == len(report.fused) and all(
+        taken.get(name) == (act_name, slope) for _, _, _, name, _, slope, act_name in pairs
+    )
+    if same:
+        # Every fusion of the graph is a Sequential pair whose activation module the graph
+        # called there and nowhere else (and each BN once, its output going to the activation
+        # alone): fusing them in place is the same model, and the user keeps an object of
+        # their own class (indexing, attributes, methods) instead of a GraphModule.
         _fuse_sequential(pairs, FusionReport())
         report.in_place = True
         return model, report
