@@ -109,3 +109,16 @@ def test_profiled_part_counts_each_backward_node_once():
     assert profiled_part("autograd::engine::evaluate_function: ReluBackward0") is None
     assert profiled_part("ReluBackward0") == "relu" and profiled_part("bench::relu") == "relu"
     assert profiled_part("bench::bn") == "bn" and profiled_part("aten::convolution") is None
+
+
+def test_row_length_scan_runs(monkeypatch, capsys):
+    pytest.importorskip("numba")
+    script = SCRIPT.parent / "row_length_scan.py"
+    argv = [str(script), "--values", "4096", "--inner", "16,130", "--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert "relu_backward" in lines[1]
+    rows = [line.split() for line in lines[2:]]
+    assert [r[0] for r in rows] == ["16", "130"]
+    assert all(float(v) > 0 for r in rows for v in r[1:])

@@ -681,22 +681,31 @@ def test_pipelined_backward_does_not_depend_on_lanes(dtype):
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 @pytest.mark.parametrize(
     "shape",
-    [(3, 5, 6), (2, 3, 130), (2, 3, 196), (2, 3, 256), (2, 2, 321), (1, 2, 3136)],
-    ids=["cols", "rows_tail2", "rows_tail4", "rows_256", "rows_tail1", "rows_long"],
-)
+    [
+        (3, 5, 6), (4, 2, 3), (2, 3, 130), (2, 3, 196), (2, 3, 256), (2, 2, 321), (1, 2, 517),
+        (1, 2, 3136), (2, 3, 4, 5),
+    ],
+    ids=[
+        "cols", "cols_under_a_byte", "rows_tail2", "rows_tail4", "rows_256", "rows_tail1",
+        "rows_byte_loop_tail5", "rows_long", "channels_last",
+    ],
+)  # fmt: skip
 def test_relu_backward_is_threshold_backward_bit_for_bit(shape, dtype):
-    """The fused backward's ReLU step, per width and row length (the loop is written
-    differently for 64-bit values; rows of 128-320 values were a separate code path of
-    LLVM's), against PyTorch's ``threshold_backward``: dy where the forward's output passed
-    (> 0 or NaN), else exactly 0, also for a NaN or inf gradient at a blocked position."""
+    """The fused backward's ReLU step, per width and row length (16/32-bit rows below
+    ``BYTE_LOOP_MIN`` loop over elements, longer ones over bytes, 64-bit values use a table;
+    rows of 128-319 values were a separate code path of LLVM's), against PyTorch's
+    ``threshold_backward``: dy where the forward's output passed (> 0 or NaN), else exactly 0,
+    also for a NaN or inf gradient at a blocked position."""
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(zlib.crc32(f"{shape}{dtype}".encode()))
-    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dt)
+    memory = torch.channels_last if len(shape) == 4 else torch.contiguous_format
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dt, memory_format=memory)
     x[:, 0, 0] = float("nan")  # channel 0's outputs are NaN and pass, as torch.relu's
     out = NB.forward_train(x, None, None, 1e-5, 1, relu=True)
-    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dt)
-    dy.view(-1)[::5] = float("inf")
-    dy.view(-1)[1::5] = float("nan")
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dt, memory_format=memory)
+    index = torch.arange(dy.numel()).reshape(shape)
+    dy[index % 5 == 0] = float("inf")
+    dy[index % 5 == 1] = float("nan")
     got = NB.relu_backward(dy, x, out.relu_mask, 1)
     assert got.dtype == dt and got.shape == dy.shape
     ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dt.itemsize]
