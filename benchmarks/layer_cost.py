@@ -30,8 +30,9 @@ SHAPES = [(8, 4, 4, 4), (16, 64, 8, 8), (32, 64, 16, 16), (32, 64, 32, 32), (32,
 def train_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
     """Forward and backward with a dense output gradient, as inside a network. The gradient
     of ``.sum()`` is an expanded tensor with zero strides, which no layer of a network gets,
-    and it changes the peer's time either way: torch.nn's training step took 0.42 against
-    0.62 ms on it at (32, 512, 2, 2), and 1.31 against 0.77 ms at (32, 64, 16, 16)."""
+    and it changes the peer's time either way: one ``nn.BatchNorm2d`` training step (median
+    of 100, no other layer timed) took 0.42 ms with ``.sum()``'s gradient against 0.62 ms with
+    a dense one at (32, 512, 2, 2), and 1.31 against 0.77 ms at (32, 64, 16, 16)."""
     layer.train()
     xi = x.detach().requires_grad_()
     layer(xi).backward(dy)

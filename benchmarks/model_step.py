@@ -187,7 +187,10 @@ def profiled_part(name: str) -> str | None:
     until 2026-12-04)."""
     if name == "bench::bn" or ("BatchNorm" in name and "Backward" in name):
         return None if name.startswith("autograd::engine::") else "bn"
-    if name in ("bench::relu", "ReluBackward0", "ThresholdBackward0"):
+    if name in (
+        "bench::relu", "ReluBackward0", "ThresholdBackward0", "LeakyReluBackward0",
+        "LeakyReluBackward1",
+    ):  # fmt: skip
         return "relu"
     return None
 
@@ -279,8 +282,15 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
     return ordered[k - 1], ordered[n - k]
 
 
-def verdict(low: float, high: float) -> str:
-    """``faster`` or ``slower`` than torch.nn where the median ratio's interval excludes 1."""
+#: Fewer rounds than this give no 95% interval (the extremes cover less: 93.75% of 5).
+MIN_ROUNDS = 6
+
+
+def verdict(low: float, high: float, rounds: int = MIN_ROUNDS) -> str:
+    """``faster`` or ``slower`` than torch.nn where the median ratio's 95% interval excludes
+    1, ``within noise`` where it does not, ``too few rounds`` where there is no such interval."""
+    if rounds < MIN_ROUNDS:
+        return "too few rounds"
     return "faster" if low > 1 else "slower" if high < 1 else "within noise"
 
 
@@ -297,7 +307,7 @@ def speed_figures(base: list[float], mine: list[float]) -> dict[str, Any]:
         "speed_q1": quartiles[0],
         "speed_q3": quartiles[2],
         "speed_ci95": [low, high],
-        "verdict": verdict(low, high),
+        "verdict": verdict(low, high, len(ratios)),
         "speed_fastest_vs_fastest": min(base) / min(mine),
     }
 
