@@ -1,8 +1,9 @@
-"""A/B of ``native.NATIVE_BELOW_LONG_ROWS`` on a whole model, in one process.
+"""A/B of ``native.NATIVE_BELOW_LONG_ROWS`` (or, ``--general``, of ``NATIVE_BELOW``'s training
+limit) on a whole model, in one process.
 
 ``python benchmarks/native_limit_ab.py [--model resnet50] [--batch 16] [--size 112]
-[--dtype float32] [--limits 1048576,4194304] [--rounds 20] [--fuse]``: torch.nn and one
-``convert``-ed copy of the same ResNet per training limit for long contiguous runs, timed in
+[--dtype float32] [--limits 1048576,4194304] [--rounds 20] [--fuse] [--general]``: torch.nn
+and one ``convert``-ed copy of the same ResNet per training limit, timed in
 rotating rounds (``model_step.timed_rounds``); per limit, the median of the per-round ratios
 torch.nn's time / the variant's, with quartiles, its 95% interval and verdict, and the ratio
 of the fastest steps. The limit is switched before each step of its variant, so every
@@ -39,6 +40,12 @@ def main() -> None:
     parser.add_argument("--limits", default="1048576,4194304", help="comma-separated")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--fuse", action="store_true", help="convert(fuse_activations=True)")
+    parser.add_argument(
+        "--general",
+        action="store_true",
+        help="switch the general training limit (NATIVE_BELOW, the one 16-bit inputs use) "
+        "instead of the long-rows one",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -48,21 +55,24 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.size, args.size, dtype=dtype)
     target = torch.randint(0, 100, (args.batch,))
     steps = {"torch.nn": step_fn(model, x, target)}
-    saved = dict(native.NATIVE_BELOW_LONG_ROWS)
+    table = native.NATIVE_BELOW if args.general else native.NATIVE_BELOW_LONG_ROWS
+    saved = dict(table)
+    label = "general from" if args.general else "long rows from"
     for limit in (int(v) for v in args.limits.split(",")):
         converted = bt.convert(copy.deepcopy(model), fuse_activations=args.fuse)
         step = step_fn(converted, x, target)
+        value = (limit, saved["cpu"][1]) if args.general else limit  # eval limit kept
 
-        def run(step=step, limit=limit) -> None:
-            native.NATIVE_BELOW_LONG_ROWS["cpu"] = limit
+        def run(step=step, value=value) -> None:
+            table["cpu"] = value
             step()
 
-        steps[f"long rows from {limit}"] = run
+        steps[f"{label} {limit}"] = run
     try:
         times = timed_rounds(steps, args.rounds)
     finally:
-        native.NATIVE_BELOW_LONG_ROWS.clear()
-        native.NATIVE_BELOW_LONG_ROWS.update(saved)
+        table.clear()
+        table.update(saved)
     print(
         f"{args.model} {args.size}px batch {args.batch} {args.dtype}, {args.rounds} rounds, "
         f"{torch.get_num_threads()} threads; speed = torch.nn's time / the variant's"

@@ -52,6 +52,11 @@ def test_native_limit_ab_runs_and_restores_the_limit(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "long rows from 0" in out and "long rows from 4194304" in out
     assert native.NATIVE_BELOW_LONG_ROWS == before
+    general = dict(native.NATIVE_BELOW)
+    monkeypatch.setattr(sys, "argv", [*argv, "--general"])
+    runpy.run_path(str(script), run_name="__main__")
+    assert "general from 0" in capsys.readouterr().out
+    assert native.NATIVE_BELOW == general
 
 
 def _script():
