@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx
@@ -214,17 +214,28 @@ def _fuse_graph(gm: torch.fx.GraphModule, report: FusionReport) -> dict[str, tup
     return taken
 
 
-def _sequential_pairs(model: nn.Module, report: FusionReport) -> list[tuple]:
-    """The (Sequential, BN key, activation key, name, pattern, slope) of every consecutive
-    BN -> ReLU / LeakyReLU pair in the ``nn.Sequential`` modules of ``model`` that can fuse;
-    the others go to ``report.skipped``. Nothing is changed."""
+class _Pair(NamedTuple):
+    """A consecutive BN -> ReLU / LeakyReLU pair of an ``nn.Sequential`` that can fuse."""
+
+    seq: nn.Sequential
+    bn_key: str
+    act_key: str
+    name: str  # the batch norm's qualified name
+    act_name: str
+    pattern: str
+    slope: float | None
+
+
+def _sequential_pairs(model: nn.Module, report: FusionReport) -> list[_Pair]:
+    """Every pair of the ``nn.Sequential`` modules of ``model`` that can fuse; the others go
+    to ``report.skipped``. Nothing is changed."""
     pairs = []
     for prefix, seq in model.named_modules():
         # A subclass with a forward of its own may use its children in any order.
         if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
             continue
-        names = list(seq._modules)
-        for first, second in zip(names, names[1:], strict=False):
+        keys = list(seq._modules)
+        for first, second in zip(keys, keys[1:], strict=False):
             bn, act = seq._modules[first], seq._modules[second]
             if not isinstance(bn, BatchNorm2d):
                 continue
@@ -233,23 +244,23 @@ def _sequential_pairs(model: nn.Module, report: FusionReport) -> list[tuple]:
                 pattern = "relu"
             elif type(act) is nn.LeakyReLU and act.negative_slope > 0:
                 pattern, slope = "leaky_relu", float(act.negative_slope)
-            name = f"{prefix}.{first}" if prefix else first
+            name, act_name = (f"{prefix}.{k}" if prefix else k for k in (first, second))
             why = _fusable(bn) or (None if pattern else "no ReLU / LeakyReLU follows it")
             if why is None and _hooked(act):
                 why = "its activation has hooks (the fused module would not run them)"
             if why is not None:
                 report.skipped.append((name, why))
                 continue
-            act_name = f"{prefix}.{second}" if prefix else second
-            pairs.append((seq, first, second, name, pattern, slope, act_name))
+            pairs.append(_Pair(seq, first, second, name, act_name, pattern, slope))
     return pairs
 
 
-def _fuse_sequential(pairs: list[tuple], report: FusionReport) -> None:
-    for seq, first, second, name, pattern, slope, _ in pairs:
-        seq._modules[first] = _fused_module(seq._modules[first], pattern, slope)
-        seq._modules[second] = nn.Identity()
-        report.fused.append((name, f"BN + {pattern}"))
+def _fuse_sequential(pairs: list[_Pair]) -> list[tuple[str, str]]:
+    """Fuse ``pairs`` in place; returns what ``FusionReport.fused`` lists for them."""
+    for p in pairs:
+        p.seq._modules[p.bn_key] = _fused_module(p.seq._modules[p.bn_key], p.pattern, p.slope)
+        p.seq._modules[p.act_key] = nn.Identity()
+    return [(p.name, f"BN + {p.pattern}") for p in pairs]
 
 
 def fuse_activations(model: nn.Module) -> tuple[nn.Module, FusionReport]:
@@ -262,7 +273,7 @@ def fuse_activations(model: nn.Module) -> tuple[nn.Module, FusionReport]:
         gm = symbolic_trace(model)
     except Exception as exc:  # noqa: BLE001 (any tracing failure means: the fallback)
         report.note = f"torch.fx could not trace it: {type(exc).__name__}: {exc}"
-        _fuse_sequential(_sequential_pairs(model, report), report)
+        report.fused += _fuse_sequential(_sequential_pairs(model, report))
         return model, report
     report.traced = True
     taken = _fuse_graph(gm, report)
@@ -270,14 +281,14 @@ def fuse_activations(model: nn.Module) -> tuple[nn.Module, FusionReport]:
         return model, report  # nothing to fuse: the model as it was
     pairs = _sequential_pairs(model, FusionReport())
     same = len(pairs) == len(report.fused) and all(
-        taken.get(name) == (act_name, slope) for _, _, _, name, _, slope, act_name in pairs
+        taken.get(p.name) == (p.act_name, p.slope) for p in pairs
     )
     if same:
         # Every fusion of the graph is a Sequential pair whose activation module the graph
         # called there and nowhere else (and each BN once, its output going to the activation
         # alone): fusing them in place is the same model, and the user keeps an object of
         # their own class (indexing, attributes, methods) instead of a GraphModule.
-        _fuse_sequential(pairs, FusionReport())
+        _fuse_sequential(pairs)
         report.in_place = True
         return model, report
     gm.train(model.training)
