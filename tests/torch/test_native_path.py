@@ -151,6 +151,37 @@ def test_non_finite_batch_on_pytorch_kernel_keeps_old_statistics():
         ours(good)
 
 
+class _Doubled(torch.nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_replaced_parameters_are_read_as_the_module_exposes_them():
+    """The small-call path reads parameters and buffers from the module's dicts. A
+    parametrization (``weight`` becomes a property) and ``torch.func.functional_call`` (the
+    dicts' entries swapped for the call) must still be what the layer normalises with."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 2, 2)
+    for training in (True, False):
+        ours, theirs = bt.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+        with torch.no_grad():
+            theirs.weight.uniform_(0.5, 1.5), theirs.bias.normal_()
+        ours.load_state_dict(theirs.state_dict())
+        for module in (ours, theirs):
+            torch.nn.utils.parametrize.register_parametrization(module, "weight", _Doubled())
+            module.train(training)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+        for name, b in theirs.named_buffers():
+            torch.testing.assert_close(dict(ours.named_buffers())[name], b, rtol=0, atol=0)
+
+        ours, theirs = bt.BatchNorm2d(3).train(training), torch.nn.BatchNorm2d(3).train(training)
+        swapped = {"weight": torch.full((3,), 3.0), "bias": torch.full((3,), -1.0)}
+        y = torch.func.functional_call(ours, swapped, (x,))
+        assert ours.last_backend == "torch"
+        torch.testing.assert_close(y, torch.func.functional_call(theirs, swapped, (x,)))
+        assert not torch.allclose(y, ours(x))  # the swap mattered
+
+
 def test_functional_auto_uses_pytorch_kernel_with_the_guard():
     running_mean, running_var = torch.zeros(2), torch.ones(2)
     x = torch.randn(5, 2)
