@@ -13,7 +13,9 @@ hits all of them alike. Which path ``auto`` ran is printed (``last_backend``:
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 # Before numba or torch start their OpenMP pools: idle workers sleep instead of spinning
 # (docs/torch.md, Limitations). An explicit OMP_WAIT_POLICY in the environment wins.
@@ -23,6 +25,9 @@ import torch
 from torch import nn
 
 import batchnorm.torch as bt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_step import round_orders  # noqa: E402
 
 SHAPES = [(8, 4, 4, 4), (16, 64, 8, 8), (32, 64, 16, 16), (32, 64, 32, 32), (32, 128, 56, 56)]
 
@@ -48,14 +53,13 @@ def medians_ms(fns: dict, repeats: int) -> dict[str, float]:
     """Median ms of each function, timed in interleaved rounds after 5 warm-up rounds, so that
     a load change on the shared machine hits every layer alike (this needs the passive OpenMP
     wait policy set above: otherwise the Numba workers spinning after a call slowed the next
-    torch.nn call up to 100x). Each round starts one function later than the one before: in
-    a fixed order, a layer that always ran right after another of ours found the Numba
-    workers awake (in one run the same kernel timed 0.59x and 0.84x of torch.nn's pair)."""
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(repeats + 5):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
+    torch.nn call up to 100x). Each round runs the layers in a fresh shuffled order
+    (``model_step.round_orders``): the slot right after a given layer can cost more or less
+    (the Numba workers awake or just asleep), and a fixed or rotating order would always give
+    that slot to the same layer."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_, order in enumerate(round_orders(list(fns), repeats + 5)):
+        for name in order:
             fn = fns[name]
             start = time.perf_counter()
             fn()

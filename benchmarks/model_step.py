@@ -7,8 +7,8 @@ the input of the measurement issue 20 started from). For each configuration, in 
 and on the same weights and batch:
 
 * the time of a training step (forward, cross-entropy, backward, SGD update) per variant over
-  ``--repeats`` rounds (15); every round runs each variant once, the order rotating by one
-  each round. Speed is torch.nn's time over the variant's (> 1: faster than torch.nn): the
+  ``--repeats`` rounds (15); every round runs each variant once, in an order shuffled per
+  round (seeded). Speed is torch.nn's time over the variant's (> 1: faster than torch.nn): the
   median of the per-round ratios with their quartiles, the median's distribution-free 95%
   interval (order statistics) with a verdict (``faster`` or ``slower`` where the interval
   excludes 1.0, else ``within noise``), and the ratio of the two fastest steps. On this
@@ -44,6 +44,7 @@ import os
 # (docs/torch.md, Limitations). An explicit OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -241,18 +242,34 @@ def _is_relu(module: nn.Module) -> bool:
     return isinstance(module, nn.ReLU | nn.LeakyReLU)
 
 
+def round_orders(names: list[str], rounds: int, seed: int = 0) -> list[list[str]]:
+    """The order of ``names`` in each of ``rounds`` rounds: a fresh random permutation per
+    round (seeded, so a run can be repeated). Every variant then follows every other about
+    equally often. An order rotating by one each round keeps the cyclic order, so each
+    variant nearly always runs right after the same one, and that slot can carry a cost of
+    its own: in ``layer_cost.py`` at (32, 64, 16, 16), torch.nn's BN+ReLU pair timed two
+    places after the Numba layer took 2.62 and 2.69 ms against 2.03 and 2.23 ms for our fused
+    layer running the same ATen ops (two runs), and in three runs of the committed order,
+    with the fused layer in that slot, 1.30x, 1.34x and 0.94x of the pair's time."""
+    rng = random.Random(seed)
+    orders = []
+    for _ in range(rounds):
+        order = list(names)
+        rng.shuffle(order)
+        orders.append(order)
+    return orders
+
+
 def timed_rounds(steps: dict, rounds: int) -> dict[str, list[float]]:
     """Seconds per step of each variant, ``rounds`` rounds after two warm-up steps each
     (JIT compilation, allocator, first-call caches). Every round runs every variant once,
-    starting one variant later each round, so that neither a load change on the shared
-    machine nor the order (a variant running right after another's) favours one."""
+    in an order shuffled per round (``round_orders``), so that neither a load change on the
+    shared machine nor the order favours one."""
     for step in steps.values():
         step(), step()
-    names = list(steps)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(rounds):
-        shift = r % len(names)
-        for k in names[shift:] + names[:shift]:
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for order in round_orders(list(steps), rounds):
+        for k in order:
             start = time.perf_counter()
             steps[k]()
             times[k].append(time.perf_counter() - start)
