@@ -13,9 +13,7 @@ hits all of them alike. Which path ``auto`` ran is printed (``last_backend``:
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 # Before numba or torch start their OpenMP pools: idle workers sleep instead of spinning
 # (docs/torch.md, Limitations). An explicit OMP_WAIT_POLICY in the environment wins.
@@ -25,9 +23,7 @@ import torch
 from torch import nn
 
 import batchnorm.torch as bt
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_step import round_orders  # noqa: E402
+from batchnorm.bench.timing import round_orders
 
 SHAPES = [(8, 4, 4, 4), (16, 64, 8, 8), (32, 64, 16, 16), (32, 64, 32, 32), (32, 128, 56, 56)]
 
@@ -54,9 +50,9 @@ def medians_ms(fns: dict, repeats: int) -> dict[str, float]:
     a load change on the shared machine hits every layer alike (this needs the passive OpenMP
     wait policy set above: otherwise the Numba workers spinning after a call slowed the next
     torch.nn call up to 100x). Each round runs the layers in a fresh shuffled order
-    (``model_step.round_orders``): the slot right after a given layer can cost more or less
-    (the Numba workers awake or just asleep), and a fixed or rotating order would always give
-    that slot to the same layer."""
+    (``batchnorm.bench.timing.round_orders``): the slot right after a given layer can cost
+    more or less (the Numba workers awake or just asleep), and a fixed or rotating order
+    would always give that slot to the same layer."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_, order in enumerate(round_orders(list(fns), repeats + 5)):
         for name in order:

@@ -44,7 +44,6 @@ import os
 # (docs/torch.md, Limitations). An explicit OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import platform
-import random
 import statistics
 import time
 from pathlib import Path
@@ -55,6 +54,7 @@ from torch import nn
 from tqdm import tqdm
 
 import batchnorm.torch as bt
+from batchnorm.bench.timing import round_orders
 
 # --------------------------------------------------------------------------------- the models
 
@@ -240,24 +240,6 @@ def profile_shares(model: nn.Module, step, steps: int = 3) -> dict[str, float]:
 
 def _is_relu(module: nn.Module) -> bool:
     return isinstance(module, nn.ReLU | nn.LeakyReLU)
-
-
-def round_orders(names: list[str], rounds: int, seed: int = 0) -> list[list[str]]:
-    """The order of ``names`` in each of ``rounds`` rounds: a fresh random permutation per
-    round (seeded, so a run can be repeated). Every variant then follows every other about
-    equally often. An order rotating by one each round keeps the cyclic order, so each
-    variant nearly always runs right after the same one, and that slot can carry a cost of
-    its own: in ``layer_cost.py`` at (32, 64, 16, 16), torch.nn's BN+ReLU pair timed two
-    places after the Numba layer took 2.62 and 2.69 ms against 2.03 and 2.23 ms for our fused
-    layer running the same ATen ops (two runs), and in three runs of the committed order,
-    with the fused layer in that slot, 1.30x, 1.34x and 0.94x of the pair's time."""
-    rng = random.Random(seed)
-    orders = []
-    for _ in range(rounds):
-        order = list(names)
-        rng.shuffle(order)
-        orders.append(order)
-    return orders
 
 
 def timed_rounds(steps: dict, rounds: int) -> dict[str, list[float]]:

@@ -105,25 +105,6 @@ def test_verdict_reads_the_interval():
     assert few["verdict"] == "too few rounds"
 
 
-def test_round_orders_let_every_variant_follow_every_other():
-    # In the sequence of all steps (round after round), each ordered pair (a, then b right
-    # after it) of distinct variants should come up about equally often: 600 rounds of 5
-    # variants give 2999 adjacent steps, about 150 per pair, 30 per pair being a variant
-    # after itself. A rotating order gives a pair outside its cycle only at round boundaries.
-    round_orders = _script()["round_orders"]
-    names = ["a", "b", "c", "d", "e"]
-    orders = round_orders(names, 600)
-    assert all(sorted(order) == names for order in orders)  # each round runs each once
-    steps = [name for order in orders for name in order]
-    counts = {(a, b): 0 for a in names for b in names if a != b}
-    for a, b in zip(steps, steps[1:], strict=False):
-        if a != b:
-            counts[a, b] += 1
-    assert min(counts.values()) > 100 and max(counts.values()) < 200, counts
-    assert round_orders(names, 7) == round_orders(names, 7)  # seeded: a run can be repeated
-    assert round_orders(names, 7, seed=1) != round_orders(names, 7)
-
-
 def test_profiled_part_counts_each_backward_node_once():
     # Event names as torch.profiler gives them (printed from a Conv-BN-ReLU step, torch 2.13).
     profiled_part = _script()["profiled_part"]

@@ -10,6 +10,7 @@ import pytest
 from batchnorm.bench import cli as bench_cli
 from batchnorm.bench import record as rec
 from batchnorm.bench import shapes
+from batchnorm.bench.timing import round_orders
 
 
 def test_parse_shapes():
@@ -187,3 +188,21 @@ def test_cuda_clock_times_loops_of_calls_and_divides(monkeypatch):
     assert out[("p", "capped")]["n"] == 1
     # warm-up 2 + sizing 1 per op, then 3 samples of 4 calls and 1 sample of 4 calls
     assert len(calls) == 2 * (2 + 1) + 3 * 4 + 1 * 4
+
+
+def test_round_orders_let_every_variant_follow_every_other():
+    # In the sequence of all steps (round after round), each ordered pair (a, then b right
+    # after it) of distinct variants should come up about equally often: 600 rounds of 5
+    # variants give 2999 adjacent steps, about 150 per pair, 30 per pair being a variant
+    # after itself. A rotating order gives a pair outside its cycle only at round boundaries.
+    names = ["a", "b", "c", "d", "e"]
+    orders = round_orders(names, 600)
+    assert all(sorted(order) == names for order in orders)  # each round runs each once
+    steps = [name for order in orders for name in order]
+    counts = {(a, b): 0 for a in names for b in names if a != b}
+    for a, b in zip(steps, steps[1:], strict=False):
+        if a != b:
+            counts[a, b] += 1
+    assert min(counts.values()) > 100 and max(counts.values()) < 200, counts
+    assert round_orders(names, 7) == round_orders(names, 7)  # seeded: a run can be repeated
+    assert round_orders(names, 7, seed=1) != round_orders(names, 7)

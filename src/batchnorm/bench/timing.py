@@ -1,8 +1,9 @@
 """How a time is taken: interleaved rounds, one clock per device, one summary of the samples.
 
 Every (peer, op) is called ``warmup`` times untimed, then ``repeats`` rounds are timed. A round
-calls every (peer, op) once, in an order rotated by one each round, so that a burst of load
-from other processes (these machines are shared) hits all peers alike.
+calls every (peer, op) once, in an order shuffled afresh each round (``round_orders``), so
+that a burst of load from other processes (these machines are shared) hits all peers alike
+and no op always runs right after the same one.
 
 On CPU a sample is one call between two ``perf_counter`` readings. On CUDA a sample is a loop
 of calls between two CUDA events, long enough (>= 2 ms) that the CPU's launch work overlaps the
@@ -12,6 +13,7 @@ GPU's, and the time per call is the loop's time / its calls.
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import sys
 import time
@@ -88,6 +90,25 @@ class _CudaClock:
         return max(1, min(CUDA_MAX_CALLS, math.ceil(CUDA_SAMPLE_S / max(once, 1e-6))))
 
 
+def round_orders(names: list[Any], rounds: int, seed: int = 0) -> list[list[Any]]:
+    """The order of ``names`` in each of ``rounds`` rounds: a fresh random permutation per
+    round (seeded, so a run can be repeated). Every variant then follows every other about
+    equally often. An order rotating by one each round keeps the cyclic order, so each
+    variant nearly always runs right after the same one, and that slot can carry a cost of
+    its own: in ``benchmarks/layer_cost.py`` at (32, 64, 16, 16), torch.nn's BN+ReLU pair
+    timed two places after the Numba layer took 2.62 and 2.69 ms against 2.03 and 2.23 ms
+    for our fused layer running the same ATen ops (two runs); in three runs of the rotating
+    order, with the fused layer in that slot, it took 1.30x, 1.34x and 0.94x the pair's
+    time."""
+    rng = random.Random(seed)
+    orders = []
+    for _ in range(rounds):
+        order = list(names)
+        rng.shuffle(order)
+        orders.append(order)
+    return orders
+
+
 def time_interleaved(
     ops: dict[tuple[str, str], Op],
     repeats: int,
@@ -103,11 +124,8 @@ def time_interleaved(
     sync(device)
     calls = {key: clock.calls_for(op.run) for key, op in ops.items()}
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in ops}
-    keys = list(ops)
-    for r in range(repeats):
-        # Rotate the order every round so that no op always runs right after the same one.
-        shift = r % len(keys)
-        for key in keys[shift:] + keys[:shift]:
+    for order in round_orders(list(ops), repeats):
+        for key in order:
             op = ops[key]
             if op.max_repeats is not None and len(samples[key]) >= op.max_repeats:
                 continue
