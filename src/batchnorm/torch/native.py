@@ -202,7 +202,8 @@ def module_forward(module: Any, input: Any) -> torch.Tensor | None:
     """
     if not isinstance(input, torch.Tensor):
         return None
-    limits = NATIVE_BELOW.get("cpu" if input.is_cpu else input.device.type)
+    device = "cpu" if input.is_cpu else input.device.type
+    limits = NATIVE_BELOW.get(device)
     if limits is None:
         return None
     dtype = input.dtype
@@ -217,7 +218,11 @@ def module_forward(module: Any, input: Any) -> torch.Tensor | None:
     if (
         numel >= (limits[0] if training else limits[1])
         # The lower limit for long rows: checked only where it can matter.
-        or (training and numel >= _rows_floor(input) and numel >= _training_limit(input, limits[0]))
+        or (
+            training
+            and numel >= NATIVE_BELOW_LONG_ROWS.get(device, 0)
+            and numel >= _training_limit(input, limits[0])
+        )
         or _functorch_active()
     ):
         return None
@@ -266,10 +271,6 @@ def module_forward(module: Any, input: Any) -> torch.Tensor | None:
         tracked.add_(_ONE)
     _record(module)
     return output
-
-
-def _rows_floor(input: torch.Tensor) -> int:
-    return NATIVE_BELOW_LONG_ROWS.get("cpu" if input.is_cpu else input.device.type, 0)
 
 
 def _record(module: Any) -> None:
