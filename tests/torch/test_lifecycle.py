@@ -84,6 +84,35 @@ def test_checkpointed_training_counts_each_batch_once(backend, use_reentrant):
     assert int(ckpt[1].num_batches_tracked) == 4
 
 
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("fused", [False, True])
+def test_checkpoint_of_small_calls_on_pytorchs_kernel(use_reentrant, fused):
+    # backend="auto" runs PyTorch's kernel on small calls (native.py). The recomputation must
+    # run it too: non-reentrant checkpointing raises CheckpointError when the recomputed
+    # forward saves other tensors than the first, which our own stages did here.
+    def net():
+        torch.manual_seed(0)
+        act = (
+            bt.BatchNormReLU2d(4)
+            if fused
+            else torch.nn.Sequential(bt.BatchNorm2d(4), torch.nn.ReLU())
+        )
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), act).double()
+
+    plain, ckpt = net(), net()
+    for step, x in enumerate(_batches(2)):
+        plain(x).square().mean().backward()
+        checkpoint(ckpt, x.requires_grad_(), use_reentrant=use_reentrant).square().mean().backward()
+        bn = ckpt[1] if fused else ckpt[1][0]
+        assert bn.last_backend == "torch", bn.last_backend
+        for a, b in zip(plain.parameters(), ckpt.parameters(), strict=True):
+            torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0)
+        # Counted once, by the first forward; the recomputation's statistics went nowhere.
+        for name, buffer in plain.named_buffers():
+            torch.testing.assert_close(dict(ckpt.named_buffers())[name], buffer, rtol=0, atol=0)
+        assert int(bn.num_batches_tracked) == step + 1
+
+
 def test_torch_nn_counts_a_checkpointed_batch_twice():
     """The bug the mechanism fixes, shown on PyTorch's own layer (PyTorch #96136): if this ever
     stops failing, PyTorch fixed it."""

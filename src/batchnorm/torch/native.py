@@ -83,9 +83,6 @@ _HALF = (torch.float16, torch.bfloat16)
 # Bound once: each is called on every small layer's forward.
 _functorch_active = torch._C._are_functorch_transforms_active
 _graph_task_id = torch._C._current_graph_task_id
-#: ``num_batches_tracked``'s increment: a tensor skips wrapping the Python 1 (0.9 against
-#: 1.5 us per call in a tight loop).
-_ONE = torch.ones((), dtype=torch.long)
 
 
 def why_not_native(
@@ -250,15 +247,14 @@ def module_forward(module: Any, input: Any) -> torch.Tensor | None:
     momentum, seen = module.momentum, 0
     update = training and module.track_running_stats
     if update:
-        # stats_sink_for(module), without nn.Module.__getattr__'s miss (an exception) per call;
-        # a graph task id means a checkpoint's recomputation (stats_sink.recomputing).
+        # stats_sink_for(module), without nn.Module.__getattr__'s miss (an exception) per call.
         sink = module.__dict__.get("_stats_sink")
-        if tracked is None or sink is not None or _graph_task_id() != -1:
-            return None
-        if running_mean is None or running_var is None:
+        if tracked is None or sink is not None or running_mean is None or running_var is None:
             return None
         if not (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0)):  # noqa: E721
             return None
+        if _graph_task_id() != -1:  # stats_sink.recomputing(): a checkpoint's recomputation
+            return _recompute(module, input, weight, bias, running_mean, running_var, eps)
         seen = int(tracked) if momentum is None else 0
     else:
         running_mean = running_var = None
@@ -268,7 +264,31 @@ def module_forward(module: Any, input: Any) -> torch.Tensor | None:
     if output is None:
         return None
     if update:
-        tracked.add_(_ONE)
+        tracked.add_(1)
+    _record(module)
+    return output
+
+
+def _recompute(
+    module: Any,
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+) -> torch.Tensor | None:
+    """A checkpoint's recomputation of a call that ran here: the same kernel on the same
+    arguments, so that it saves for the backward exactly what the first forward saved
+    (non-reentrant checkpointing checks that), with copies of the running statistics for
+    ATen to update and drop: the batch was counted once already (PyTorch #96136)."""
+    try:
+        output = torch.batch_norm(
+            input, weight, bias, running_mean.clone(), running_var.clone(), True, 0.0, eps,
+            input.is_cuda and torch.backends.cudnn.enabled,
+        )  # fmt: skip
+    except RuntimeError:
+        return None
     _record(module)
     return output
 
