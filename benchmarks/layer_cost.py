@@ -49,7 +49,7 @@ def medians_ms(fns: dict, repeats: int) -> dict[str, float]:
     """Median ms of each function, timed in interleaved rounds after 5 warm-up rounds, so that
     a load change on the shared machine hits every layer alike (this needs the passive OpenMP
     wait policy set above: otherwise the Numba workers spinning after a call slowed the next
-    torch.nn call up to 100x). Each round runs the layers in a fresh shuffled order
+    torch.nn call up to 100x). Each round runs the layers in a balanced order
     (``batchnorm.bench.timing.round_orders``): the slot right after a given layer can cost
     more or less (the Numba workers awake or just asleep), and a fixed or rotating order
     would always give that slot to the same layer."""

@@ -7,8 +7,9 @@ the input of the measurement issue 20 started from). For each configuration, in 
 and on the same weights and batch:
 
 * the time of a training step (forward, cross-entropy, backward, SGD update) per variant over
-  ``--repeats`` rounds (15); every round runs each variant once, in an order shuffled per
-  round (seeded). Speed is torch.nn's time over the variant's (> 1: faster than torch.nn): the
+  ``--repeats`` rounds (15); every round runs each variant once, in a balanced order
+  (``batchnorm.bench.timing.round_orders``: all six orders of the three variants in each
+  block of six rounds). Speed is torch.nn's time over the variant's (> 1: faster than torch.nn): the
   median of the per-round ratios with their quartiles, the median's distribution-free 95%
   interval (order statistics) with a verdict (``faster`` or ``slower`` where the interval
   excludes 1.0, else ``within noise``), and the ratio of the two fastest steps. On this
@@ -245,7 +246,7 @@ def _is_relu(module: nn.Module) -> bool:
 def timed_rounds(steps: dict, rounds: int) -> dict[str, list[float]]:
     """Seconds per step of each variant, ``rounds`` rounds after two warm-up steps each
     (JIT compilation, allocator, first-call caches). Every round runs every variant once,
-    in an order shuffled per round (``round_orders``), so that neither a load change on the
+    in a balanced order (``round_orders``), so that neither a load change on the
     shared machine nor the order favours one."""
     for step in steps.values():
         step(), step()

@@ -3,8 +3,8 @@ limit) on a whole model, in one process.
 
 ``python benchmarks/native_limit_ab.py [--model resnet50] [--batch 16] [--size 112]
 [--dtype float32] [--limits 1048576,4194304] [--rounds 20] [--fuse] [--general]``: torch.nn
-and one ``convert``-ed copy of the same ResNet per training limit, timed in
-shuffled rounds (``model_step.timed_rounds``); per limit, the median of the per-round ratios
+and one ``convert``-ed copy of the same ResNet per training limit, timed in rounds in a
+balanced order (``model_step.timed_rounds``); per limit, the median of the per-round ratios
 torch.nn's time / the variant's, with quartiles, its 95% interval and verdict, and the ratio
 of the fastest steps. The limit is switched before each step of its variant, so every
 variant runs under its own. This is how

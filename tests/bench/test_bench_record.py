@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import csv
+import math
+from collections import Counter
 
 import pytest
 
@@ -191,18 +193,25 @@ def test_cuda_clock_times_loops_of_calls_and_divides(monkeypatch):
 
 
 def test_round_orders_let_every_variant_follow_every_other():
-    # In the sequence of all steps (round after round), each ordered pair (a, then b right
-    # after it) of distinct variants should come up about equally often: 600 rounds of 5
-    # variants give 2999 adjacent steps, about 150 per pair, 30 per pair being a variant
-    # after itself. A rotating order gives a pair outside its cycle only at round boundaries.
-    names = ["a", "b", "c", "d", "e"]
-    orders = round_orders(names, 600)
-    assert all(sorted(order) == names for order in orders)  # each round runs each once
-    steps = [name for order in orders for name in order]
-    counts = {(a, b): 0 for a in names for b in names if a != b}
-    for a, b in zip(steps, steps[1:], strict=False):
-        if a != b:
-            counts[a, b] += 1
-    assert min(counts.values()) > 100 and max(counts.values()) < 200, counts
+    # Oracle: counted from the orders. In a block of n! rounds every name comes first
+    # (n-1)! times and every ordered pair (a right before b, inside a round) occurs (n-1)!
+    # times. A rotating order has each name right before one other name only.
+    for names in (["a", "b", "c"], ["a", "b", "c", "d", "e"]):
+        n, block = len(names), math.factorial(len(names))
+        orders = round_orders(names, 2 * block)
+        assert all(sorted(order) == names for order in orders)  # each round runs each once
+        for part in (orders[:block], orders[block:]):
+            first = Counter(order[0] for order in part)
+            pairs = Counter(pair for order in part for pair in zip(order, order[1:], strict=False))
+            each = math.factorial(n - 1)
+            assert set(first.values()) == {each} and len(first) == n
+            assert set(pairs.values()) == {each} and len(pairs) == n * (n - 1)
+        assert orders[:block] != orders[block:]  # blocks shuffled apart
     assert round_orders(names, 7) == round_orders(names, 7)  # seeded: a run can be repeated
     assert round_orders(names, 7, seed=1) != round_orders(names, 7)
+    # Too many names to list every order: a permutation per round, each name first about
+    # equally often (1,000 rounds of 8: about 125 each).
+    many = [str(i) for i in range(8)]
+    orders = round_orders(many, 1000)
+    assert all(sorted(order) == many for order in orders)
+    assert all(80 < count < 170 for count in Counter(o[0] for o in orders).values())

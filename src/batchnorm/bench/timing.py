@@ -12,6 +12,7 @@ GPU's, and the time per call is the loop's time / its calls.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import statistics
@@ -90,23 +91,33 @@ class _CudaClock:
         return max(1, min(CUDA_MAX_CALLS, math.ceil(CUDA_SAMPLE_S / max(once, 1e-6))))
 
 
+#: Up to this many orders (5 variants: 120) ``round_orders`` cycles through all of them.
+_ALL_ORDERS_MAX = 720
+
+
 def round_orders(names: list[Any], rounds: int, seed: int = 0) -> list[list[Any]]:
-    """The order of ``names`` in each of ``rounds`` rounds: a fresh random permutation per
-    round (seeded, so a run can be repeated). Every variant then follows every other about
-    equally often. An order rotating by one each round keeps the cyclic order, so each
-    variant nearly always runs right after the same one, and that slot can carry a cost of
-    its own: in ``benchmarks/layer_cost.py`` at (32, 64, 16, 16), torch.nn's BN+ReLU pair
-    timed two places after the Numba layer took 2.62 and 2.69 ms against 2.03 and 2.23 ms
-    for our fused layer running the same ATen ops (two runs); in three runs of the rotating
-    order, with the fused layer in that slot, it took 1.30x, 1.34x and 0.94x the pair's
-    time."""
+    """The order of ``names`` in each of ``rounds`` rounds. For up to 6 names, every
+    permutation once per block of ``len(names)!`` rounds, the blocks each shuffled (seeded):
+    within a whole block each name comes first equally often and each ordered pair (a right
+    before b) occurs equally often inside the rounds. For more names, a random permutation
+    per round. A run can be repeated (same seed, same orders).
+
+    An order rotating by one each round keeps the cyclic order, so each variant nearly
+    always runs right after the same one, and that slot can carry a cost of its own: in
+    ``benchmarks/layer_cost.py`` at (32, 64, 16, 16), torch.nn's BN+ReLU pair timed two
+    places after the Numba layer took 2.62 and 2.69 ms against 2.03 and 2.23 ms for our
+    fused layer running the same ATen ops (two runs); in three runs of the rotating order,
+    with the fused layer in that slot, it took 1.30x, 1.34x and 0.94x the pair's time."""
     rng = random.Random(seed)
-    orders = []
-    for _ in range(rounds):
-        order = list(names)
-        rng.shuffle(order)
-        orders.append(order)
-    return orders
+    names = list(names)
+    if math.factorial(len(names)) > _ALL_ORDERS_MAX:
+        return [rng.sample(names, len(names)) for _ in range(rounds)]
+    orders: list[list[Any]] = []
+    while len(orders) < rounds:
+        block = [list(order) for order in itertools.permutations(names)]
+        rng.shuffle(block)
+        orders += block
+    return orders[:rounds]
 
 
 def time_interleaved(

@@ -8,7 +8,8 @@ measured per device (``NATIVE_BELOW``), ``backend="auto"`` therefore runs ``torc
 computes exactly what our layer promises:
 
 * training with the full gradient (both moments switches on), or evaluation with running
-  statistics; no statistics sink (accumulation, PreciseBN, checkpoint recomputation),
+  statistics; no statistics sink (accumulation, PreciseBN; a checkpoint's recomputation runs
+  the kernel again on copies of the running statistics, see ``_recompute``),
   no torch.func transform;
 * float32 or float64, or a contiguous float16/bfloat16 input (for channels_last half inputs
   PyTorch's CPU ``grad_input`` is less accurate than ours: docs/torch.md);
