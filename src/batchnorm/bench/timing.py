@@ -1,9 +1,9 @@
 """How a time is taken: interleaved rounds, one clock per device, one summary of the samples.
 
 Every (peer, op) is called ``warmup`` times untimed, then ``repeats`` rounds are timed. A round
-calls every (peer, op) once, in an order shuffled afresh each round (``round_orders``), so
-that a burst of load from other processes (these machines are shared) hits all peers alike
-and no op always runs right after the same one.
+calls every (peer, op) once, in a balanced order (``round_orders``), so that a burst of load
+from other processes (these machines are shared) hits all peers alike and no op always runs
+right after the same one.
 
 On CPU a sample is one call between two ``perf_counter`` readings. On CUDA a sample is a loop
 of calls between two CUDA events, long enough (>= 2 ms) that the CPU's launch work overlaps the
