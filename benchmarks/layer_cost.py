@@ -1,13 +1,16 @@
 """Cost of one BatchNorm2d call, ours against torch.nn, from a tiny layer to a large one.
 
-``python benchmarks/layer_cost.py [--threads N]``: median milliseconds of a training step
-(forward, then backward of a dense gradient) and of an evaluation forward under no_grad, per
-layer and shape, all in one process, and each of ours as a ratio to torch.nn's (< 1.3: the target of
-issue 20): ``BatchNorm2d`` with ``backend="auto"`` and ``"numba"`` against ``nn.BatchNorm2d``,
-and the fused ``BatchNormReLU2d`` (auto) against ``nn.BatchNorm2d`` + ``nn.ReLU(inplace=True)``.
-The layers are timed interleaved, round after round, so that a load change on a shared machine
-hits all of them alike. Which path ``auto`` ran is printed (``last_backend``:
-"torch" is PyTorch's own kernel, see docs/torch.md, "Cost per call").
+``python benchmarks/layer_cost.py [--threads N] [--device cuda]``: median milliseconds of a
+training step (forward, then backward of a dense gradient) and of an evaluation forward under
+no_grad, per layer and shape, all in one process, and each of ours as a ratio to torch.nn's (<
+1.3: the target of issue 20): ``BatchNorm2d`` with ``backend="auto"`` and ``"numba"`` against
+``nn.BatchNorm2d``, and the fused ``BatchNormReLU2d`` (auto) against ``nn.BatchNorm2d`` +
+``nn.ReLU(inplace=True)``. The layers are timed interleaved, round after round, so that a load
+change on a shared machine hits all of them alike. Which path ``auto`` ran is printed
+(``last_backend``: "torch" is PyTorch's own kernel, see docs/torch.md, "Cost per call"). With
+``--device cuda`` the explicit backend is ``"triton"`` instead of ``"numba"``, a larger shape is
+added, and each call is timed up to the end of its GPU work (``torch.cuda.synchronize``): what a
+user waits for.
 """
 
 import argparse
@@ -26,6 +29,9 @@ import batchnorm.torch as bt
 from batchnorm.bench.timing import round_orders
 
 SHAPES = [(8, 4, 4, 4), (16, 64, 8, 8), (32, 64, 16, 16), (32, 64, 32, 32), (32, 128, 56, 56)]
+#: A GPU's launch cost hides the smaller shapes' work; this one (ResNet-50 conv2_x, batch 256)
+#: takes it well past that.
+GPU_SHAPES = [*SHAPES, (256, 64, 56, 56)]
 
 
 def train_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
@@ -45,7 +51,11 @@ def eval_forward(layer: nn.Module, x: torch.Tensor) -> None:
         layer(x)
 
 
-def medians_ms(fns: dict, repeats: int) -> dict[str, float]:
+def _nothing() -> None:
+    pass
+
+
+def medians_ms(fns: dict, repeats: int, sync=_nothing) -> dict[str, float]:
     """Median ms of each function, timed in interleaved rounds after 5 warm-up rounds, so that
     a load change on the shared machine hits every layer alike (this needs the passive OpenMP
     wait policy set above: otherwise the Numba workers spinning after a call slowed the next
@@ -59,6 +69,7 @@ def medians_ms(fns: dict, repeats: int) -> dict[str, float]:
             fn = fns[name]
             start = time.perf_counter()
             fn()
+            sync()
             if round_ >= 5:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
@@ -67,30 +78,41 @@ def medians_ms(fns: dict, repeats: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device")
+    sync = (lambda: torch.cuda.synchronize(device)) if on_gpu else _nothing
+    kernels = "triton" if on_gpu else "numba"
     torch.manual_seed(0)
     policy = os.environ["OMP_WAIT_POLICY"]
-    print(f"threads {torch.get_num_threads()}, OMP_WAIT_POLICY {policy}")
+    where = torch.cuda.get_device_name(device) if on_gpu else f"threads {torch.get_num_threads()}"
+    print(f"{where}, OMP_WAIT_POLICY {policy}, torch {torch.__version__}")
     print("median ms of a training step / an eval forward (ratio to torch.nn, paths run)")
-    for shape in SHAPES:
-        x, dy = torch.randn(shape), torch.randn(shape)
+    for shape in GPU_SHAPES if on_gpu else SHAPES:
+        x, dy = torch.randn(shape, device=device), torch.randn(shape, device=device)
         channels, repeats = shape[1], 200 if x.numel() < 1e6 else 30
         layers = {
             "torch.nn": nn.BatchNorm2d(channels),
             "ours auto": bt.BatchNorm2d(channels),
-            "ours numba": bt.BatchNorm2d(channels, backend="numba"),
+            f"ours {kernels}": bt.BatchNorm2d(channels, backend=kernels),
             "torch.nn bn+relu": nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True)),
             "ours fused auto": bt.BatchNormReLU2d(channels),
         }
+        layers = {k: m.to(device) for k, m in layers.items()}
         peer = {"ours fused auto": "torch.nn bn+relu"}
         train = medians_ms(
-            {k: (lambda m=m, x=x, dy=dy: train_step(m, x, dy)) for k, m in layers.items()}, repeats
+            {k: (lambda m=m, x=x, dy=dy: train_step(m, x, dy)) for k, m in layers.items()},
+            repeats,
+            sync,
         )
         paths_train = {k: getattr(m, "last_backend", None) for k, m in layers.items()}
         infer = medians_ms(
-            {k: (lambda m=m, x=x: eval_forward(m, x)) for k, m in layers.items()}, repeats
+            {k: (lambda m=m, x=x: eval_forward(m, x)) for k, m in layers.items()}, repeats, sync
         )
         cells = []
         for name, layer in layers.items():

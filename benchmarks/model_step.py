@@ -1,7 +1,8 @@
 """A whole model's training step: torch.nn, ``convert`` and ``convert(fuse_activations=True)``.
 
-``python benchmarks/model_step.py [--quick] [--out FILE]``: ResNet-18- and ResNet-50-style
-networks (written below: no torchvision, no download), on CPU, batch 16 and 32, float32 and
+``python benchmarks/model_step.py [--quick] [--device cuda] [--out FILE]``: ResNet-18- and
+ResNet-50-style networks (written below: no torchvision, no download), on CPU (or the
+``--device`` given), batch 16 and 32, float32 and
 bfloat16, input 3 x SIZE x SIZE for each SIZE of ``--sizes`` (64 and 112 by default; 112 is
 the input of the measurement issue 20 started from). For each configuration, in one process
 and on the same weights and batch:
@@ -20,7 +21,12 @@ and on the same weights and batch:
 * the share of the step spent in batch norm (and in ReLU) according to ``torch.profiler``
   (one profiled step): the batch-norm modules' forward (a ``record_function`` range around
   each) plus their backward nodes (autograd node names with "BatchNorm"); with fused
-  activations the ReLU is inside the fused module.
+  activations the ReLU is inside the fused module. On a GPU the share is of the host's time
+  (launching), and ``bn_device_share`` adds the share of the GPU's kernel time, from the
+  kernels the profiler puts under those ranges and nodes.
+
+On a GPU every step ends with ``torch.cuda.synchronize``: a step's time is until its last
+kernel has finished, what a training loop that reads its loss waits for.
 
 Also, once: the saved-tensor bytes of one BN+ReLU (and BN+LeakyReLU) pair, torch.nn against
 the fused module, the figure docs/torch.md quotes. ``--quick`` (a one-block-per-stage ResNet,
@@ -144,6 +150,8 @@ MODELS = {
 
 # ------------------------------------------------------------------------------ measurements
 
+CPU = torch.device("cpu")
+
 
 def variants(model: nn.Module) -> dict[str, nn.Module]:
     """torch.nn, convert, convert + fused activations: three copies with equal weights."""
@@ -154,12 +162,15 @@ def variants(model: nn.Module) -> dict[str, nn.Module]:
 
 def step_fn(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    on_gpu = x.is_cuda
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(x).float(), target)
         loss.backward()
         optimizer.step()
+        if on_gpu:
+            torch.cuda.synchronize(x.device)
 
     return step
 
@@ -197,11 +208,12 @@ def profiled_part(name: str) -> str | None:
     return None
 
 
-def profile_shares(model: nn.Module, step, steps: int = 3) -> dict[str, float]:
+def profile_shares(model: nn.Module, step, steps: int = 3, gpu: bool = False) -> dict[str, float]:
     """Shares of ``steps`` profiled steps in batch norm and in ReLU (forward ranges + backward
     nodes), and their milliseconds per step together: the part of the step the variants
     change, measured apart from the convolutions' noise (the profiler's own overhead included,
-    which weighs more on Python-heavy layers)."""
+    which weighs more on Python-heavy layers). With ``gpu``, also batch norm's share of the
+    kernels' time and its (and ReLU's) kernel milliseconds per step."""
     handles = []
 
     def label(name):
@@ -219,8 +231,11 @@ def profile_shares(model: nn.Module, step, steps: int = 3) -> dict[str, float]:
         if name:
             pre, post = label(name)
             handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if gpu:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
     try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.profile(activities=activities) as prof:
             start = time.perf_counter()
             for _ in range(steps):
                 step()
@@ -229,14 +244,27 @@ def profile_shares(model: nn.Module, step, steps: int = 3) -> dict[str, float]:
         for h in handles:
             h.remove()
     spent = {"bn": 0.0, "relu": 0.0, None: 0.0}
+    kernels = {"bn": 0.0, "relu": 0.0, None: 0.0}
+    all_kernels_us = 0.0
     for event in prof.key_averages():
-        spent[profiled_part(event.key)] += event.cpu_time_total
+        part = profiled_part(event.key)
+        spent[part] += event.cpu_time_total
+        if gpu:
+            # A range's device time includes the kernels its children launched; each kernel
+            # once in the total (its self time).
+            kernels[part] += event.device_time_total
+            all_kernels_us += event.self_device_time_total
     bn_us, relu_us = spent["bn"], spent["relu"]
-    return {
+    shares = {
         "bn_share": bn_us / total_us,
         "relu_share": relu_us / total_us,
         "bn_relu_ms": (bn_us + relu_us) / steps / 1e3,
     }
+    if gpu:
+        shares["bn_device_share"] = kernels["bn"] / all_kernels_us if all_kernels_us else 0.0
+        shares["bn_relu_device_ms"] = (kernels["bn"] + kernels["relu"]) / steps / 1e3
+        shares["kernels_ms"] = all_kernels_us / steps / 1e3
+    return shares
 
 
 def _is_relu(module: nn.Module) -> bool:
@@ -312,12 +340,19 @@ def speed_figures(base: list[float], mine: list[float]) -> dict[str, Any]:
     }
 
 
-def measure(name: str, batch: int, dtype: torch.dtype, size: int, repeats: int) -> dict:
+def measure(
+    name: str,
+    batch: int,
+    dtype: torch.dtype,
+    size: int,
+    repeats: int,
+    device: torch.device = CPU,
+) -> dict:
     torch.manual_seed(0)
-    model = MODELS[name]().to(dtype)
+    model = MODELS[name]().to(device, dtype)
     models = variants(model)
-    x = torch.randn(batch, 3, size, size, dtype=dtype)
-    target = torch.randint(0, 100, (batch,))
+    x = torch.randn(batch, 3, size, size, dtype=dtype, device=device)
+    target = torch.randint(0, 100, (batch,), device=device)
     steps = {k: step_fn(m, x, target) for k, m in models.items()}
     times = timed_rounds(steps, repeats)
     result = {
@@ -333,7 +368,7 @@ def measure(name: str, batch: int, dtype: torch.dtype, size: int, repeats: int) 
             "fastest_step_ms": min(times[k]) * 1e3,
             **speed_figures(times["torch.nn"], times[k]),
             "saved_bytes": saved_bytes(loss),
-            **profile_shares(m, steps[k]),
+            **profile_shares(m, steps[k], gpu=device.type == "cuda"),
         }
     for k in ("convert", "convert+fused"):
         result[k]["saved_vs_torch_nn"] = (
@@ -342,13 +377,20 @@ def measure(name: str, batch: int, dtype: torch.dtype, size: int, repeats: int) 
     return result
 
 
-def pair_bytes(dtype: torch.dtype, shape: tuple[int, ...] = (16, 64, 28, 28)) -> dict:
+def pair_bytes(
+    dtype: torch.dtype,
+    shape: tuple[int, ...] = (16, 64, 28, 28),
+    device: torch.device = CPU,
+) -> dict:
     """Saved bytes of one BN+activation pair on an input of ``shape``: torch.nn, the fused
     module on its fused kernels (the backend named: the memory the fusion itself saves), and
     the fused module with ``backend="auto"``, which below ``native.NATIVE_BELOW`` runs
     PyTorch's kernel and the activation and so keeps what torch.nn keeps."""
-    kernels = "numba" if importlib.util.find_spec("numba") else "reference"
-    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    if device.type == "cuda":
+        kernels = "triton"
+    else:
+        kernels = "numba" if importlib.util.find_spec("numba") else "reference"
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
     out = {}
     pairs = {
         "bn+relu": (
@@ -363,7 +405,7 @@ def pair_bytes(dtype: torch.dtype, shape: tuple[int, ...] = (16, 64, 28, 28)) ->
         ),
     }
     for name, modules in pairs.items():
-        theirs, fused, auto = (m.to(dtype) for m in modules)
+        theirs, fused, auto = (m.to(device, dtype) for m in modules)
         a, b, c = (saved_bytes(lambda m=m: m(x)) for m in (theirs, fused, auto))
         out[name] = {
             "torch.nn": a,
@@ -377,10 +419,17 @@ def pair_bytes(dtype: torch.dtype, shape: tuple[int, ...] = (16, 64, 28, 28)) ->
     return out
 
 
+def write(record: dict, out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny ResNet, batch 4")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument(
         "--sizes",
         default="64,112",
@@ -392,6 +441,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.split(":")[0] not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: cpu or cuda[:N]")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device")
     pair_shape = (16, 64, 28, 28)
     if args.quick:
         configs = [("tiny", 4, torch.float32, 32)]
@@ -409,6 +463,7 @@ def main() -> None:
     record = {
         "benchmark": "model_step",
         "machine": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__,
@@ -416,7 +471,7 @@ def main() -> None:
         "repeats": repeats,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "pairs": {
-            str(d).replace("torch.", ""): pair_bytes(d, pair_shape)
+            str(d).replace("torch.", ""): pair_bytes(d, pair_shape, device)
             for d in (torch.float32, torch.bfloat16)
         },
         "results": [],
@@ -426,7 +481,7 @@ def main() -> None:
         "median of the rounds' ratios (its 95% interval: faster, slower or within noise)"
     )
     for name, batch, dtype, size in tqdm(configs, desc="configurations", disable=args.quick):
-        r = measure(name, batch, dtype, size, repeats)
+        r = measure(name, batch, dtype, size, repeats, device)
         record["results"].append(r)
         cells = [
             f"{k} {r[k]['step_ms']:.0f} ms x{r[k]['speed_vs_torch_nn']:.3f} "
@@ -436,15 +491,14 @@ def main() -> None:
             for k in ("torch.nn", "convert", "convert+fused")
         ]
         tqdm.write(f"{name} {size}px batch {batch} {r['dtype']}: " + " | ".join(cells))
+        write(record, args.out)  # after each configuration: a run cut short keeps what it measured
     for d, pairs in record["pairs"].items():
         for k, v in pairs.items():
             print(
                 f"pair {k} {d}: fused kernels ({v['kernels']}) save {v['ratio']:.3f}x torch.nn's "
                 f"bytes; auto ({v['auto_ran']}) {v['auto_ratio']:.3f}x"
             )
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write(record, args.out)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,23 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "model_step.py"
 
 
-def test_model_step_quick_writes_every_figure(tmp_path, monkeypatch):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))]  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_step_quick_writes_every_figure(tmp_path, monkeypatch, device):
     out = tmp_path / "model_step.json"
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--quick", "--threads", "1", "--out", str(out)])
+    argv = [str(SCRIPT), "--quick", "--threads", "1", "--device", device, "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(SCRIPT), run_name="__main__")
     record = json.loads(out.read_text())
+    assert record["device"] == (torch.cuda.get_device_name() if device == "cuda" else "cpu")
     (result,) = record["results"]
     for variant in ("torch.nn", "convert", "convert+fused"):
         figures = result[variant]
@@ -32,12 +39,30 @@ def test_model_step_quick_writes_every_figure(tmp_path, monkeypatch):
         low, high = figures["speed_ci95"]
         assert low <= figures["speed_vs_torch_nn"] <= high
         assert figures["verdict"] == "too few rounds"  # --quick runs 2 rounds
+        if device == "cuda":  # the kernels' side: batch norm is a part of them, not all
+            assert 0 < figures["bn_device_share"] < 1
+            assert 0 < figures["bn_relu_device_ms"] < figures["kernels_ms"]
+        else:
+            assert "bn_device_share" not in figures
     assert result["torch.nn"]["speed_vs_torch_nn"] == 1.0
     for pairs in record["pairs"].values():
-        # The fused kernels keep less; "auto" on this small pair runs PyTorch's kernel (BN+ReLU),
-        # keeping what torch.nn keeps, while the In-Place ABN layer keeps its own kernels.
+        # The fused kernels keep less. On CPU "auto" on this small pair runs PyTorch's kernel
+        # (BN+ReLU), keeping what torch.nn keeps; on CUDA it runs the Triton kernels.
         assert pairs["bn+relu"]["ratio"] < 1 and pairs["bn+leaky_relu"]["ratio"] < 1
-        assert pairs["bn+relu"]["auto_ran"] == "torch" and pairs["bn+relu"]["auto_ratio"] == 1.0
+        assert pairs["bn+relu"]["kernels"] in (
+            ("triton",) if device == "cuda" else ("numba", "reference")
+        )
+        if device == "cpu":
+            assert pairs["bn+relu"]["auto_ran"] == "torch" and pairs["bn+relu"]["auto_ratio"] == 1
+        else:
+            assert pairs["bn+relu"]["auto_ran"] == "triton" and pairs["bn+relu"]["auto_ratio"] < 1
+
+
+def test_model_step_rejects_an_unknown_device(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--quick", "--device", "tpu"])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert "--device tpu" in capsys.readouterr().err
 
 
 def test_native_limit_ab_runs_and_restores_the_limit(monkeypatch, capsys):

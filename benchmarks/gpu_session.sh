@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Every GPU check in one go, for a lent GPU machine with little time on it:
+#
+#   bash benchmarks/gpu_session.sh OUTDIR
+#
+# 1. what the machine is (GPU, driver, torch, triton);
+# 2. a smoke test: one BatchNorm2d step on the GPU against torch.nn (stops here if it fails);
+# 3. the tests that run on CUDA where there is one (Triton kernels, fused kernels, the backend
+#    contract, the CUDA module tests, the GPU bench, the model benchmark);
+# 4. benchmarks/layer_cost.py --device cuda (one layer, ours against torch.nn, by size);
+# 5. benchmarks/model_step.py --device cuda (whole ResNets; its JSON written after each
+#    configuration, so a stage cut short keeps what it measured);
+# 6. benchmarks/gpu_bench.py (kernels against PyTorch eager, no torch.compile: its compile
+#    time does not fit a short lease).
+#
+# Each stage has its own time limit (seconds, overridable: TESTS_S, LAYER_S, MODEL_S, BENCH_S)
+# so that one slow stage cannot take the others' time. Everything lands in OUTDIR. The machine
+# needs PyTorch with CUDA, Triton, pytest(-xdist) and this repository's dependencies; the
+# package runs from src/ (PYTHONPATH), nothing is installed.
+set -u
+OUT=${1:?usage: bash benchmarks/gpu_session.sh OUTDIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET # the GPU, not the interpreter
+PY=${PYTHON:-python3}
+stage() { echo "== $1 ($(date -u +%H:%M:%S))"; }
+
+stage "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+$PY -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__,
+"cuda", torch.version.cuda, "triton", triton.__version__, "gpu", torch.cuda.get_device_name())'
+
+stage "smoke"
+timeout 120 $PY - <<'EOF' || exit 1
+import torch
+
+import batchnorm.torch as bt
+
+x = torch.randn(8, 4, 6, 5, device="cuda", requires_grad=True)
+ours, theirs = bt.BatchNorm2d(4).cuda(), torch.nn.BatchNorm2d(4).cuda()
+y_ours, y_theirs = ours(x), theirs(x)
+g_ours, g_theirs = (torch.autograd.grad(y, x, torch.ones_like(y))[0] for y in (y_ours, y_theirs))
+torch.testing.assert_close(y_ours, y_theirs)
+torch.testing.assert_close(g_ours, g_theirs, atol=1e-5, rtol=1e-4)
+torch.testing.assert_close(ours.running_var, theirs.running_var)
+print("smoke: ran", ours.last_backend, "| auto says:", bt.explain_backend(x))
+EOF
+
+stage "tests"
+timeout "${TESTS_S:-150}" $PY -m pytest -q -n 8 -p no:cacheprovider --junitxml="$OUT/junit.xml" \
+    tests/kernels/test_triton.py tests/kernels/test_triton_fused.py tests/kernels/test_contract.py \
+    tests/torch/test_torch_cuda.py tests/bench/test_bench_gpu.py tests/test_model_step.py \
+    >"$OUT/tests.log" 2>&1
+echo "tests: exit $?"
+tail -n 25 "$OUT/tests.log"
+
+stage "layer_cost"
+timeout "${LAYER_S:-60}" $PY benchmarks/layer_cost.py --device cuda 2>&1 | tee "$OUT/layer_cost.txt"
+
+stage "model_step"
+timeout "${MODEL_S:-150}" $PY benchmarks/model_step.py --device cuda --sizes "${SIZES:-112}" \
+    --repeats "${REPEATS:-12}" --out "$OUT/model_step.json" >"$OUT/model_step.txt" 2>&1
+echo "model_step: exit $?"
+grep -v "configurations:" "$OUT/model_step.txt" | tail -n 20
+
+stage "gpu_bench"
+timeout "${BENCH_S:-120}" $PY benchmarks/gpu_bench.py --no-compile --no-progress \
+    >"$OUT/gpu_bench.txt" 2>&1
+echo "gpu_bench: exit $?"
+tail -n 30 "$OUT/gpu_bench.txt"
+tar czf "$OUT/gpu_bench_results.tgz" benchmarks/results/gpu-* benchmarks/results/log.csv 2>/dev/null
+stage "done"
