@@ -4,19 +4,24 @@
 #   bash benchmarks/gpu_session.sh OUTDIR
 #
 # 1. what the machine is (GPU, driver, torch, triton);
-# 2. a smoke test: one BatchNorm2d step on the GPU against torch.nn (stops here if it fails);
+# 2. a smoke test: one BatchNorm2d step on the GPU against torch.nn, backend "auto" (PyTorch's
+#    kernel there) and "triton" (stops here if it fails);
 # 3. the tests that run on CUDA where there is one (Triton kernels, fused kernels, the backend
 #    contract, the CUDA module tests, the GPU bench, the model benchmark);
-# 4. benchmarks/layer_cost.py --device cuda (one layer, ours against torch.nn, by size);
-# 5. benchmarks/model_step.py --device cuda (whole ResNets; its JSON written after each
+# 4. benchmarks/half_accuracy.py --device cuda (half-precision gradients against float64);
+# 5. where a Triton-path layer call spends its time: torch.profiler tables (GPU kernels, host)
+#    of training steps at a small and a large shape;
+# 6. benchmarks/layer_cost.py --device cuda (one layer, ours against torch.nn, by size);
+# 7. benchmarks/model_step.py --device cuda (whole ResNets; its JSON written after each
 #    configuration, so a stage cut short keeps what it measured);
-# 6. benchmarks/gpu_bench.py (kernels against PyTorch eager, no torch.compile: its compile
-#    time does not fit a short lease).
+# 8. benchmarks/gpu_bench.py (kernels against PyTorch eager, no torch.compile: its compile
+#    time does not fit a short lease; BENCH_ARGS adds options, e.g. --shapes).
 #
 # Each stage has its own time limit (seconds, overridable: TESTS_S, LAYER_S, MODEL_S, BENCH_S)
-# so that one slow stage cannot take the others' time. Everything lands in OUTDIR. The machine
-# needs PyTorch with CUDA, Triton, pytest(-xdist) and this repository's dependencies; the
-# package runs from src/ (PYTHONPATH), nothing is installed.
+# so that one slow stage cannot take the others' time. Everything lands in OUTDIR, in 8 files
+# (what the device tool brings back). The machine needs PyTorch with CUDA, Triton,
+# pytest(-xdist) and this repository's dependencies; the package runs from src/ (PYTHONPATH),
+# nothing is installed.
 set -u
 OUT=${1:?usage: bash benchmarks/gpu_session.sh OUTDIR}
 mkdir -p "$OUT"
@@ -38,22 +43,53 @@ import torch
 import batchnorm.torch as bt
 
 x = torch.randn(8, 4, 6, 5, device="cuda", requires_grad=True)
-ours, theirs = bt.BatchNorm2d(4).cuda(), torch.nn.BatchNorm2d(4).cuda()
-y_ours, y_theirs = ours(x), theirs(x)
-g_ours, g_theirs = (torch.autograd.grad(y, x, torch.ones_like(y))[0] for y in (y_ours, y_theirs))
-torch.testing.assert_close(y_ours, y_theirs)
-torch.testing.assert_close(g_ours, g_theirs, atol=1e-5, rtol=1e-4)
-torch.testing.assert_close(ours.running_var, theirs.running_var)
-print("smoke: ran", ours.last_backend, "| auto says:", bt.explain_backend(x))
+for backend in ("auto", "triton"):
+    ours, theirs = bt.BatchNorm2d(4, backend=backend).cuda(), torch.nn.BatchNorm2d(4).cuda()
+    y_ours, y_theirs = ours(x), theirs(x)
+    g_ours, g_theirs = (torch.autograd.grad(y, x, torch.ones_like(y))[0] for y in (y_ours, y_theirs))
+    torch.testing.assert_close(y_ours, y_theirs)
+    torch.testing.assert_close(g_ours, g_theirs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    print(f"smoke {backend}: ran {ours.last_backend} | says: {bt.explain_backend(x, backend)}")
 EOF
 
 stage "tests"
-timeout "${TESTS_S:-150}" $PY -m pytest -q -n 8 -p no:cacheprovider --junitxml="$OUT/junit.xml" \
+timeout "${TESTS_S:-150}" $PY -m pytest -q -n 12 -p no:cacheprovider --junitxml="$OUT/junit.xml" \
     tests/kernels/test_triton.py tests/kernels/test_triton_fused.py tests/kernels/test_contract.py \
     tests/torch/test_torch_cuda.py tests/bench/test_bench_gpu.py tests/test_model_step.py \
-    >"$OUT/tests.log" 2>&1
+    tests/torch/test_native_path.py >"$OUT/tests.log" 2>&1
 echo "tests: exit $?"
 tail -n 25 "$OUT/tests.log"
+
+stage "half_accuracy"
+timeout 60 $PY benchmarks/half_accuracy.py --device cuda
+
+stage "triton_profile"
+timeout 60 $PY - >"$OUT/triton_profile.txt" 2>&1 <<'EOF'
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import batchnorm.torch as bt
+
+for shape in [(16, 64, 8, 8), (32, 128, 56, 56)]:
+    layer = bt.BatchNorm2d(shape[1], backend="triton").cuda()
+    x = torch.randn(shape, device="cuda", requires_grad=True)
+    dy = torch.randn(shape, device="cuda")
+    for _ in range(3):
+        layer(x).backward(dy)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            layer(x).backward(dy)
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    print(f"== {shape}, 10 training steps, by GPU time")
+    print(table.table(sort_by="device_time_total", row_limit=20, max_name_column_width=70))
+    print(f"== {shape}, by host time")
+    print(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+EOF
+echo "triton_profile: exit $?"
+grep -A16 "by GPU time" "$OUT/triton_profile.txt" | cut -c1-170
 
 stage "layer_cost"
 timeout "${LAYER_S:-60}" $PY benchmarks/layer_cost.py --device cuda 2>&1 | tee "$OUT/layer_cost.txt"
@@ -62,12 +98,14 @@ stage "model_step"
 timeout "${MODEL_S:-150}" $PY benchmarks/model_step.py --device cuda --sizes "${SIZES:-112}" \
     --repeats "${REPEATS:-12}" --out "$OUT/model_step.json" >"$OUT/model_step.txt" 2>&1
 echo "model_step: exit $?"
-grep -v "configurations:" "$OUT/model_step.txt" | tail -n 20
+grep -v "configurations:" "$OUT/model_step.txt" | tail -n 24
 
 stage "gpu_bench"
-timeout "${BENCH_S:-120}" $PY benchmarks/gpu_bench.py --no-compile --no-progress \
-    >"$OUT/gpu_bench.txt" 2>&1
+LOGS=$(mktemp -d)
+# shellcheck disable=SC2086  # BENCH_ARGS holds several options
+timeout "${BENCH_S:-120}" $PY benchmarks/gpu_bench.py --no-compile --no-progress ${BENCH_ARGS:-} \
+    >"$LOGS/gpu_bench.txt" 2>&1
 echo "gpu_bench: exit $?"
-tail -n 30 "$OUT/gpu_bench.txt"
-tar czf "$OUT/gpu_bench_results.tgz" benchmarks/results/gpu-* benchmarks/results/log.csv 2>/dev/null
+tail -n 30 "$LOGS/gpu_bench.txt"
+tar czf "$OUT/gpu_bench.tgz" -C "$LOGS" gpu_bench.txt -C "$PWD" benchmarks/results
 stage "done"

@@ -124,3 +124,61 @@ def test_rows_say_which_kind_of_shape_they_are(monkeypatch):
     got = [(e["shape"], e["layout"], e["kind"]) for e in record["results"]]
     assert got == [([128, 32], "nc", "quick"), ([2, 3, 5, 7], "nchw", "representative")]
     assert "[representative]" in bench.format_table(record)
+
+
+def test_check_against_eager_tells_a_relu_boundary_flip_from_a_wrong_gradient():
+    """``TorchPeer.check``: a ReLU output that rounds to 0 in one peer and just above it in the
+    other passes dy in one only; that is judged by the output there (tiny), not by dx. A wrong
+    gradient is still seen."""
+    import torch
+    import torch.nn.functional as F
+
+    from batchnorm.bench.peers import EPS, TorchPeer
+
+    # m = 8192 values per channel: a flipped mask moves the channel's backward sums, and with
+    # them every dx of the channel, by about |dy| / m, far below a wrong gradient's 1%.
+    problem = bench_shapes.make_problem((32, 3, 16, 16), "nchw", "float32", "cpu")
+
+    def bn(x, w, b):
+        return F.batch_norm(x, None, None, w, b, True, 0.1, EPS)
+
+    class Peer(TorchPeer):
+        name = "probe"
+
+        def __init__(self, nudge, scale_dx):
+            self.nudge, self.scale_dx = nudge, scale_dx
+
+        def functions(self):
+            nudge, scale_dx = self.nudge, self.scale_dx
+
+            class Relu(torch.autograd.Function):
+                # ReLU whose output at the smallest positive pre-activation is 0 (nudge):
+                # the rounding that sends a value to the other side of 0.
+                @staticmethod
+                def forward(ctx, z):
+                    y = z.clamp_min(0)
+                    if nudge:
+                        flat = y.view(-1)
+                        flat[torch.where(flat > 0, flat, torch.inf).argmin()] = 0
+                    ctx.save_for_backward(y)
+                    return y
+
+                @staticmethod
+                def backward(ctx, dy):
+                    (y,) = ctx.saved_tensors
+                    return dy * (y > 0) * scale_dx
+
+            return {
+                **super().functions(),
+                "relu": lambda x, w, b: Relu.apply(bn(x, w, b)),
+                "add_relu": lambda x, r, w, b: Relu.apply(bn(x, w, b) + r),
+            }
+
+    exact = Peer(nudge=False, scale_dx=1.0).check(problem)
+    assert max(exact.values()) < 1e-5 and exact["relu flip y"] == 0
+    flipped = Peer(nudge=True, scale_dx=1.0).check(problem)
+    for op in ("relu", "add_relu"):
+        assert flipped[f"{op} dx"] < 1e-3  # the flipped position is left out of dx
+        assert 0 < flipped[f"{op} flip y"] < 0.05  # and judged by its (small) output
+    wrong = Peer(nudge=True, scale_dx=1.01).check(problem)
+    assert wrong["relu dx"] > 5e-3 and wrong["add_relu dx"] > 5e-3

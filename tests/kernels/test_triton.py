@@ -400,12 +400,12 @@ def test_channel_vectors_of_any_strides():
     running statistics, mean and invstd must give what their dense copies give."""
     x, axis = _input("nchw", torch.float32)
     c = x.shape[axis]
-    base = torch.linspace(0.5, 1.5, 2 * c)
+    base = torch.linspace(0.5, 1.5, 2 * c, device=x.device)
     dense_w, dense_b = base[::2].clone(), (base[1::2] - 1).clone()
     sliced_w, sliced_b = base[::2], base[1::2] - 1
     sliced_b = (torch.stack([sliced_b, sliced_b], 1).reshape(-1))[::2]
     assert not sliced_w.is_contiguous() and not sliced_b.is_contiguous()
-    expanded = torch.tensor([1.25]).expand(c)
+    expanded = torch.tensor([1.25], device=x.device).expand(c)
     y, mean, _, invstd, _ = tg.forward_train(x, dense_w, dense_b, EPS, axis)
     assert torch.equal(tg.forward_train(x, sliced_w, sliced_b, EPS, axis)[0], y)
     assert torch.equal(
@@ -485,7 +485,12 @@ def test_launchers_check_shapes_before_running():
         "axis -5 is out of range": lambda: tg.batch_stats(x, -5),
     }
     for message, call in bad.items():
-        with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        # The vectors made in the calls on the input's device: else the device check, which
+        # comes first, would answer instead of the shape check under test.
+        with (
+            torch.device(x.device),
+            pytest.raises((ValueError, TypeError), match=re.escape(message)),
+        ):
             call()
 
 

@@ -151,6 +151,43 @@ def test_non_finite_batch_on_pytorch_kernel_keeps_old_statistics():
         ours(good)
 
 
+@pytest.mark.parametrize("momentum", [0.1, 1.0, None])
+def test_device_side_guard_keeps_what_the_reference_keeps(momentum):
+    """Off the CPU the guard runs on the device (``native._keep_finite``, no host read):
+    after ATen's in-place update, each channel whose new mean or variance is not finite gets
+    its old values back. Oracle: ``reference.update_running_stats``, per channel, from the
+    same buffers and batch: a NaN channel, an infinite one, a poisoned buffer, an
+    update that overflows, and finite ones."""
+    from batchnorm import reference as ref
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 6, 3, 3, dtype=torch.float64)
+    x[1, 1, 0, 0] = float("nan")
+    x[2, 2, 1, 1] = float("inf")
+    x[:, 4] *= 1e154  # a finite batch whose variance overflows the update
+    mean = torch.randn(6, dtype=torch.float64)
+    var = torch.rand(6, dtype=torch.float64) + 0.5
+    mean[3] = float("nan")  # buffers already poisoned
+    seen = 4
+    old = torch.cat((mean, var))
+    rm, rv = mean.clone(), var.clone()
+    factor = 1.0 / (seen + 1) if momentum is None else momentum
+    torch.batch_norm(x, None, None, rm, rv, True, factor, 1e-5, False)
+    native._keep_finite(rm, rv, old)
+    stats = ref.batch_stats(x, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = ref.update_running_stats(
+            mean, var, seen, stats.mean, stats.var, stats.count, momentum=momentum
+        )
+    kept = [1, 2, 3, 4]
+    for got, expected, before in ((rm, want.running_mean, mean), (rv, want.running_var, var)):
+        torch.testing.assert_close(got, expected, equal_nan=True)  # ATen's rounding: close
+        for c in kept:  # the kept channels: bit for bit, NaN included
+            assert got[c].isnan() if before[c].isnan() else got[c] == before[c]
+    assert torch.isfinite(rm[[0, 5]]).all() and not torch.equal(rm[[0, 5]], mean[[0, 5]])
+
+
 class _Doubled(torch.nn.Module):
     def forward(self, weight):
         return 2 * weight

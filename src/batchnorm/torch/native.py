@@ -60,9 +60,17 @@ NATIVE = "torch"
 #: threads wake from sleep at every stage (OMP_WAIT_POLICY=PASSIVE, needed so that they do not
 #: spin against PyTorch's), and a ResNet-50 step at 64x64, batch 16, was 0.95x (float32) and
 #: 0.91x (bfloat16) of torch.nn's speed with the limit at 262,144 against 0.99x and 1.02x at
-#: 4,194,304 (same run, 2 threads; limits swept in one process). Not measured on a GPU (none
-#: was lent): CUDA keeps the Triton stages.
-NATIVE_BELOW: dict[str, tuple[int, int]] = {"cpu": (4_194_304, 4_194_304)}
+#: 4,194,304 (same run, 2 threads; limits swept in one process).
+#: On CUDA (an H200, torch 2.11, Triton 3.6; benchmarks/results/gpu-session-h200-2026-12-04.md)
+#: our Triton path lost at every size measured: a training step 3.1-4.2x torch.nn's time from
+#: 512 to 12,845,056 values (about 1.1 ms more per call: launching, not the GPU's work) and
+#: 1.05x at 51,380,224; an evaluation forward 2.7-4.3x, 1.7x at 51,380,224; a ResNet-18
+#: step after ``convert`` 0.25x torch.nn's speed. So CUDA runs PyTorch's kernel at any size
+#: until the Triton path's per-call cost comes down.
+NATIVE_BELOW: dict[str, tuple[int, int]] = {
+    "cpu": (4_194_304, 4_194_304),
+    "cuda": (2**62, 2**62),
+}
 
 #: device type -> training limit for float32/float64 inputs whose contiguous runs per (n, c)
 #: are long (a contiguous (N, C, *) input with at least ``ROWS_MIN_INNER`` values per channel
@@ -164,7 +172,12 @@ def native_batch_norm(
     except RuntimeError:
         _restore(running_mean, running_var, old)
         return None
-    if not math.isfinite(torch.dot(running_mean, running_var)):
+    if not input.is_cpu:
+        # No host read of the new values: it would stall the host until the GPU is done, at
+        # every layer. The same per-channel rule as ``reference.update_running_stats``, on
+        # the device, without its warning (which needs that read).
+        _keep_finite(running_mean, running_var, old)
+    elif not math.isfinite(torch.dot(running_mean, running_var)):
         # Rare: a non-finite batch (or buffers already poisoned). Our own update decides.
         _restore(running_mean, running_var, old)
         from .function import AXIS
@@ -176,6 +189,17 @@ def native_batch_norm(
             num_batches_tracked,
         )  # fmt: skip
     return output
+
+
+def _keep_finite(running_mean: torch.Tensor, running_var: torch.Tensor, old: torch.Tensor) -> None:
+    """The old value of every channel whose new mean or variance is not finite. ATen's new
+    values are non-finite exactly where the batch's statistics are (w * inf, w * NaN) or the
+    update overflowed, the reference's test per channel."""
+    channels = running_mean.shape[0]
+    with torch.no_grad():
+        finite = torch.isfinite(running_mean) & torch.isfinite(running_var)
+        torch.where(finite, running_mean, old[:channels], out=running_mean)
+        torch.where(finite, running_var, old[channels:], out=running_var)
 
 
 def _restore(running_mean: torch.Tensor, running_var: torch.Tensor, old: torch.Tensor) -> None:
