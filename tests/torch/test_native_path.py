@@ -145,6 +145,13 @@ def test_non_finite_batch_on_pytorch_kernel_keeps_old_statistics():
         assert torch.equal(getattr(ours, name)[2], before[name][2])
         torch.testing.assert_close(getattr(ours, name)[:2], getattr(theirs, name)[:2])
     assert int(ours.num_batches_tracked) == 2
+    # The backward still runs (ATen's node saved the buffers the guard rewrote), as torch.nn's.
+    leaf, theirs_leaf = bad.clone().requires_grad_(), bad.clone().requires_grad_()
+    with pytest.warns(RuntimeWarning):
+        y = ours(leaf)
+    g_ours, g_theirs = (torch.autograd.grad(v, t, torch.ones_like(v))[0]
+                        for v, t in ((y, leaf), (theirs(theirs_leaf), theirs_leaf)))  # fmt: skip
+    torch.testing.assert_close(g_ours, g_theirs, equal_nan=True)
     # A finite batch takes no detour and no warning.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -180,6 +187,14 @@ def test_device_side_guard_keeps_what_the_reference_keeps(momentum):
         want = ref.update_running_stats(
             mean, var, seen, stats.mean, stats.var, stats.count, momentum=momentum
         )
+    # Through autograd: ATen's node saved the buffers; the guard's writes must not stop its
+    # backward.
+    leaf = x.clone().requires_grad_()
+    rm2, rv2 = mean.clone(), var.clone()
+    y = torch.batch_norm(leaf, None, None, rm2, rv2, True, factor, 1e-5, False)
+    native._keep_finite(rm2, rv2, old)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(rm2, rm) or torch.allclose(rm2, rm, equal_nan=True)
     kept = [1, 2, 3, 4]
     for got, expected, before in ((rm, want.running_mean, mean), (rv, want.running_var, var)):
         torch.testing.assert_close(got, expected, equal_nan=True)  # ATen's rounding: close

@@ -63,6 +63,7 @@ def test_cuda_non_finite_batch_keeps_old_statistics_without_a_host_read(monkeypa
     ours(good), theirs(good)
     bad = torch.randn(4, 3, 2, 2, device="cuda")
     bad[0, 2, 1, 1] = float("nan")
+    bad.requires_grad_()
     before = {name: b.clone() for name, b in ours.named_buffers()}
 
     def no_host_read(*args, **kwargs):
@@ -74,7 +75,11 @@ def test_cuda_non_finite_batch_keeps_old_statistics_without_a_host_read(monkeypa
         m.setattr(torch.Tensor, "__float__", no_host_read)
         y = ours(bad)
     assert ours.last_backend == "torch"
-    torch.testing.assert_close(y, theirs(bad), equal_nan=True)
+    y_theirs = theirs(bad)
+    torch.testing.assert_close(y, y_theirs, equal_nan=True)
+    # ATen's node saved the buffers the guard rewrote: its backward must still run.
+    g_ours, g_theirs = (torch.autograd.grad(v, bad, torch.ones_like(v))[0] for v in (y, y_theirs))
+    torch.testing.assert_close(g_ours, g_theirs, equal_nan=True)
     for name in ("running_mean", "running_var"):
         assert torch.equal(getattr(ours, name)[2], before[name][2])
         torch.testing.assert_close(getattr(ours, name)[:2], getattr(theirs, name)[:2])

@@ -185,10 +185,16 @@ def native_batch_norm(
 
         stats = ref.batch_stats(input.detach(), AXIS)
         write_batch_stats(
-            input, running_mean, running_var, stats.mean, stats.var, momentum,
+            input, running_mean.data, running_var.data, stats.mean, stats.var, momentum,
             num_batches_tracked,
         )  # fmt: skip
     return output
+
+
+# Both write the buffers through ``.data``, which shares their memory but not their version
+# counter: ATen's batch-norm node saved them for its backward, which in training reads the
+# batch's own statistics and never these values, and an in-place write of the buffers
+# themselves would make that backward refuse to run ("modified by an inplace operation").
 
 
 def _keep_finite(running_mean: torch.Tensor, running_var: torch.Tensor, old: torch.Tensor) -> None:
@@ -196,17 +202,16 @@ def _keep_finite(running_mean: torch.Tensor, running_var: torch.Tensor, old: tor
     values are non-finite exactly where the batch's statistics are (w * inf, w * NaN) or the
     update overflowed, the reference's test per channel."""
     channels = running_mean.shape[0]
-    with torch.no_grad():
-        finite = torch.isfinite(running_mean) & torch.isfinite(running_var)
-        torch.where(finite, running_mean, old[:channels], out=running_mean)
-        torch.where(finite, running_var, old[channels:], out=running_var)
+    mean, var = running_mean.data, running_var.data
+    finite = torch.isfinite(mean) & torch.isfinite(var)
+    torch.where(finite, mean, old[:channels], out=mean)
+    torch.where(finite, var, old[channels:], out=var)
 
 
 def _restore(running_mean: torch.Tensor, running_var: torch.Tensor, old: torch.Tensor) -> None:
     channels = running_mean.shape[0]
-    with torch.no_grad():
-        running_mean.copy_(old[:channels])
-        running_var.copy_(old[channels:])
+    running_mean.data.copy_(old[:channels])
+    running_var.data.copy_(old[channels:])
 
 
 def module_forward(module: Any, input: Any) -> torch.Tensor | None:
