@@ -352,3 +352,40 @@ def test_long_contiguous_runs_take_our_stages_sooner_in_training(monkeypatch):
         assert layer.last_backend == ran, (tuple(x.shape), x.is_contiguous(), training)
         assert bt.explain_backend(x, training=training).split(" ")[0] == ran
     assert "long contiguous runs" in bt.explain_backend(long_runs)
+
+
+def test_device_side_guard_launches_few_kernels(monkeypatch):
+    """Off the CPU each training call of a small layer pays a launch per extra ATen op, which
+    on a GPU costs the host more than the GPU's work (an H200, 2026-12-04: about 25 us each,
+    0.3 ms per layer for the 12 extra ops the guard first had). Counted on the meta device
+    (no data, same dispatch as CUDA through ``native``): at most 8 kernel-launching ops beyond
+    torch.nn's (the copy of the buffers, the finiteness test, two writes), and no host read."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    views = {"aten.detach.default", "aten.slice.Tensor", "aten.view.default", "aten.alias.default"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) not in views:
+                self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setitem(native.NATIVE_BELOW, "meta", native.NATIVE_BELOW["cuda"])
+    counts = {}
+    for name, layer in (("torch.nn", torch.nn.BatchNorm2d(64)), ("ours", bt.BatchNorm2d(64))):
+        layer = layer.to("meta")
+        x = torch.empty(16, 64, 8, 8, device="meta", requires_grad=True)
+        with Count() as counter:
+            y = layer(x)
+            y.backward(torch.ones_like(y))
+        counts[name] = counter.ops
+    assert getattr(layer, "last_backend", None) == "torch"
+    extra = counts["ours"] - counts["torch.nn"]
+    assert sum(extra.values()) <= 8, extra
+    assert "aten._local_scalar_dense.default" not in counts["ours"]

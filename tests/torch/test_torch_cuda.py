@@ -13,14 +13,10 @@ import batchnorm.torch as bt
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton"])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cuda_module_matches_torch(layout, dtype, backend):
-    """Against PyTorch's layer in float64 on the same values, each step from the same state."""
+def _steps(ours, theirs, layout, dtype, theirs_dtype):
+    """Three steps (train, train, eval) from the same state; yields ours and theirs: outputs,
+    gradients of input, weight and bias, buffers."""
     gen = torch.Generator(device="cuda").manual_seed(0)
-    theirs = torch.nn.BatchNorm2d(4, device="cuda", dtype=torch.float64)
-    ours = bt.BatchNorm2d(4, device="cuda", backend=backend)
     with torch.no_grad():
         ours.weight.uniform_(0.5, 1.5, generator=gen)
         ours.bias.normal_(generator=gen)
@@ -32,20 +28,46 @@ def test_cuda_module_matches_torch(layout, dtype, backend):
         x = torch.randn(8, 4, 6, 5, device="cuda", generator=gen).to(dtype)
         x = x.contiguous(memory_format=fmt).requires_grad_(True)
         dy = torch.randn(x.shape, device="cuda", generator=gen).to(dtype)
-        y_ours, y_theirs = ours(x), theirs(x.double())
+        x_theirs = x.detach().to(theirs_dtype).requires_grad_(True)
+        y_ours, y_theirs = ours(x), theirs(x_theirs)
         assert y_ours.dtype == dtype and y_ours.is_contiguous(memory_format=fmt)
-        torch.testing.assert_close(y_ours, y_theirs.to(dtype))
         g_ours = torch.autograd.grad(y_ours, (x, ours.weight, ours.bias), dy)
-        g_theirs = torch.autograd.grad(y_theirs, (x, theirs.weight, theirs.bias), dy)
+        g_theirs = torch.autograd.grad(
+            y_theirs, (x_theirs, theirs.weight, theirs.bias), dy.to(theirs_dtype)
+        )
         assert g_ours[0].is_contiguous(memory_format=fmt)
-        for a, b in zip(g_ours, g_theirs, strict=True):
+        yield (y_ours, *g_ours, *ours.buffers()), (y_theirs, *g_theirs, *theirs.buffers())
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_triton_module_matches_torch_in_float64(layout, dtype):
+    """The Triton stages against PyTorch's layer in float64 on the same values."""
+    ours = bt.BatchNorm2d(4, device="cuda", backend="triton")
+    theirs = torch.nn.BatchNorm2d(4, device="cuda", dtype=torch.float64)
+    for mine, reference in _steps(ours, theirs, layout, dtype, torch.float64):
+        assert ours.last_backend == "triton"
+        for a, b in zip(mine, reference, strict=True):
             torch.testing.assert_close(a, b.to(a.dtype))
-        for a, b in zip(ours.buffers(), theirs.buffers(), strict=True):
-            torch.testing.assert_close(a, b.to(a.dtype))
-        if backend == "triton":
-            assert ours.last_backend == "triton"
-        elif layout == "contiguous" or dtype == torch.float32:
-            assert ours.last_backend == "torch", bt.explain_backend(x, training=training)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_auto_is_torch_nn(layout, dtype):
+    """``backend="auto"`` on CUDA: where it runs PyTorch's kernel (``last_backend == "torch"``)
+    it is torch.nn's layer in the same dtype, bit for bit (the same ATen call, plus the
+    non-finite guard, which changes nothing on finite batches); where it runs our stages
+    (channels_last half inputs, ``native.why_not_native``), it is checked as those are."""
+    ours = bt.BatchNorm2d(4, device="cuda")
+    theirs = torch.nn.BatchNorm2d(4, device="cuda")
+    for mine, same_dtype in _steps(ours, theirs, layout, dtype, dtype):
+        if ours.last_backend == "torch":
+            for a, b in zip(mine, same_dtype, strict=True):
+                assert torch.equal(a, b)
+        else:
+            assert (layout, dtype) == ("channels_last", torch.float16), ours.last_backend
+            for a, b in zip(mine, same_dtype, strict=True):
+                torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
 
 
 def test_cuda_convert_keeps_device():

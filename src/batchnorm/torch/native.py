@@ -62,11 +62,13 @@ NATIVE = "torch"
 #: 0.91x (bfloat16) of torch.nn's speed with the limit at 262,144 against 0.99x and 1.02x at
 #: 4,194,304 (same run, 2 threads; limits swept in one process).
 #: On CUDA (an H200, torch 2.11, Triton 3.6; benchmarks/results/gpu-session-h200-2026-12-04.md)
-#: our Triton path lost at every size measured: a training step 3.1-4.2x torch.nn's time from
-#: 512 to 12,845,056 values (about 1.1 ms more per call: launching, not the GPU's work) and
-#: 1.05x at 51,380,224; an evaluation forward 2.7-4.3x, 1.7x at 51,380,224; a ResNet-18
-#: step after ``convert`` 0.25x torch.nn's speed. So CUDA runs PyTorch's kernel at any size
-#: until the Triton path's per-call cost comes down.
+#: our Triton path lost at every size measured: a training step took 3.1-4.2x torch.nn's time
+#: from 512 to 12,845,056 values and 1.05x at 51,380,224; an evaluation forward 2.7-4.3x and
+#: 1.7x; a ResNet step after ``convert`` ran at 0.23-0.28x torch.nn's speed. The layer's cost
+#: there is the host's (Python, and a dozen small ATen ops for the running statistics), not
+#: the kernels'. So CUDA runs PyTorch's kernel at any size (same run: evaluation 0.96-1.05x
+#: torch.nn's time; training 1.5-1.6x below 13 million values, the guard's extra launches,
+#: since cut from 12 to 8; ResNets at 64x64 0.59-0.73x torch.nn's speed).
 NATIVE_BELOW: dict[str, tuple[int, int]] = {
     "cpu": (4_194_304, 4_194_304),
     "cuda": (2**62, 2**62),
@@ -203,7 +205,9 @@ def _keep_finite(running_mean: torch.Tensor, running_var: torch.Tensor, old: tor
     update overflowed, the reference's test per channel."""
     channels = running_mean.shape[0]
     mean, var = running_mean.data, running_var.data
-    finite = torch.isfinite(mean) & torch.isfinite(var)
+    # x * 0 == 0 exactly when x is finite (inf * 0 and NaN * 0 are NaN): two kernels where
+    # isfinite launches four. Each launch costs the host more than the GPU's work on C values.
+    finite = (mean * 0 == 0) & (var * 0 == 0)
     torch.where(finite, mean, old[:channels], out=mean)
     torch.where(finite, var, old[channels:], out=var)
 
