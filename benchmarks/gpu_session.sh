@@ -9,8 +9,8 @@
 # 3. the tests that run on CUDA where there is one (Triton kernels, fused kernels, the backend
 #    contract, the CUDA module tests, the GPU bench, the model benchmark);
 # 4. benchmarks/half_accuracy.py --device cuda (half-precision gradients against float64);
-# 5. where a Triton-path layer call spends its time: torch.profiler tables (GPU kernels, host)
-#    of training steps at a small and a large shape;
+# 5. where a layer call spends its time: torch.profiler tables (GPU kernels, host) of training
+#    steps, backend "auto" (PyTorch's kernel and our guard) and "triton", small and large;
 # 6. benchmarks/layer_cost.py --device cuda (one layer, ours against torch.nn, by size);
 # 7. benchmarks/model_step.py --device cuda (whole ResNets; its JSON written after each
 #    configuration, so a stage cut short keeps what it measured);
@@ -54,25 +54,29 @@ for backend in ("auto", "triton"):
 EOF
 
 stage "tests"
-timeout "${TESTS_S:-150}" $PY -m pytest -q -n 12 -p no:cacheprovider --junitxml="$OUT/junit.xml" \
+# -v: every test's name and outcome as it finishes, so that a stage cut by its limit still says
+# which failed (junit is written only at the end; on the H200 the suite took over 120 s).
+timeout "${TESTS_S:-240}" $PY -m pytest -v -n 12 -p no:cacheprovider --junitxml="$OUT/junit.xml" \
     tests/kernels/test_triton.py tests/kernels/test_triton_fused.py tests/kernels/test_contract.py \
     tests/torch/test_torch_cuda.py tests/bench/test_bench_gpu.py tests/test_model_step.py \
     tests/torch/test_native_path.py >"$OUT/tests.log" 2>&1
 echo "tests: exit $?"
-tail -n 25 "$OUT/tests.log"
+grep -E "(FAILED|ERROR) " "$OUT/tests.log" | head -n 20
+tail -n 3 "$OUT/tests.log"
 
 stage "half_accuracy"
 timeout 60 $PY benchmarks/half_accuracy.py --device cuda
 
-stage "triton_profile"
-timeout 60 $PY - >"$OUT/triton_profile.txt" 2>&1 <<'EOF'
+stage "call_profile"
+timeout 60 $PY - >"$OUT/call_profile.txt" 2>&1 <<'EOF'
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import batchnorm.torch as bt
 
-for shape in [(16, 64, 8, 8), (32, 128, 56, 56)]:
-    layer = bt.BatchNorm2d(shape[1], backend="triton").cuda()
+for backend, shape in [("auto", (16, 64, 8, 8)), ("triton", (16, 64, 8, 8)),
+                       ("triton", (32, 128, 56, 56))]:
+    layer = bt.BatchNorm2d(shape[1], backend=backend).cuda()
     x = torch.randn(shape, device="cuda", requires_grad=True)
     dy = torch.randn(shape, device="cuda")
     for _ in range(3):
@@ -83,13 +87,13 @@ for shape in [(16, 64, 8, 8), (32, 128, 56, 56)]:
             layer(x).backward(dy)
         torch.cuda.synchronize()
     table = prof.key_averages()
-    print(f"== {shape}, 10 training steps, by GPU time")
+    print(f"== {backend} {shape}, 10 training steps, by GPU time ({layer.last_backend} ran)")
     print(table.table(sort_by="device_time_total", row_limit=20, max_name_column_width=70))
-    print(f"== {shape}, by host time")
+    print(f"== {backend} {shape}, by host time")
     print(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
 EOF
-echo "triton_profile: exit $?"
-grep -A16 "by GPU time" "$OUT/triton_profile.txt" | cut -c1-170
+echo "call_profile: exit $?"
+grep -A16 "by GPU time" "$OUT/call_profile.txt" | cut -c1-170
 
 stage "layer_cost"
 timeout "${LAYER_S:-60}" $PY benchmarks/layer_cost.py --device cuda 2>&1 | tee "$OUT/layer_cost.txt"
