@@ -23,7 +23,8 @@ and on the same weights and batch:
   each) plus their backward nodes (autograd node names with "BatchNorm"); with fused
   activations the ReLU is inside the fused module. On a GPU the share is of the host's time
   (launching), and ``bn_device_share`` adds the share of the GPU's kernel time, from the
-  kernels the profiler puts under those ranges and nodes.
+  kernels the profiler puts under those ranges and nodes;
+* which path each variant's batch-norm layers ran (``paths``: ``last_backend`` counted).
 
 On a GPU every step ends with ``torch.cuda.synchronize``: a step's time is until its last
 kernel has finished, what a training loop that reads its loss waits for.
@@ -187,6 +188,18 @@ def saved_bytes(fn) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(storages.values())
+
+
+def paths_ran(model: nn.Module) -> dict[str, int]:
+    """How many batch-norm modules ran each path in their last call (``last_backend``: "torch"
+    for PyTorch's kernel, else our backend's name; torch.nn's own modules count as "torch.nn").
+    Which path ``auto`` took decides most of a variant's time."""
+    ran: dict[str, int] = {}
+    for module in model.modules():
+        if _is_bn(module):
+            path = getattr(module, "last_backend", "torch.nn") or "not run"
+            ran[path] = ran.get(path, 0) + 1
+    return dict(sorted(ran.items()))
 
 
 def _is_bn(module: nn.Module) -> bool:
@@ -369,6 +382,7 @@ def measure(
             **speed_figures(times["torch.nn"], times[k]),
             "saved_bytes": saved_bytes(loss),
             **profile_shares(m, steps[k], gpu=device.type == "cuda"),
+            "paths": paths_ran(m),
         }
     for k in ("convert", "convert+fused"):
         result[k]["saved_vs_torch_nn"] = (
@@ -487,7 +501,8 @@ def main() -> None:
             f"{k} {r[k]['step_ms']:.0f} ms x{r[k]['speed_vs_torch_nn']:.3f} "
             f"(95% {r[k]['speed_ci95'][0]:.3f}-{r[k]['speed_ci95'][1]:.3f}: {r[k]['verdict']}) "
             f"saved {r[k]['saved_bytes'] / 2**20:.0f} MiB bn {100 * r[k]['bn_share']:.1f}% "
-            f"bn+relu {r[k]['bn_relu_ms']:.1f} ms"
+            f"bn+relu {r[k]['bn_relu_ms']:.1f} ms ran "
+            + ",".join(f"{path}:{n}" for path, n in r[k]["paths"].items())
             for k in ("torch.nn", "convert", "convert+fused")
         ]
         tqdm.write(f"{name} {size}px batch {batch} {r['dtype']}: " + " | ".join(cells))

@@ -45,6 +45,11 @@ def test_model_step_quick_writes_every_figure(tmp_path, monkeypatch, device):
         else:
             assert "bn_device_share" not in figures
     assert result["torch.nn"]["speed_vs_torch_nn"] == 1.0
+    # The tiny ResNet's batch norms: the stem's, two per block (4 blocks) and one in each of the
+    # 3 downsampling shortcuts, 12 (fused modules are BatchNorm2d subclasses); at batch 4,
+    # 32x32 "auto" runs PyTorch's kernel in every one.
+    assert result["torch.nn"]["paths"] == {"torch.nn": 12}
+    assert result["convert"]["paths"] == result["convert+fused"]["paths"] == {"torch": 12}
     for pairs in record["pairs"].values():
         # The fused kernels keep less; "auto" on this small pair runs PyTorch's kernel (BN+ReLU),
         # keeping what torch.nn keeps (on CUDA at every size: native.NATIVE_BELOW).
