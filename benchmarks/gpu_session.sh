@@ -18,13 +18,16 @@
 #    time does not fit a short lease; BENCH_ARGS adds options, e.g. --shapes).
 #
 # Each stage has its own time limit (seconds, overridable: TESTS_S, LAYER_S, MODEL_S, BENCH_S)
-# so that one slow stage cannot take the others' time. Everything lands in OUTDIR, in 8 files
+# so that one slow stage cannot take the others' time; with the smoke test's 90 s they add up to
+# 615 s at most, about 300 s in a run that goes well (the device tool allows 600 s a command). Everything lands in OUTDIR, in 8 files
 # (what the device tool brings back). The machine needs PyTorch with CUDA, Triton,
 # pytest(-xdist) and this repository's dependencies; the package runs from src/ (PYTHONPATH),
 # nothing is installed.
-set -u
+set -u -o pipefail
 OUT=${1:?usage: bash benchmarks/gpu_session.sh OUTDIR}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd) # absolute: the script moves to the repository's root
+exec > >(tee "$OUT/session.log") 2>&1 # the whole log: the device tool returns only its tail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET # the GPU, not the interpreter
@@ -37,7 +40,7 @@ $PY -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torc
 "cuda", torch.version.cuda, "triton", triton.__version__, "gpu", torch.cuda.get_device_name())'
 
 stage "smoke"
-timeout 120 $PY - <<'EOF' || exit 1
+timeout 90 $PY - <<'EOF' || exit 1
 import torch
 
 import batchnorm.torch as bt
@@ -56,7 +59,7 @@ EOF
 stage "tests"
 # -v: every test's name and outcome as it finishes, so that a stage cut by its limit still says
 # which failed (junit is written only at the end; on the H200 the suite took over 120 s).
-timeout "${TESTS_S:-240}" $PY -m pytest -v -n 12 -p no:cacheprovider --junitxml="$OUT/junit.xml" \
+timeout "${TESTS_S:-180}" $PY -m pytest -v -n 12 -p no:cacheprovider --junitxml="$OUT/junit.xml" \
     tests/kernels/test_triton.py tests/kernels/test_triton_fused.py tests/kernels/test_contract.py \
     tests/torch/test_torch_cuda.py tests/bench/test_bench_gpu.py tests/test_model_step.py \
     tests/torch/test_native_path.py >"$OUT/tests.log" 2>&1
@@ -65,10 +68,10 @@ grep -E "(FAILED|ERROR) " "$OUT/tests.log" | head -n 20
 tail -n 3 "$OUT/tests.log"
 
 stage "half_accuracy"
-timeout 60 $PY benchmarks/half_accuracy.py --device cuda
+timeout 40 $PY benchmarks/half_accuracy.py --device cuda
 
 stage "call_profile"
-timeout 60 $PY - >"$OUT/call_profile.txt" 2>&1 <<'EOF'
+timeout 45 $PY - >"$OUT/call_profile.txt" 2>&1 <<'EOF'
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -96,20 +99,21 @@ echo "call_profile: exit $?"
 grep -A16 "by GPU time" "$OUT/call_profile.txt" | cut -c1-170
 
 stage "layer_cost"
-timeout "${LAYER_S:-60}" $PY benchmarks/layer_cost.py --device cuda 2>&1 | tee "$OUT/layer_cost.txt"
+timeout "${LAYER_S:-40}" $PY benchmarks/layer_cost.py --device cuda 2>&1 | tee "$OUT/layer_cost.txt"
 
 stage "model_step"
-timeout "${MODEL_S:-150}" $PY benchmarks/model_step.py --device cuda --sizes "${SIZES:-112}" \
+timeout "${MODEL_S:-140}" $PY benchmarks/model_step.py --device cuda --sizes "${SIZES:-112}" \
     --repeats "${REPEATS:-12}" --out "$OUT/model_step.json" >"$OUT/model_step.txt" 2>&1
 echo "model_step: exit $?"
-grep -v "configurations:" "$OUT/model_step.txt" | tail -n 24
+tr '\r' '\n' <"$OUT/model_step.txt" | grep -E "px batch|^pair" | cut -c1-400
 
 stage "gpu_bench"
 LOGS=$(mktemp -d)
 # shellcheck disable=SC2086  # BENCH_ARGS holds several options
-timeout "${BENCH_S:-120}" $PY benchmarks/gpu_bench.py --no-compile --no-progress ${BENCH_ARGS:-} \
+timeout "${BENCH_S:-80}" $PY benchmarks/gpu_bench.py --no-compile --no-progress ${BENCH_ARGS:-} \
     >"$LOGS/gpu_bench.txt" 2>&1
 echo "gpu_bench: exit $?"
 tail -n 30 "$LOGS/gpu_bench.txt"
-tar czf "$OUT/gpu_bench.tgz" -C "$LOGS" gpu_bench.txt -C "$PWD" benchmarks/results
+tar czf "$OUT/gpu_bench.tgz" -C "$LOGS" gpu_bench.txt -C "$PWD" benchmarks/results/log.csv \
+    $(cd "$PWD" && ls benchmarks/results/gpu-nvidia-* 2>/dev/null)
 stage "done"

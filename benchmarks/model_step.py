@@ -257,27 +257,42 @@ def profile_shares(model: nn.Module, step, steps: int = 3, gpu: bool = False) ->
         for h in handles:
             h.remove()
     spent = {"bn": 0.0, "relu": 0.0, None: 0.0}
-    kernels = {"bn": 0.0, "relu": 0.0, None: 0.0}
-    all_kernels_us = 0.0
     for event in prof.key_averages():
-        part = profiled_part(event.key)
-        spent[part] += event.cpu_time_total
-        if gpu:
-            # A range's device time includes the kernels its children launched; each kernel
-            # once in the total (its self time).
-            kernels[part] += event.device_time_total
-            all_kernels_us += event.self_device_time_total
+        spent[profiled_part(event.key)] += event.cpu_time_total
     bn_us, relu_us = spent["bn"], spent["relu"]
     shares = {
         "bn_share": bn_us / total_us,
         "relu_share": relu_us / total_us,
         "bn_relu_ms": (bn_us + relu_us) / steps / 1e3,
+        "profiled_step_ms": total_us / steps / 1e3,
     }
     if gpu:
-        shares["bn_device_share"] = kernels["bn"] / all_kernels_us if all_kernels_us else 0.0
-        shares["bn_relu_device_ms"] = (kernels["bn"] + kernels["relu"]) / steps / 1e3
-        shares["kernels_ms"] = all_kernels_us / steps / 1e3
+        shares.update(_kernel_shares(prof.events(), steps))
     return shares
+
+
+def _kernel_shares(events, steps: int) -> dict[str, float]:
+    """The GPU side, from the host-side events alone: each kernel is attached to the op that
+    launched it, so the ops' self device times add up to every kernel once, and a range's or a
+    backward node's device time is that of the kernels launched inside it. (Summing every
+    event, kernels and the GPU-side copies of our ranges included, counted each kernel twice
+    and the ranges' gaps too: benchmarks/results/gpu-session-h200-2026-12-04.md.)"""
+    from torch.autograd import DeviceType
+
+    kernels = {"bn": 0.0, "relu": 0.0, None: 0.0}
+    all_us = 0.0
+    for event in events:
+        if event.device_type != DeviceType.CPU:
+            continue
+        all_us += event.self_device_time_total
+        part = profiled_part(event.name)
+        if part is not None:
+            kernels[part] += event.device_time_total
+    return {
+        "bn_device_share": kernels["bn"] / all_us if all_us else 0.0,
+        "bn_relu_device_ms": (kernels["bn"] + kernels["relu"]) / steps / 1e3,
+        "kernels_ms": all_us / steps / 1e3,
+    }
 
 
 def _is_relu(module: nn.Module) -> bool:

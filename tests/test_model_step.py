@@ -42,6 +42,8 @@ def test_model_step_quick_writes_every_figure(tmp_path, monkeypatch, device):
         if device == "cuda":  # the kernels' side: batch norm is a part of them, not all
             assert 0 < figures["bn_device_share"] < 1
             assert 0 < figures["bn_relu_device_ms"] < figures["kernels_ms"]
+            # One stream: its kernels, each counted once, fit in the profiled steps' time.
+            assert figures["kernels_ms"] <= figures["profiled_step_ms"]
         else:
             assert "bn_device_share" not in figures
     assert result["torch.nn"]["speed_vs_torch_nn"] == 1.0
@@ -155,3 +157,32 @@ def test_row_length_scan_runs(monkeypatch, capsys):
     rows = [line.split() for line in lines[2:]]
     assert [r[0] for r in rows] == ["16", "130"]
     assert all(float(v) > 0 for r in rows for v in r[1:])
+
+
+def test_kernel_shares_count_each_kernel_once():
+    """The GPU side of the profile, on made-up events: the host-side ops' self device times add
+    up to every kernel once; the kernels' own events and the GPU-side copy of a range (which
+    spans the gaps between its kernels) are not counted again."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name, device_type, total, self_total):
+        return SimpleNamespace(name=name, device_type=device_type, device_time_total=total,
+                               self_device_time_total=self_total)  # fmt: skip
+
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+    events = [
+        event("aten::convolution", cpu, 100.0, 100.0),
+        event("bench::bn", cpu, 30.0, 0.0),  # the range: its child launched the kernel
+        event("aten::native_batch_norm", cpu, 30.0, 30.0),
+        event("NativeBatchNormBackward0", cpu, 20.0, 20.0),
+        event("bench::relu", cpu, 5.0, 5.0),
+        event("implicit_gemm_kernel", gpu, 100.0, 100.0),  # kernels: already counted above
+        event("batch_norm_collect_statistics_kernel", gpu, 30.0, 30.0),
+        event("bench::bn", gpu, 80.0, 80.0),  # the range on the GPU timeline, gaps included
+    ]
+    shares = _script()["_kernel_shares"](events, steps=1)
+    assert shares["kernels_ms"] == pytest.approx(0.155)
+    assert shares["bn_device_share"] == pytest.approx(50 / 155)
+    assert shares["bn_relu_device_ms"] == pytest.approx(0.055)

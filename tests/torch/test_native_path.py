@@ -158,23 +158,29 @@ def test_non_finite_batch_on_pytorch_kernel_keeps_old_statistics():
         ours(good)
 
 
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device"))],
+)  # fmt: skip
 @pytest.mark.parametrize("momentum", [0.1, 1.0, None])
-def test_device_side_guard_keeps_what_the_reference_keeps(momentum):
+def test_device_side_guard_keeps_what_the_reference_keeps(momentum, device):
     """Off the CPU the guard runs on the device (``native._keep_finite``, no host read):
     after ATen's in-place update, each channel whose new mean or variance is not finite gets
     its old values back. Oracle: ``reference.update_running_stats``, per channel, from the
-    same buffers and batch: a NaN channel, an infinite one, a poisoned buffer, an
-    update that overflows, and finite ones."""
+    same buffers and batch: a NaN channel, an infinite one, a poisoned buffer, a batch whose
+    variance overflows, and finite ones; on CUDA after ATen's CUDA update."""
     from batchnorm import reference as ref
 
     torch.manual_seed(0)
     x = torch.randn(6, 6, 3, 3, dtype=torch.float64)
     x[1, 1, 0, 0] = float("nan")
     x[2, 2, 1, 1] = float("inf")
-    x[:, 4] *= 1e154  # a finite batch whose variance overflows the update
+    x[:, 4] *= 1e154  # finite values whose variance overflows
     mean = torch.randn(6, dtype=torch.float64)
     var = torch.rand(6, dtype=torch.float64) + 0.5
     mean[3] = float("nan")  # buffers already poisoned
+    x, mean, var = x.to(device), mean.to(device), var.to(device)
     seen = 4
     old = torch.cat((mean, var))
     rm, rv = mean.clone(), var.clone()

@@ -11,19 +11,22 @@ computes exactly what our layer promises:
   statistics; no statistics sink (accumulation, PreciseBN; a checkpoint's recomputation runs
   the kernel again on copies of the running statistics, see ``_recompute``),
   no torch.func transform;
-* float32 or float64, or a contiguous float16/bfloat16 input (for channels_last half inputs
-  PyTorch's CPU ``grad_input`` is less accurate than ours: docs/torch.md);
+* float32 or float64, or float16/bfloat16 (on CPU only contiguous: for channels_last half
+  inputs PyTorch's CPU ``grad_input`` is less accurate than ours, docs/torch.md; on CUDA our
+  Triton layer costs 3-4x PyTorch's time per call, and a half-precision channels_last input is
+  the usual mixed-precision case);
 * a valid call: m >= 2 and eps > 0 in training, eps >= 0 in evaluation, momentum in [0, 1] or
   None. Everything else (a wrong channel count, mixed dtypes PyTorch refuses) raises inside
   ATen before it writes anything, and is then handed to our path, which raises our error.
 
 The guarantee that a non-finite batch never enters the running statistics is kept with one
-copy and one host read: the buffers are copied (one ``cat`` of two C-vectors) before ATen
-updates them in place, and ``dot(running_mean, running_var)`` is finite exactly when both
+copy and, on CPU, one host read: the buffers are copied (one ``cat`` of two C-vectors) before
+ATen updates them in place, and ``dot(running_mean, running_var)`` is finite exactly when both
 vectors are (a NaN or infinity survives every product and sum; a finite overflow only sends a
 call to the slow branch needlessly). When it is not finite the old buffers come back and our
 own update (``functional.write_batch_stats``: finite channels written, the others kept, with
-the warning) runs on statistics recomputed by the reference.
+the warning) runs on statistics recomputed by the reference. Off the CPU the same per-channel
+rule runs on the device without a host read and without the warning (``_keep_finite``).
 
 ``module.last_backend`` is then ``"torch"``; ``explain_backend(x, training=...)`` says why
 (``why_not_native``).
@@ -62,13 +65,14 @@ NATIVE = "torch"
 #: 0.91x (bfloat16) of torch.nn's speed with the limit at 262,144 against 0.99x and 1.02x at
 #: 4,194,304 (same run, 2 threads; limits swept in one process).
 #: On CUDA (an H200, torch 2.11, Triton 3.6; benchmarks/results/gpu-session-h200-2026-12-04.md)
-#: our Triton path lost at every size measured: a training step took 3.1-4.2x torch.nn's time
-#: from 512 to 12,845,056 values and 1.05x at 51,380,224; an evaluation forward 2.7-4.3x and
-#: 1.7x; a ResNet step after ``convert`` ran at 0.23-0.28x torch.nn's speed. The layer's cost
-#: there is the host's (Python, and a dozen small ATen ops for the running statistics), not
-#: the kernels'. So CUDA runs PyTorch's kernel at any size (same run: evaluation 0.96-1.05x
-#: torch.nn's time; training 1.5-1.6x below 13 million values, the guard's extra launches,
-#: since cut from 12 to 8; ResNets at 64x64 0.59-0.73x torch.nn's speed).
+#: our Triton path lost at every size measured (run 1): a training step took 3.1-4.2x
+#: torch.nn's time from 512 to 12,845,056 values and 1.05x at 51,380,224; an evaluation
+#: forward 2.75-4.33x and 1.70x; a ResNet step after ``convert`` ran at 0.23-0.28x torch.nn's
+#: speed. The layer's cost there is the host's (Python, and a dozen small ATen ops for the
+#: running statistics), not the kernels'. So CUDA runs PyTorch's kernel at any size (run 3, on
+#: a slower host: evaluation 0.96-1.05x torch.nn's time; training 1.5-1.6x below 13 million
+#: values, the guard's extra launches, since cut from 12 to 8; ResNets at 64x64 0.59-0.73x
+#: torch.nn's speed).
 NATIVE_BELOW: dict[str, tuple[int, int]] = {
     "cpu": (4_194_304, 4_194_304),
     "cuda": (2**62, 2**62),
@@ -113,8 +117,8 @@ def why_not_native(
     if limits is None:
         return f"auto does not use PyTorch's kernel on {device} (no size limit measured there)"
     dtype = input.dtype
-    if dtype not in _FULL and not (dtype in _HALF and input.is_contiguous()):
-        return f"PyTorch's kernel is not used for a non-contiguous or {dtype} input"
+    if dtype not in _FULL and not (dtype in _HALF and (input.is_contiguous() or not input.is_cpu)):
+        return f"PyTorch's kernel is not used for a non-contiguous or {dtype} input on cpu"
     limit = _training_limit(input, limits[0]) if training else limits[1]
     if input.numel() >= limit:
         mode = "training" if training else "evaluation"
@@ -238,7 +242,7 @@ def module_forward(module: Any, input: Any) -> torch.Tensor | None:
     if limits is None:
         return None
     dtype = input.dtype
-    if dtype not in _FULL and not (dtype in _HALF and input.is_contiguous()):
+    if dtype not in _FULL and not (dtype in _HALF and (input.is_contiguous() or device != "cpu")):
         return None
     module._check_input_dim(input)
     eps = module.eps
