@@ -41,6 +41,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--trials", type=int, default=30)
     args = parser.parse_args()
+    if args.device.split(":")[0] not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: cpu or cuda[:N]")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device")
+    if args.trials < 1:
+        parser.error(f"--trials must be at least 1, got {args.trials}")
     device = torch.device(args.device)
     stages = "triton" if device.type == "cuda" else "numba"
     gen = torch.Generator().manual_seed(0)
