@@ -118,7 +118,9 @@ def why_not_native(
         return f"auto does not use PyTorch's kernel on {device} (no size limit measured there)"
     dtype = input.dtype
     if dtype not in _FULL and not (dtype in _HALF and (input.is_contiguous() or not input.is_cpu)):
-        return f"PyTorch's kernel is not used for a non-contiguous or {dtype} input on cpu"
+        if dtype in _HALF:
+            return f"PyTorch's kernel is not used for a non-contiguous {dtype} input on cpu"
+        return f"PyTorch's kernel is not used for a {dtype} input"
     limit = _training_limit(input, limits[0]) if training else limits[1]
     if input.numel() >= limit:
         mode = "training" if training else "evaluation"
