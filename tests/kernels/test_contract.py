@@ -159,14 +159,15 @@ def backend(request, monkeypatch):
     return request.param
 
 
-def _make(case, dtype, seed=0):
+def _make(case, dtype, seed=0, device="cpu"):
     shape, axis, layout, offset = CASES[case]
     g = torch.Generator().manual_seed(seed)
     base = list(shape)
     if layout == "strided":
         base[-1] *= 2
-    values = torch.randn(base, generator=g, dtype=torch.float64)
-    scales = torch.linspace(0.5, 2.0, shape[axis], dtype=torch.float64)
+    # Drawn on the CPU (the same values on every device), laid out on the device.
+    values = torch.randn(base, generator=g, dtype=torch.float64).to(device)
+    scales = torch.linspace(0.5, 2.0, shape[axis], dtype=torch.float64, device=device)
     values = values * scales.view([-1 if i == axis else 1 for i in range(len(shape))])
     x = (values + offset).to(dtype)
     if layout == "channels_last":
@@ -176,12 +177,18 @@ def _make(case, dtype, seed=0):
     return x, axis
 
 
-def _vectors(channels, dtype, seed=1):
+def _vectors(channels, dtype, seed=1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
-    gamma = (torch.rand(channels, generator=g, dtype=torch.float64) + 0.5).to(cdt)
-    beta = (torch.randn(channels, generator=g, dtype=torch.float64) * 0.5).to(cdt)
+    gamma = (torch.rand(channels, generator=g, dtype=torch.float64) + 0.5).to(device, cdt)
+    beta = (torch.randn(channels, generator=g, dtype=torch.float64) * 0.5).to(device, cdt)
     return gamma, beta
+
+
+def _device(backend):
+    """Where a backend's contract runs: Triton on the GPU where there is one (without one,
+    this module set TRITON_INTERPRET=1 and it runs on CPU tensors), the others on the CPU."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
 def _like(x, seed):
@@ -207,14 +214,14 @@ def _stages(name, x):
         pytest.skip(str(exc))
 
 
-def check_contract(stages, case, dtype):
+def check_contract(stages, case, dtype, device="cpu"):
     """Every stage of ``stages`` against the reference in float64 on one case; raises
     AssertionError naming the stage that disagrees."""
-    x, axis = _make(case, dtype)
+    x, axis = _make(case, dtype, device=device)
     x64 = x.double()
     channels = x.shape[axis]
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
-    gamma, beta = _vectors(channels, dtype)
+    gamma, beta = _vectors(channels, dtype, device=device)
     dy, residual = _like(x, 2), _like(x, 3)
     tol, stol = TOL[dtype], STATS_TOL[dtype]
     m = x.numel() // channels
@@ -305,9 +312,9 @@ def check_contract(stages, case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_stage_matches_the_reference(backend, case, dtype):
-    x, _ = _make(case, dtype)
+    x, _ = _make(case, dtype, device=_device(backend))
     stages = _stages(backend, x)
-    check_contract(stages, case, dtype)
+    check_contract(stages, case, dtype, device=_device(backend))
 
 
 def test_the_contract_rejects_a_wrong_backend(monkeypatch):
