@@ -19,6 +19,8 @@ import argparse
 import torch
 
 import batchnorm.torch as bt
+from batchnorm._args import positive_int
+from batchnorm.bench.timing import device_arg
 
 SHAPES = [(2, 3, 4, 5), (8, 16, 14, 14)]
 
@@ -38,16 +40,10 @@ def grad_input(fn, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--trials", type=positive_int, default=30, help="random inputs per case")
     args = parser.parse_args()
-    if args.device.split(":")[0] not in ("cpu", "cuda"):
-        parser.error(f"--device {args.device}: cpu or cuda[:N]")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch sees no CUDA device")
-    if args.trials < 1:
-        parser.error(f"--trials must be at least 1, got {args.trials}")
-    device = torch.device(args.device)
+    device = args.device
     stages = "triton" if device.type == "cuda" else "numba"
     gen = torch.Generator().manual_seed(0)
     print(f"{device} ({torch.__version__}); ours on {stages!r}; worst over {args.trials} inputs")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import batchnorm.torch as bt
-from batchnorm.bench.timing import round_orders
+from batchnorm.bench.timing import device_arg, round_orders
 
 SHAPES = [(8, 4, 4, 4), (16, 64, 8, 8), (32, 64, 16, 16), (32, 64, 32, 32), (32, 128, 56, 56)]
 #: A GPU's launch cost hides the smaller shapes' work; this one (ResNet-50 conv2_x, batch 256)
@@ -78,14 +78,12 @@ def medians_ms(fns: dict, repeats: int, sync=_nothing) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda[:N]")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = args.device
     on_gpu = device.type == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch sees no CUDA device")
     sync = (lambda: torch.cuda.synchronize(device)) if on_gpu else _nothing
     kernels = "triton" if on_gpu else "numba"
     torch.manual_seed(0)

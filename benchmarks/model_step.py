@@ -62,7 +62,7 @@ from torch import nn
 from tqdm import tqdm
 
 import batchnorm.torch as bt
-from batchnorm.bench.timing import round_orders
+from batchnorm.bench.timing import device_arg, round_orders
 
 # --------------------------------------------------------------------------------- the models
 
@@ -458,7 +458,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny ResNet, batch 4")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda[:N]")
     parser.add_argument(
         "--sizes",
         default="64,112",
@@ -470,11 +470,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device.split(":")[0] not in ("cpu", "cuda"):
-        parser.error(f"--device {args.device}: cpu or cuda[:N]")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch sees no CUDA device")
+    device = args.device
     pair_shape = (16, 64, 28, 28)
     if args.quick:
         configs = [("tiny", 4, torch.float32, 32)]

@@ -54,6 +54,24 @@ def summary(values: list[float], calls: int = 1) -> dict[str, Any]:
     }
 
 
+def device_arg(text: str) -> Any:
+    """argparse type for the benchmarks' ``--device``: a ``torch.device`` for ``cpu`` or
+    ``cuda[:N]``, refused (with the value named) otherwise or where torch sees no GPU."""
+    import argparse
+
+    import torch
+
+    if text.split(":")[0] not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: cpu or cuda[:N]")
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: torch sees no CUDA device")
+    return device
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch
