@@ -134,3 +134,32 @@ def test_bad_slope_raises(slope):
             torch.randn(SHAPE), running_mean, running_var, training=True, negative_slope=slope
         )
     assert torch.equal(running_mean, torch.zeros(3)) and torch.equal(running_var, torch.ones(3))
+
+
+@pytest.mark.parametrize("guard", [-1e-3, float("nan"), float("inf"), True, "1e-3"])
+def test_bad_gamma_guard_raises(guard):
+    with pytest.raises((TypeError, ValueError), match="gamma_guard"):
+        BatchNormLeakyReLU2d(3, gamma_guard=guard)
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    with pytest.raises((TypeError, ValueError), match="gamma_guard"):
+        batch_norm_leaky_relu(
+            torch.randn(SHAPE), running_mean, running_var, training=True, gamma_guard=guard
+        )
+    assert torch.equal(running_mean, torch.zeros(3)) and torch.equal(running_var, torch.ones(3))
+
+
+def test_module_gamma_guard_zero_always_saves_the_output():
+    """The module's ``gamma_guard``: the default saves x for a tiny gamma; 0 turns the guard
+    (and its host read of gamma) off, and the output is saved whatever gamma is."""
+    x = torch.randn(SHAPE, requires_grad=True)
+    for guard, saved in ((1e-3, "x saved"), (0.0, None)):
+        layer = BatchNormLeakyReLU2d(SHAPE[1], backend="reference", gamma_guard=guard)
+        with torch.no_grad():
+            layer.weight[1] = 1e-6
+        y, big = _saved_storages(lambda: layer(x))  # noqa: B023 (called at once)
+        want = x if saved else y
+        assert big == {want.untyped_storage().data_ptr()}
+        assert layer.last_backend == (
+            "reference (fused, x saved)" if saved else "reference (fused)"
+        )
+    assert "gamma_guard=0.0" in repr(layer)

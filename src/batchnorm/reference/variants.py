@@ -84,18 +84,20 @@ def update_renorm_stats(
     *,
     momentum: float,
     eps: float,
+    warn: bool = True,
 ) -> RunningStats:
     """The paper's moving averages: ``mu += momentum * (mu_B - mu)`` and
     ``sigma += momentum * (sigma_B - sigma)``, of the standard deviation (eps inside, as
     sigma_B), stored as ``running_var = sigma**2 - eps`` so that inference's
     ``sqrt(running_var + eps)`` is sigma. Through ``update_running_stats`` in the space of sigma,
-    so the non-finite guard is the same as everywhere."""
+    so the non-finite guard is the same as everywhere (``warn``: as there)."""
     xp = namespace(running_mean, running_var, batch_mean, batch_var)
     sigma = xp.sqrt(running_var + eps)
     sigma_b = xp.sqrt(batch_var + eps)
     new = update_running_stats(
-        running_mean, sigma, 0, batch_mean, sigma_b, 1, momentum=momentum, variance="biased"
-    )
+        running_mean, sigma, 0, batch_mean, sigma_b, 1, momentum=momentum, variance="biased",
+        warn=warn,
+    )  # fmt: skip
     return RunningStats(new.running_mean, new.running_var**2 - eps, new.num_batches_tracked)
 
 

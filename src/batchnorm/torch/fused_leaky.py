@@ -23,8 +23,10 @@ per-channel vectors. PyTorch's unfused BatchNorm2d + LeakyReLU keeps ``x`` and `
 small (in the limit gamma = 0, y carries no information about x at all). A call in which some
 channel has ``|gamma| < gamma_guard`` (default 1e-3) therefore saves ``x`` instead, as an
 unfused layer would, and recomputes z from it: exact, without the memory saving; the module's
-``last_backend`` then ends in ``"(fused, x saved)"``. In float16/bfloat16 the recomputed x_hat
-carries the rounding of the stored output (as in In-Place ABN).
+``last_backend`` then ends in ``"(fused, x saved)"``. The test reads gamma on the host once per
+call; on a GPU that waits for every kernel queued before it. ``gamma_guard=0`` turns the guard
+off (the output is always what is saved) and the read with it. In float16/bfloat16 the
+recomputed x_hat carries the rounding of the stored output (as in In-Place ABN).
 """
 
 from __future__ import annotations
@@ -58,6 +60,15 @@ def check_slope(negative_slope: Any) -> float:
             f"negative_slope must be finite and > 0 (invertible), got {negative_slope!r}"
         )
     return float(negative_slope)
+
+
+def check_gamma_guard(gamma_guard: Any) -> float:
+    """A finite threshold >= 0 on |gamma|; 0 never saves x (and reads nothing on the host)."""
+    if isinstance(gamma_guard, bool) or not isinstance(gamma_guard, int | float):
+        raise TypeError(f"gamma_guard must be a float >= 0, got {gamma_guard!r}")
+    if not (math.isfinite(gamma_guard) and gamma_guard >= 0):
+        raise ValueError(f"gamma_guard must be finite and >= 0, got {gamma_guard!r}")
+    return float(gamma_guard)
 
 
 class FusedBatchNormLeakyReLUFunction(torch.autograd.Function):
@@ -180,10 +191,12 @@ def _fused_leaky(
     """``fused._fused`` for the LeakyReLU: validate everything, run, then write the buffers."""
     _check_backend_name(backend)
     slope = check_slope(negative_slope)
+    guard = check_gamma_guard(gamma_guard)
     update = check_call(input, running_mean, running_var, weight, bias, training, momentum, eps)
     chosen, _ = select_backend(input, backend)
-    # The gamma guard (module docstring): one host read per call.
-    from_output = weight is None or bool((weight.detach().abs() >= gamma_guard).all())
+    # The gamma guard (module docstring): one host read per call, which on a GPU waits for
+    # the kernels queued before it; gamma_guard=0 skips both.
+    from_output = weight is None or guard == 0 or bool((weight.detach().abs() >= guard).all())
     if input.numel() == 0:  # the unfused sequence answers an empty batch as PyTorch does
         output, _ = _batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -206,14 +219,30 @@ def _fused_leaky(
 class BatchNormLeakyReLU2d(_FusedBatchNorm2d):
     """``leaky_relu(BatchNorm2d(x), negative_slope)`` in one module that keeps only its output
     for the backward; arguments as :class:`BatchNormReLU2d` plus ``negative_slope`` (> 0,
-    default 0.01 as ``torch.nn.LeakyReLU``). ``state_dict`` is ``BatchNorm2d``'s."""
+    default 0.01 as ``torch.nn.LeakyReLU``) and ``gamma_guard`` (the module docstring; 0 turns
+    the guard and its host read off). ``state_dict`` is ``BatchNorm2d``'s."""
 
-    def __init__(self, num_features: int, *args: Any, negative_slope: float = 0.01, **kw: Any):
+    gamma_guard: float = GAMMA_GUARD  # modules pickled before the argument existed
+
+    def __init__(
+        self,
+        num_features: int,
+        *args: Any,
+        negative_slope: float = 0.01,
+        gamma_guard: float = GAMMA_GUARD,
+        **kw: Any,
+    ):
+        slope, guard = check_slope(negative_slope), check_gamma_guard(gamma_guard)
         super().__init__(num_features, *args, **kw)
-        self.negative_slope: float = check_slope(negative_slope)
+        self.negative_slope: float = slope
+        self.gamma_guard = guard
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return forward_with_buffers(self, input, _fused_leaky, negative_slope=self.negative_slope)
+        return forward_with_buffers(
+            self, input, _fused_leaky, negative_slope=self.negative_slope,
+            gamma_guard=self.gamma_guard,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, negative_slope={self.negative_slope}"
+        guard = "" if self.gamma_guard == GAMMA_GUARD else f", gamma_guard={self.gamma_guard}"
+        return f"{super().extra_repr()}, negative_slope={self.negative_slope}{guard}"

@@ -46,6 +46,8 @@ __all__ = [
     "NATIVE",
     "NATIVE_BELOW",
     "NATIVE_BELOW_LONG_ROWS",
+    "host_read_is_cheap",
+    "keep_finite",
     "module_forward",
     "native_batch_norm",
     "why_not_native",
@@ -180,7 +182,7 @@ def native_batch_norm(
     except RuntimeError:
         _restore(running_mean, running_var, old)
         return None
-    if not input.is_cpu:
+    if not host_read_is_cheap(running_mean):
         # No host read of the new values: it would stall the host until the GPU is done, at
         # every layer. The same per-channel rule as ``reference.update_running_stats``, on
         # the device, without its warning (which needs that read).
@@ -199,6 +201,13 @@ def native_batch_norm(
     return output
 
 
+def host_read_is_cheap(t: torch.Tensor) -> bool:
+    """Whether the host may read a value of ``t`` at every layer's call: on the CPU. On a GPU
+    the read waits until every kernel queued so far has run, and the host stops queueing the
+    next layer's work meanwhile."""
+    return t.is_cpu
+
+
 # Both write the buffers through ``.data``, which shares their memory but not their version
 # counter: ATen's batch-norm node saved them for its backward, which in training reads the
 # batch's own statistics and never these values, and an in-place write of the buffers
@@ -211,11 +220,27 @@ def _keep_finite(running_mean: torch.Tensor, running_var: torch.Tensor, old: tor
     update overflowed, the reference's test per channel."""
     channels = running_mean.shape[0]
     mean, var = running_mean.data, running_var.data
+    keep_finite(mean, var, mean, var, old[:channels], old[channels:])
+
+
+def keep_finite(
+    mean_out: torch.Tensor,
+    var_out: torch.Tensor,
+    new_mean: torch.Tensor,
+    new_var: torch.Tensor,
+    old_mean: torch.Tensor,
+    old_var: torch.Tensor,
+) -> None:
+    """Write ``new_mean``/``new_var`` into ``mean_out``/``var_out`` (which may be the same
+    tensors) where both are finite, ``old_mean``/``old_var`` in the other channels: the rule
+    of ``reference.update_running_stats`` on the device, without a host read and so without
+    its warning. A new value is non-finite exactly where the batch statistic behind it is
+    (w * inf and w * NaN are, for w = 0 too) or the update overflowed."""
     # x * 0 == 0 exactly when x is finite (inf * 0 and NaN * 0 are NaN): two kernels where
     # isfinite launches four. Each launch costs the host more than the GPU's work on C values.
-    finite = (mean * 0 == 0) & (var * 0 == 0)
-    torch.where(finite, mean, old[:channels], out=mean)
-    torch.where(finite, var, old[channels:], out=var)
+    finite = (new_mean * 0 == 0) & (new_var * 0 == 0)
+    torch.where(finite, new_mean, old_mean, out=mean_out)
+    torch.where(finite, new_var, old_var, out=var_out)
 
 
 def _restore(running_mean: torch.Tensor, running_var: torch.Tensor, old: torch.Tensor) -> None:

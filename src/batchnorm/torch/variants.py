@@ -45,6 +45,7 @@ from ..reference.variants import (
 from .function import AXIS, apply_batch_norm, memory_format_of
 from .functional import check_call
 from .modules import _BatchNorm
+from .native import host_read_is_cheap
 from .stats_sink import deliver, recomputing
 
 __all__ = [
@@ -102,11 +103,15 @@ class _GhostBatchNorm(_BatchNorm):
             stats.append((values_per_channel(tuple(rest.shape), AXIS), mean, var))
         self.last_backend = chosen.name
         if tracking:  # the exact merge of the virtual batches: the whole batch's statistics
-            counts = torch.tensor([float(c) for c, _, _ in stats], dtype=torch.float64)
             means = torch.stack([m.double() for _, m, _ in stats])
             m2s = torch.stack([v.double() * c for c, _, v in stats])
+            # Filled on the statistics' device: a tensor built from the host's list would be
+            # copied there, and that copy waits for the GPU's queue.
+            counts = torch.full((len(stats),), float(stats[0][0]), dtype=torch.float64,
+                                device=means.device)  # fmt: skip
+            counts[-1] = float(stats[-1][0])
             merged = ref.merge_stats(counts, means, m2s)
-            deliver(self, merged.mean, merged.var, int(merged.count))
+            deliver(self, merged.mean, merged.var, sum(c for c, _, _ in stats))
         output = parts[0] if len(parts) == 1 else torch.cat(parts)
         return output.contiguous(memory_format=memory_format_of(input))
 
@@ -221,15 +226,20 @@ class _BatchRenorm(_BatchNorm):
 
     def limits(self) -> tuple[float, float]:
         """``(r_max, d_max)`` at the current step (``num_batches_tracked``)."""
+        scheduled = self.warmup > 0 or self.r_max_at is not None or self.d_max_at is not None
+        # Without a schedule the step does not matter, and reading it would make the host wait
+        # for the GPU at every training call.
+        step = int(self.num_batches_tracked) if scheduled else 0
         return renorm_limits(
-            int(self.num_batches_tracked), self.r_max, self.d_max, warmup=self.warmup,
-            r_max_at=self.r_max_at, d_max_at=self.d_max_at,
+            step, self.r_max, self.d_max, warmup=self.warmup, r_max_at=self.r_max_at,
+            d_max_at=self.d_max_at,
         )  # fmt: skip
 
     def _write_batch_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
         new = update_renorm_stats(
             self.running_mean, self.running_var, mean.to(self.running_mean.dtype),
             var.to(self.running_var.dtype), momentum=self.momentum, eps=self.eps,
+            warn=host_read_is_cheap(self.running_mean),  # the warning's test is a host read
         )  # fmt: skip
         with torch.no_grad():
             self.running_mean.copy_(new.running_mean)
