@@ -20,6 +20,7 @@ import math  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -516,6 +517,92 @@ def test_bitwise_deterministic(layout):
         assert torch.equal(a, b)
 
 
+# ----------------------------------------------------------------------------- running stats
+
+
+@pytest.mark.parametrize("buffers", DTYPES)
+@pytest.mark.parametrize("momentum", [0.1, 0.0, 1.0, 0.37])
+@pytest.mark.parametrize("count", [2, 3, 1000])
+def test_running_update_equals_the_reference_bit_for_bit(buffers, momentum, count):
+    """One launch, ``reference.update_running_stats``'s values bit for bit in each buffer
+    dtype (300 channels: two channel blocks), including the channels it keeps: a NaN batch
+    mean, an infinite batch variance, variances whose unbiased estimate overflows in float32
+    or only when rounded to the buffer dtype, a poisoned buffer."""
+    gen = torch.Generator().manual_seed(count)
+    rm = (torch.randn(300, generator=gen) * 3).to(buffers)
+    rv = (torch.rand(300, generator=gen) * 2 + 0.1).to(buffers)
+    mean = torch.randn(300, generator=gen) * 5 + 1e3
+    var = torch.rand(300, generator=gen) * 4
+    mean[1], var[2], rm[4] = float("nan"), float("inf"), float("nan")
+    top = torch.finfo(buffers).max
+    var[3], var[5] = (3e38, 3.39e38) if buffers == torch.float32 else (top, top * 0.9995)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = ref.update_running_stats(rm, rv, 0, mean, var, count, momentum=momentum)
+    before = rm.clone()
+    rm, rv, mean, var = (t.to(DEVICE) for t in (rm, rv, mean, var))
+    assert tg.launchers.update_running(rm, rv, mean, var, count, momentum) is True
+    torch.testing.assert_close(rm.cpu(), want.running_mean, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(rv.cpu(), want.running_var, rtol=0, atol=0)
+    moved = (rm.cpu() != before)[[0, 6, 299]]
+    assert moved.all() if momentum > 0 else not moved.any()
+
+
+def test_running_update_refuses_what_it_does_not_take():
+    """False, nothing written: the caller then runs the torch ops."""
+    v = {"device": DEVICE}
+    rm, rv = torch.zeros(4, **v), torch.ones(4, **v)
+    mean, var = torch.ones(4, **v), torch.ones(4, **v)
+    cases = [
+        (rm.double(), rv.double(), mean, var, 8),  # float64 buffers
+        (rm, rv, mean.double(), var, 8),  # float64 statistics
+        (rm, rv, mean, var, 1),  # m = 1: no unbiased estimate
+        (rm, rv, mean, var, torch.tensor(8)),  # SyncBatchNorm's count on the device
+        (torch.zeros(8, **v)[::2], rv, mean, var, 8),  # not dense
+        (rm, rv, torch.ones(5, **v), var, 8),  # wrong length
+    ]
+    for case in cases:
+        before = [t.clone() for t in case[:2]]
+        assert tg.launchers.update_running(*case, 0.1) is False
+        assert all(torch.equal(a, b) for a, b in zip(case[:2], before, strict=True))
+
+
+def test_layer_off_the_cpu_updates_with_one_launch(monkeypatch):
+    """A training step of the Triton layer off the CPU writes its running statistics with the
+    backend's ``update_running`` (run here as a GPU's code path would run), and they equal the
+    torch ops' update bit for bit."""
+    import batchnorm.torch as bt
+    from batchnorm.torch import functional, native
+
+    backend = get_backend("triton", torch.empty(1, device=DEVICE))
+    calls = []
+    real = type(backend).update_running
+
+    def spy(self, *args):
+        calls.append(args[4])
+        return real(self, *args)
+
+    x = torch.randn(6, 5, 3, 3, device=DEVICE) * 2 + 1
+    layers = {}
+    for name, one_launch in (("kernel", True), ("torch ops", False)):
+        with monkeypatch.context() as patch:
+            for module in (functional, native):
+                patch.setattr(module, "host_read_is_cheap", lambda t: False)
+            if one_launch:
+                patch.setattr(type(backend), "update_running", spy)
+            else:
+                patch.delattr(type(backend), "update_running")
+            layer = bt.BatchNorm2d(5, backend="triton").to(DEVICE)
+            for _ in range(2):
+                layer(x)
+            layers[name] = layer
+    assert calls == [6 * 3 * 3] * 2
+    for buffer in ("running_mean", "running_var"):
+        got, want = (getattr(layers[k], buffer) for k in ("kernel", "torch ops"))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(layers["kernel"].running_var, torch.ones(5, device=DEVICE))
+
+
 # ----------------------------------------------------------------------------- availability
 
 
@@ -550,3 +637,4 @@ def test_kernels_compile_for_gpu():
         pytest.skip(done.stdout.strip())
     assert done.returncode == 0, done.stdout + done.stderr
     assert "compiled" in done.stdout
+    assert "_running_update_kernel: no FMA contraction" in done.stdout

@@ -16,7 +16,11 @@ reference's own stages are :class:`ReferenceStages`)::
 
 and optionally the fused compositions ``forward_train`` and ``backward_train`` with the
 signatures of :func:`compose_forward_train` and :func:`compose_backward_train` (less the
-first argument); :func:`forward_train` and :func:`backward_train` call a backend's own where it
+first argument), and ``update_running(running_mean, running_var, mean, var, count, w) ->
+bool``: ``reference.update_running_stats``'s values (momentum ``w``, PyTorch's convention,
+unbiased, non-finite channels kept) written into the buffers in place without a host read, or
+False with nothing written where it does not take them (the torch layers use it off the
+CPU); :func:`forward_train` and :func:`backward_train` call a backend's own where it
 has one, and compose its stages where it has not. ``merge_stats`` (the exact parallel merge) is
 written once, in ``reference.stats``, and serves every backend.
 

@@ -191,7 +191,7 @@ def _batch_norm(
     if update:
         write_batch_stats(
             input, running_mean, running_var, mean, var, momentum, num_batches_tracked,
-            stats_sink=stats_sink,
+            stats_sink=stats_sink, backend=chosen,
         )  # fmt: skip
     return output, chosen.name
 
@@ -290,24 +290,37 @@ def write_running_stats(
     count: int,
     momentum: float | None,
     num_batches_tracked: int = 0,
+    *,
+    backend: Any = None,
 ) -> None:
     """Fold one batch's ``mean`` and biased ``var`` (over ``count`` values per channel) into the
     buffers, in place: ``reference.update_running_stats`` decides the values (PyTorch's momentum
     convention, unbiased running variance, non-finite channels kept; on the CPU with a
-    warning, elsewhere silently: the warning needs a host read, which would stall a GPU)."""
+    warning, elsewhere silently: the warning needs a host read, which would stall a GPU).
+
+    Off the CPU, a ``backend`` (the one whose stages computed ``mean`` and ``var``) with the
+    optional stage ``update_running`` (Triton: one kernel launch) writes the buffers itself
+    where it takes them; otherwise a dozen torch ops do, with no host read either.
+    """
     # SyncBatchNorm's global count on a GPU is a 0-d tensor there, never read on the host (a
     # count of 1 gives an infinite variance estimate, and the channels keep their values).
     count_on_device = isinstance(count, torch.Tensor) and not host_read_is_cheap(count)
     if count_on_device or (count >= 2 and int(num_batches_tracked) >= 0):
+        w = 1.0 / (int(num_batches_tracked) + 1) if momentum is None else float(momentum)
+        on_device = not host_read_is_cheap(running_mean)
+        one_launch = getattr(backend, "update_running", None) if on_device else None
+        if one_launch is not None and not count_on_device:
+            with torch.no_grad():
+                if one_launch(running_mean, running_var, mean, var, count, w):
+                    return
         # The usual case in a few torch ops: ``update_running_stats``'s arithmetic, the same
         # expressions in the same order (a test holds the two equal bit for bit).
-        w = 1.0 / (int(num_batches_tracked) + 1) if momentum is None else float(momentum)
         with torch.no_grad():
             new_mean = (1.0 - w) * running_mean + w * mean.to(running_mean.dtype)
             new_var = (1.0 - w) * running_var + w * (var * (count / (count - 1))).to(
                 running_var.dtype
             )
-            if not host_read_is_cheap(running_mean):
+            if on_device:
                 # No host read: it would make the host wait for the device at every layer's
                 # training step. The reference's per-channel rule runs on the device, without
                 # the warning (which needs that read).
@@ -350,15 +363,20 @@ def write_batch_stats(
     num_batches_tracked: int = 0,
     *,
     stats_sink: Any = None,
+    backend: Any = None,
 ) -> None:
-    """``write_running_stats`` for the ``mean`` and ``var`` of the whole local batch ``input``,
-    or, where a ``stats_sink`` is given (``lifecycle``: accumulation, PreciseBN, checkpoint
-    recomputation), those statistics handed to it and the buffers left alone."""
+    """``write_running_stats`` for the ``mean`` and ``var`` of the whole local batch ``input``
+    (computed by ``backend``), or, where a ``stats_sink`` is given (``lifecycle``: accumulation,
+    PreciseBN, checkpoint recomputation), those statistics handed to it and the buffers left
+    alone."""
     count = input.numel() // input.shape[AXIS]
     if stats_sink is not None:
         stats_sink(mean, var, count)
         return
-    write_running_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+    write_running_stats(
+        running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
+        backend=backend,
+    )  # fmt: skip
 
 
 def _empty_batch(

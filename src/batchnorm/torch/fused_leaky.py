@@ -211,7 +211,7 @@ def _fused_leaky(
     if update:
         write_batch_stats(
             input, running_mean, running_var, mean, var, momentum, num_batches_tracked,
-            stats_sink=stats_sink,
+            stats_sink=stats_sink, backend=chosen,
         )  # fmt: skip
     return output, f"{chosen.name} (fused{'' if from_output else ', x saved'})"
 

@@ -89,6 +89,11 @@ class TritonBackend:
             through_mean=through_mean, through_var=through_var,
         )[0]  # fmt: skip
 
+    def update_running(self, running_mean, running_var, mean, var, count, weight_new):
+        """The running-statistics update in one kernel launch (``launchers.update_running``);
+        False where it does not take these tensors (nothing written)."""
+        return run.update_running(running_mean, running_var, mean, var, count, weight_new)
+
     def relu_backward(self, dy, x, relu_mask, axis):
         """dy where the bit is set. The fused ``backward_train`` reads the bits inside its
         kernels; this unpacks them with torch ops, for compositions of the stages."""

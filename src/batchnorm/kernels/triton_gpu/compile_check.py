@@ -1,4 +1,5 @@
-"""Compile every Triton kernel variant for a GPU target without a GPU (triton ships ptxas).
+"""Compile every Triton kernel variant for a GPU target without a GPU (triton ships ptxas), and
+check that the running-statistics kernel is compiled without FMA contraction.
 
 ``python -m batchnorm.kernels.triton_gpu.compile_check [ARCH]`` (default 90, Hopper) exits 0 when
 every variant lowers to a cubin, 3 when triton or its NVIDIA backend is missing, 1 on a compile
@@ -16,7 +17,9 @@ def _pointers(dtype: str, *names: str) -> dict[str, str]:
     return {name: f"*{dtype}" for name in names}
 
 
-def _compile(fn: Any, arch: int, pointers: dict, constexprs: dict, scalars: dict) -> None:
+def _compile(
+    fn: Any, arch: int, pointers: dict, constexprs: dict, scalars: dict, **options: Any
+) -> Any:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -26,7 +29,9 @@ def _compile(fn: Any, arch: int, pointers: dict, constexprs: dict, scalars: dict
         for name in fn.arg_names
     }
     source = ASTSource(fn, signature, constexprs=constexprs)
-    triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+    return triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, **options}
+    )
 
 
 def variants() -> list[tuple[str, dict, dict, dict]]:
@@ -93,6 +98,13 @@ def variants() -> list[tuple[str, dict, dict, dict]]:
         )
     sums = ("part_sum_dy_ptr", "part_sum_dy_xc_ptr", "invstd_ptr", "sum_dy_ptr", "sum_dy_xhat_ptr")
     out.append(("_backward_combine_kernel", _pointers("fp32", *sums), {"BLOCK_C": 256}, {}))
+    for buffers in ("fp32", "fp16", "bf16"):
+        out.append((
+            "_running_update_kernel",
+            _pointers(buffers, "running_mean_ptr", "running_var_ptr")
+            | _pointers("fp32", "mean_ptr", "var_ptr"),
+            {"BLOCK_C": 256}, {"keep": "fp32", "w": "fp32", "unbias": "fp32"},
+        ))  # fmt: skip
     return out + masked_variants()
 
 
@@ -136,6 +148,26 @@ def masked_variants() -> list[tuple[str, dict, dict, dict]]:
     return out
 
 
+def running_update_fma(arch: int) -> str | None:
+    """None if ``_running_update_kernel``, compiled with the options its launch uses, has no
+    fused multiply-add for float32 buffers (each product then rounds as the reference's torch
+    op does), else what was found. The same kernel compiled with contraction allowed must have
+    one, or the check could not tell."""
+    from . import kernels
+    from .launchers import RUNNING_UPDATE_OPTIONS
+
+    name, pointers, constexprs, scalars = next(
+        v for v in variants() if v[0] == "_running_update_kernel" and "*fp32" in v[1].values()
+    )
+    fn = getattr(kernels, name)
+    allowed = _compile(fn, arch, pointers, constexprs, scalars, enable_fp_fusion=True)
+    if "fma." not in allowed.asm["ptx"]:
+        return "the check cannot tell: no fma even with contraction allowed"
+    used = _compile(fn, arch, pointers, constexprs, scalars, **RUNNING_UPDATE_OPTIONS)
+    fused = [line.strip() for line in used.asm["ptx"].splitlines() if "fma." in line]
+    return f"fma in the launched kernel: {fused[:3]}" if fused else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     arch = int(args[0]) if args else 90
@@ -154,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         module = masked_kernels if name.startswith("_masked") else kernels
         _compile(getattr(module, name), arch, pointers, constexprs, scalars)
     print(f"compiled {len(todo)} kernel variants for sm_{arch}")
+    problem = running_update_fma(arch)
+    if problem is not None:
+        print(f"_running_update_kernel: {problem}")
+        return 1
+    print("_running_update_kernel: no FMA contraction (rounds as the reference)")
     return 0
 
 

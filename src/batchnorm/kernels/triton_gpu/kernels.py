@@ -486,3 +486,70 @@ def _backward_elemt_kernel(
             inner_grad -= (x - mean[None, :, None]) * xc_coef[None, :, None]
         dx = inner_grad * scale[None, :, None]
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=valid)
+
+
+# ----------------------------------------------------------------------------- running statistics
+
+# The moving averages of PyTorch's convention, unbiased variance, as
+# ``reference.update_running_stats`` writes them, per channel:
+#     running_mean <- (1 - w) * running_mean + w * mean
+#     running_var  <- (1 - w) * running_var  + w * var * m / (m - 1)
+# except that a channel whose new mean or variance is not finite keeps both old values. One
+# launch instead of a dozen small ATen ops: on a GPU each launch costs the host more than the
+# work on C values. Every product and sum is rounded to the buffers' dtype in the order the
+# reference's torch ops round them (launched without FMA contraction), so the values are its own.
+
+
+@triton.jit
+def _is_finite(v):
+    """Not inf or NaN: the exponent bits of the float32 value are not all ones (a bit test,
+    which no floating-point simplification can fold away)."""
+    bits = v.to(tl.float32).to(tl.int32, bitcast=True)
+    return ((bits >> 23) & 0xFF) != 0xFF
+
+
+@triton.jit
+def _rounded(v, like):
+    """float32 ``v`` rounded to ``like``'s dtype (to nearest, ties to even; as torch rounds) and
+    widened back. bfloat16 by its bits (torch's formula): a GPU's conversion rounds, but the
+    interpreter's truncates, and the tests run there."""
+    if like.dtype == tl.bfloat16:
+        bits = v.to(tl.int32, bitcast=True)
+        up = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return tl.where(_is_finite(v), up.to(tl.float32, bitcast=True), v)
+    else:
+        return v.to(like.dtype).to(tl.float32)
+
+
+@triton.jit
+def _running_update_kernel(
+    running_mean_ptr,
+    running_var_ptr,
+    mean_ptr,
+    var_ptr,
+    channels,
+    keep,
+    w,
+    unbias,
+    BLOCK_C: tl.constexpr,
+):
+    """``keep`` = 1 - w (rounded as the reference's scalar is); ``unbias`` = m / (m - 1)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    valid = c < channels
+    old_mean = tl.load(running_mean_ptr + c, mask=valid, other=0.0)
+    old_var = tl.load(running_var_ptr + c, mask=valid, other=0.0)
+    batch_mean = _rounded(tl.load(mean_ptr + c, mask=valid, other=0.0), old_mean)
+    estimate = _rounded(tl.load(var_ptr + c, mask=valid, other=0.0) * unbias, old_var)
+    new_mean = _rounded(
+        _rounded(old_mean.to(tl.float32) * keep, old_mean) + _rounded(batch_mean * w, old_mean),
+        old_mean,
+    )
+    new_var = _rounded(
+        _rounded(old_var.to(tl.float32) * keep, old_var) + _rounded(estimate * w, old_var),
+        old_var,
+    )
+    finite = _is_finite(new_mean) & _is_finite(new_var)
+    new_mean = tl.where(finite, new_mean, old_mean.to(tl.float32))
+    new_var = tl.where(finite, new_var, old_var.to(tl.float32))
+    tl.store(running_mean_ptr + c, new_mean.to(old_mean.dtype), mask=valid)
+    tl.store(running_var_ptr + c, new_var.to(old_var.dtype), mask=valid)

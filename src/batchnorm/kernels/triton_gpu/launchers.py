@@ -12,6 +12,7 @@ import torch
 
 from .layout import (
     _blocks,
+    _channel_block,
     _channel_vector,
     _check_mask,
     _device_guard,
@@ -363,3 +364,51 @@ def backward_train(
         residual_grad=residual_grad,
     )
     return dx, sum_dy_xhat, sum_dy, dresidual
+
+
+#: Buffer dtypes the running-statistics kernel writes (float64 buffers take the torch ops).
+_RUNNING_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: Compiler options of that kernel's launch: without FMA contraction each product is rounded
+#: as the reference's torch op rounds it (a test reads the PTX).
+RUNNING_UPDATE_OPTIONS = {"enable_fp_fusion": False}
+
+
+def update_running(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: int,
+    weight_new: float,
+) -> bool:
+    """Fold one batch's float32 ``mean`` and biased ``var`` (``count`` values per channel) into
+    the buffers in one launch: ``reference.update_running_stats``'s values, a non-finite
+    channel keeping its old ones, no host read. False (nothing written) for what the kernel
+    does not take: float64 or non-dense buffers, statistics not float32 on the same device,
+    ``count`` < 2."""
+    channels = running_mean.shape[0] if running_mean.dim() == 1 else -1
+    vectors = (running_mean, running_var, mean, var)
+    if (
+        channels < 0
+        or isinstance(count, bool)
+        or not isinstance(count, int)
+        or count < 2
+        or running_mean.dtype not in _RUNNING_DTYPES
+        or running_var.dtype not in _RUNNING_DTYPES
+        or mean.dtype != torch.float32
+        or var.dtype != torch.float32
+        or any(v.shape != (channels,) or not v.is_contiguous() for v in vectors)
+        or any(v.device != running_mean.device for v in vectors)
+    ):
+        return False
+    if channels == 0:
+        return True
+    w = float(weight_new)
+    block = _channel_block(channels)
+    with _device_guard(running_mean):
+        _kernels()._running_update_kernel[(-(-channels // block),)](
+            running_mean, running_var, mean, var, channels, 1.0 - w, w, count / (count - 1),
+            BLOCK_C=block, **RUNNING_UPDATE_OPTIONS,
+        )  # fmt: skip
+    return True
