@@ -11,16 +11,18 @@
 # 4. benchmarks/half_accuracy.py --device cuda (half-precision gradients against float64);
 # 5. where a layer call spends its time: torch.profiler tables (GPU kernels, host) of training
 #    steps, backend "auto" (PyTorch's kernel and our guard) and "triton", small and large;
-# 6. benchmarks/layer_cost.py --device cuda (one layer, ours against torch.nn, by size);
-# 7. benchmarks/model_step.py --device cuda (whole ResNets; its JSON written after each
+# 6. benchmarks/triton_host_cost.py (the Triton layer's host time per call: ours, ours with the
+#    kernels stubbed, torch.nn; launches and ATen ops per call);
+# 7. benchmarks/layer_cost.py --device cuda (one layer, ours against torch.nn, by size);
+# 8. benchmarks/model_step.py --device cuda (whole ResNets; its JSON written after each
 #    configuration, so a stage cut short keeps what it measured);
-# 8. benchmarks/gpu_bench.py (kernels against PyTorch eager, no torch.compile: its compile
+# 9. benchmarks/gpu_bench.py (kernels against PyTorch eager, no torch.compile: its compile
 #    time does not fit a short lease; BENCH_ARGS adds options, e.g. --shapes).
 #
-# Each stage has its own time limit (seconds, overridable: TESTS_S, LAYER_S, MODEL_S, BENCH_S)
-# so that one slow stage cannot take the others' time; with the smoke test's 90 s they add up to
-# 615 s at most, about 300 s in a run that goes well (the device tool allows 600 s a command). Everything lands in OUTDIR, in 8 files
-# (what the device tool brings back). The machine needs PyTorch with CUDA, Triton,
+# Each stage has its own time limit (seconds, overridable: TESTS_S, HOST_S, LAYER_S, MODEL_S,
+# BENCH_S) so that one slow stage cannot take the others' time; with the smoke test's 90 s they
+# add up to 600 s at most, about 300 s in a run that goes well (the device tool allows 600 s a
+# command). Everything lands in OUTDIR, in 9 files (what the device tool brings back). The machine needs PyTorch with CUDA, Triton,
 # pytest(-xdist) and this repository's dependencies; the package runs from src/ (PYTHONPATH),
 # nothing is installed.
 set -u -o pipefail
@@ -59,10 +61,10 @@ EOF
 stage "tests"
 # -v: every test's name and outcome as it finishes, so that a stage cut by its limit still says
 # which failed (junit is written only at the end; on the H200 the suite took over 120 s).
-timeout "${TESTS_S:-180}" $PY -m pytest -v -n 12 -p no:cacheprovider --junitxml="$OUT/junit.xml" \
+timeout "${TESTS_S:-175}" $PY -m pytest -v -n 12 -p no:cacheprovider --junitxml="$OUT/junit.xml" \
     tests/kernels/test_triton.py tests/kernels/test_triton_fused.py tests/kernels/test_contract.py \
     tests/torch/test_torch_cuda.py tests/bench/test_bench_gpu.py tests/test_model_step.py \
-    tests/torch/test_native_path.py >"$OUT/tests.log" 2>&1
+    tests/torch/test_native_path.py tests/test_triton_host_cost.py >"$OUT/tests.log" 2>&1
 echo "tests: exit $?"
 grep -E "(FAILED|ERROR) " "$OUT/tests.log" | head -n 20
 tail -n 3 "$OUT/tests.log"
@@ -98,11 +100,16 @@ EOF
 echo "call_profile: exit $?"
 grep -A16 "by GPU time" "$OUT/call_profile.txt" | cut -c1-170
 
+stage "host_cost"
+timeout "${HOST_S:-30}" $PY benchmarks/triton_host_cost.py --device cuda --repeats 100 \
+    --json "$OUT/host_cost.json"
+echo "host_cost: exit $?"
+
 stage "layer_cost"
 timeout "${LAYER_S:-40}" $PY benchmarks/layer_cost.py --device cuda 2>&1 | tee "$OUT/layer_cost.txt"
 
 stage "model_step"
-timeout "${MODEL_S:-140}" $PY benchmarks/model_step.py --device cuda --sizes "${SIZES:-112}" \
+timeout "${MODEL_S:-120}" $PY benchmarks/model_step.py --device cuda --sizes "${SIZES:-112}" \
     --repeats "${REPEATS:-12}" --out "$OUT/model_step.json" >"$OUT/model_step.txt" 2>&1
 echo "model_step: exit $?"
 tr '\r' '\n' <"$OUT/model_step.txt" | grep -E "px batch|^pair" | cut -c1-400
@@ -110,7 +117,7 @@ tr '\r' '\n' <"$OUT/model_step.txt" | grep -E "px batch|^pair" | cut -c1-400
 stage "gpu_bench"
 LOGS=$(mktemp -d)
 # shellcheck disable=SC2086  # BENCH_ARGS holds several options
-timeout "${BENCH_S:-80}" $PY benchmarks/gpu_bench.py --no-compile --no-progress ${BENCH_ARGS:-} \
+timeout "${BENCH_S:-60}" $PY benchmarks/gpu_bench.py --no-compile --no-progress ${BENCH_ARGS:-} \
     >"$LOGS/gpu_bench.txt" 2>&1
 echo "gpu_bench: exit $?"
 tail -n 30 "$LOGS/gpu_bench.txt"

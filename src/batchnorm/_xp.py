@@ -31,9 +31,22 @@ __all__ = [
 ]
 
 
+#: type -> its namespace: ``array_namespace`` inspects its arguments on every call, and a layer
+#: asks a few times per call.
+_BY_TYPE: dict[type, Any] = {}
+
+
 def namespace(*arrays: Array) -> Any:
     """The array-API namespace of ``arrays`` (``None`` entries are ignored)."""
-    return array_api_compat.array_namespace(*[a for a in arrays if a is not None])
+    present = [a for a in arrays if a is not None]
+    kinds = {type(a) for a in present}
+    if len(kinds) != 1:
+        return array_api_compat.array_namespace(*present)
+    (kind,) = kinds
+    xp = _BY_TYPE.get(kind)
+    if xp is None:
+        xp = _BY_TYPE[kind] = array_api_compat.array_namespace(*present)
+    return xp
 
 
 def channel_axis(ndim: int, axis: int) -> int:

@@ -192,6 +192,20 @@ def test_small_tiles_split_channels():
         assert tg.layout._view(x, axis).plan.channel_blocks > 1
 
 
+def test_plans_are_made_once_per_shape_and_tuning():
+    """A layer's every call asks for the plan of its shape: the same object comes back, and a
+    ``tuning`` block (part of the key) gets its own."""
+    from batchnorm.kernels.triton_gpu import plan as plans
+
+    device = torch.device(DEVICE)
+    first = plans._plan_for(16, 64, 64, device)
+    assert plans._plan_for(16, 64, 64, device) is first
+    with tg.tuning(**SMALL_TILES):
+        small = plans._plan_for(16, 64, 64, device)
+    assert small is not first and small.block_i * small.block_o <= SMALL_TILES["tile_elems"]
+    assert plans._plan_for(16, 64, 64, device) is first
+
+
 def test_bad_plan_arguments():
     with pytest.raises(ValueError, match="power of two"):
         tg.make_plan(4, 4, 4, tile_elems=48)

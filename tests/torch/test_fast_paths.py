@@ -222,3 +222,35 @@ def test_running_stats_with_a_count_tensor_equal_the_reference(monkeypatch, coun
     torch.testing.assert_close(
         rv, want.running_var, rtol=1e-7, atol=0
     )  # count/(count-1) in float32
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_evaluation_without_grad_runs_only_the_stage(backend):
+    """An evaluation forward under no_grad dispatches the ops of the backend's
+    ``forward_infer`` and nothing else: no copies of the running statistics, which only a
+    training update or a backward would read (on a GPU each is a launch)."""
+    import batchnorm.torch as bt
+    from batchnorm.kernels import get_backend
+
+    x = torch.randn(4, 6, 3, 3)
+    layer = bt.BatchNorm2d(6, backend=backend).eval()
+    stage = get_backend(backend, x)
+    args = (x, layer.running_mean, layer.running_var, layer.weight, layer.bias, layer.eps, 1)
+    with torch.no_grad():
+        layer(x)  # warm: first-call imports and compilation dispatch nothing extra later
+        with _Ops() as direct:
+            want = stage.forward_infer(*args)
+        with _Ops() as through_layer:
+            got = layer(x)
+    assert through_layer.ops == direct.ops
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

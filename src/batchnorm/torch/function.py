@@ -229,6 +229,9 @@ def apply_batch_norm(*args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     AD or torch.func transform is active): an evaluation layer then skips the autograd
     machinery, which on a small layer cost more than the kernel (``Function.apply`` inspects
     the forward's signature on every call). ``args`` are those of ``BatchNormFunction.apply``.
+    An evaluation call without a gradient returns ``(y, None, None, None)``: the statistics
+    serve the running-statistics update and the backward, neither of which follows it, and
+    copying them cost three small ops (on a GPU, three launches).
     """
     x, weight, bias = args[:3]
     if torch._C._are_functorch_transforms_active():
@@ -241,6 +244,10 @@ def apply_batch_norm(*args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         # default arguments through ``inspect.signature`` (24 us a call, a tenth of a small
         # layer's training step): ``setup_context`` fills in the two defaults itself.
         return _APPLY(*args)
+    if not args[5]:
+        running_mean, running_var, _, eps, backend = args[3:8]
+        y = backend.forward_infer(x, running_mean, running_var, weight, bias, eps, AXIS)
+        return y.contiguous(memory_format=memory_format_of(x)), None, None, None
     return BatchNormFunction.forward(*args)
 
 

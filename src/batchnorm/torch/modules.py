@@ -64,7 +64,7 @@ def forward_with_buffers(
     counting = counting and sink is None
     # Read only when needed: on a GPU, int() of a device tensor is a synchronisation.
     seen = int(module.num_batches_tracked) if counting and module.momentum is None else 0
-    output, module.last_backend = batch_norm(
+    output, ran = batch_norm(
         input,
         module.running_mean if use_buffers else None,
         module.running_var if use_buffers else None,
@@ -78,6 +78,8 @@ def forward_with_buffers(
         stats_sink=sink,
         **options,
     )
+    if module.last_backend != ran:  # nn.Module.__setattr__ costs more than the comparison
+        module.last_backend = ran
     # Counted after the forward succeeded, so a rejected batch changes no buffer.
     if counting:
         module.num_batches_tracked.add_(1)

@@ -24,7 +24,7 @@ from .layout import (
     _optional_vector,
     _partials,
     _reduction_grid,
-    _stats_vector,
+    _stats_vectors,
     _View,
     _view,
 )
@@ -33,7 +33,7 @@ from .runtime import _kernels
 
 def _stats(view: _View, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     plan, x = view.plan, view.x
-    mean, var, invstd = (_stats_vector(plan.channels, x) for _ in range(3))
+    mean, var, invstd = _stats_vectors(3, plan.channels, x)
     if plan.channels == 0:
         return mean, var, invstd
     if view.count == 0:  # the mean of no values, as the reference gives it
@@ -202,7 +202,7 @@ def _backward_reduce(
     plan, x = view.plan, view.x
     mean, invstd = _channel_vector(mean, view, "mean"), _channel_vector(invstd, view, "invstd")
     _check_mask(mask, view)
-    sum_dy, sum_dy_xhat = _stats_vector(plan.channels, x), _stats_vector(plan.channels, x)
+    sum_dy, sum_dy_xhat = _stats_vectors(2, plan.channels, x)
     if plan.channels == 0:
         return sum_dy, sum_dy_xhat
     if view.count == 0:

@@ -86,13 +86,17 @@ def _in_layout_of(t: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tenso
 
 
 def _device_guard(x: torch.Tensor) -> Any:
-    if x.device.type == "cuda":
-        return torch.cuda.device(x.device)
+    """Triton launches on the current device: make it x's, where it is not already."""
+    device = x.device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
     return contextlib.nullcontext()
 
 
-def _stats_vector(channels: int, x: torch.Tensor) -> torch.Tensor:
-    return torch.empty(channels, dtype=torch.float32, device=x.device)
+def _stats_vectors(n: int, channels: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``n`` float32 per-channel vectors, dense rows of one allocation: on a GPU every call of
+    the allocator is host time."""
+    return torch.empty((n, channels), dtype=torch.float32, device=x.device).unbind(0)
 
 
 def _channel_block(channels: int) -> int:
@@ -112,10 +116,11 @@ def _geometry(plan: Plan, tiles_per_program: int) -> tuple[int, ...]:
     return (plan.outer, plan.channels, plan.inner, plan.tiles_i, plan.tiles, tiles_per_program)
 
 
-def _partials(view: _View, n: int) -> list[torch.Tensor]:
-    """``n`` (splits, C) float32 buffers for the reduction programs' per-split partials."""
-    shape = (view.plan.splits, view.plan.channels)
-    return [torch.empty(shape, dtype=torch.float32, device=view.x.device) for _ in range(n)]
+def _partials(view: _View, n: int) -> tuple[torch.Tensor, ...]:
+    """``n`` (splits, C) float32 buffers for the reduction programs' per-split partials, in one
+    allocation."""
+    shape = (n, view.plan.splits, view.plan.channels)
+    return torch.empty(shape, dtype=torch.float32, device=view.x.device).unbind(0)
 
 
 def _launch_combine(

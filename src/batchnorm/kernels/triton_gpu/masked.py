@@ -19,7 +19,7 @@ from .layout import (
     _optional_vector,
     _partials,
     _reduction_grid,
-    _stats_vector,
+    _stats_vectors,
     _View,
     _view,
 )
@@ -61,7 +61,7 @@ def batch_stats(x: torch.Tensor, axis: int, mask: torch.Tensor) -> tuple[int, An
     plan = view.plan
     pos = positions(view, mask)
     count = int(pos.sum()) if pos.numel() else 0
-    mean, var = _stats_vector(plan.channels, x), _stats_vector(plan.channels, x)
+    mean, var = _stats_vectors(2, plan.channels, x)
     if plan.channels == 0:
         return count, mean, var
     if count == 0:
@@ -101,7 +101,7 @@ def backward_reduce(dy, x, mean, invstd, axis, mask) -> tuple[torch.Tensor, torc
     plan = view.plan
     dy = _in_layout_of(dy, view.x, "dy")
     mean, invstd = _channel_vector(mean, view, "mean"), _channel_vector(invstd, view, "invstd")
-    sum_dy, sum_dy_xhat = _stats_vector(plan.channels, x), _stats_vector(plan.channels, x)
+    sum_dy, sum_dy_xhat = _stats_vectors(2, plan.channels, x)
     if plan.channels == 0:
         return sum_dy, sum_dy_xhat
     if view.count == 0:

@@ -4,6 +4,7 @@ that make one, and ``tuning`` to override them in tests and benchmarks."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ class Plan:
     A tile is ``[block_o, block_c, block_i]``; ``splits`` reduction programs share each block of
     ``block_c`` channels, walking ``tiles_per_split`` consecutive tiles each. ``pack_i`` says along
     which axis the ReLU mask packs 8 bits into a byte (``inner`` if True, else ``outer``).
+    The derived sizes are computed once per plan, and a plan once per shape and device
+    (``_plan_for``): on a GPU every launch's Python is host time.
     """
 
     outer: int
@@ -40,37 +43,37 @@ class Plan:
     splits: int
     num_warps: int = 4
 
-    @property
+    @functools.cached_property
     def tiles_i(self) -> int:
         return _cdiv(self.inner, self.block_i)
 
-    @property
+    @functools.cached_property
     def tiles(self) -> int:
         return _cdiv(self.outer, self.block_o) * self.tiles_i
 
-    @property
+    @functools.cached_property
     def channel_blocks(self) -> int:
         return _cdiv(self.channels, self.block_c)
 
-    @property
+    @functools.cached_property
     def tiles_per_split(self) -> int:
         return _cdiv(self.tiles, self.splits)
 
-    @property
+    @functools.cached_property
     def elemt_tiles_per_program(self) -> int:
         return _cdiv(self.tiles, _MAX_GRID_1)
 
-    @property
+    @functools.cached_property
     def pack_i(self) -> bool:
         return self.inner >= 8
 
-    @property
+    @functools.cached_property
     def mask_bytes(self) -> int:
         if self.pack_i:
             return self.outer * self.channels * _cdiv(self.inner, 8)
         return _cdiv(self.outer, 8) * self.channels * self.inner
 
-    @property
+    @functools.cached_property
     def index_64(self) -> bool:
         # Offsets of padded tiles and of the mask's rows may run a tile past the end.
         padded_outer = _cdiv(self.outer, self.block_o) * self.block_o
@@ -155,6 +158,7 @@ def tuning(*, tile_elems: int | None = None, programs: int | None = None) -> Ite
         _TUNING.tile_elems, _TUNING.programs = saved
 
 
+@functools.cache
 def _default_programs(device: torch.device) -> int:
     if device.type == "cuda" and not is_interpreter():
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -163,10 +167,15 @@ def _default_programs(device: torch.device) -> int:
 
 
 def _plan_for(outer: int, channels: int, inner: int, device: torch.device) -> Plan:
-    return make_plan(
+    return _cached_plan(
         outer,
         channels,
         inner,
-        tile_elems=_TUNING.tile_elems or DEFAULT_TILE_ELEMS,
-        programs=_TUNING.programs or _default_programs(device),
+        _TUNING.tile_elems or DEFAULT_TILE_ELEMS,
+        _TUNING.programs or _default_programs(device),
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_plan(outer: int, channels: int, inner: int, tile_elems: int, programs: int) -> Plan:
+    return make_plan(outer, channels, inner, tile_elems=tile_elems, programs=programs)
