@@ -73,7 +73,7 @@ NATIVE = "torch"
 #: speed. The layer's cost there is the host's (Python, and a dozen small ATen ops for the
 #: running statistics), not the kernels'. So CUDA runs PyTorch's kernel at any size (run 3, on
 #: a slower host: evaluation 0.96-1.05x torch.nn's time; training 1.5-1.6x below 13 million
-#: values, the guard's extra launches, since cut from 12 to 8; ResNets at 64x64 0.59-0.73x
+#: values, the guard's extra launches, since cut from 12 to 6; ResNets at 64x64 0.59-0.73x
 #: torch.nn's speed).
 NATIVE_BELOW: dict[str, tuple[int, int]] = {
     "cpu": (4_194_304, 4_194_304),
@@ -236,9 +236,12 @@ def keep_finite(
     of ``reference.update_running_stats`` on the device, without a host read and so without
     its warning. A new value is non-finite exactly where the batch statistic behind it is
     (w * inf and w * NaN are, for w = 0 too) or the update overflowed."""
-    # x * 0 == 0 exactly when x is finite (inf * 0 and NaN * 0 are NaN): two kernels where
-    # isfinite launches four. Each launch costs the host more than the GPU's work on C values.
-    finite = (new_mean * 0 == 0) & (new_var * 0 == 0)
+    # x * 0 is 0 exactly when x is finite (inf * 0 and NaN * 0 are NaN), and a sum of such
+    # terms is 0 exactly when all are: three kernels for both vectors (the two products in one
+    # launch, PyTorch's multi-tensor kernel on CUDA), where isfinite launches four per vector.
+    # Each launch costs the host more than the GPU's work on C values.
+    zero_mean, zero_var = torch._foreach_mul([new_mean, new_var], 0.0)
+    finite = (zero_mean + zero_var) == 0
     torch.where(finite, new_mean, old_mean, out=mean_out)
     torch.where(finite, new_var, old_var, out=var_out)
 
