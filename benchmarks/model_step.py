@@ -1,6 +1,7 @@
 """A whole model's training step: torch.nn, ``convert`` and ``convert(fuse_activations=True)``.
 
-``python benchmarks/model_step.py [--quick] [--device cuda] [--out FILE]``: ResNet-18- and
+``python benchmarks/model_step.py [--quick] [--device cuda] [--compile [BACKEND]] [--models
+resnet18,resnet50] [--dtypes float32,bfloat16] [--batches 16,32] [--out FILE]``: ResNet-18- and
 ResNet-50-style networks (written below: no torchvision, no download), on CPU (or the
 ``--device`` given), batch 16 and 32, float32 and
 bfloat16, input 3 x SIZE x SIZE for each SIZE of ``--sizes`` (64 and 112 by default; 112 is
@@ -30,8 +31,12 @@ On a GPU every step ends with ``torch.cuda.synchronize``: a step's time is until
 kernel has finished, what a training loop that reads its loss waits for.
 
 Also, once: the saved-tensor bytes of one BN+ReLU (and BN+LeakyReLU) pair, torch.nn against
-the fused module, the figure docs/torch.md quotes. ``--quick`` (a one-block-per-stage ResNet,
-batch 4, 32 x 32, float32, 2 rounds) is the smoke run the tests use. ``--threads N`` sets
+the fused module, the figure docs/torch.md quotes. ``--compile`` times the three variants each
+through ``torch.compile`` (inductor unless another backend is named; the warm-up steps
+compile), where a converted model's layers all run PyTorch's kernel in one graph
+(docs/torch.md, Limitations); saved bytes and the profile are then left out. ``--quick`` (a
+one-block-per-stage ResNet, batch 4, 32 x 32, float32, 2 rounds) is the smoke run the tests
+use. ``--threads N`` sets
 torch's threads. The script sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment has one
 (recorded in the JSON): otherwise the OpenMP workers of Numba and of PyTorch (two runtimes in
 one process) spin after each call against each other's next call (docs/torch.md,
@@ -375,13 +380,16 @@ def measure(
     size: int,
     repeats: int,
     device: torch.device = CPU,
+    compiled: str | None = None,
 ) -> dict:
     torch.manual_seed(0)
     model = MODELS[name]().to(device, dtype)
     models = variants(model)
     x = torch.randn(batch, 3, size, size, dtype=dtype, device=device)
     target = torch.randint(0, 100, (batch,), device=device)
-    steps = {k: step_fn(m, x, target) for k, m in models.items()}
+    # Compiled, each variant's first (warm-up) steps include its compilation.
+    run = {k: torch.compile(m, backend=compiled) if compiled else m for k, m in models.items()}
+    steps = {k: step_fn(m, x, target) for k, m in run.items()}
     times = timed_rounds(steps, repeats)
     result = {
         "model": name,
@@ -395,10 +403,13 @@ def measure(
             "step_ms": statistics.median(times[k]) * 1e3,
             "fastest_step_ms": min(times[k]) * 1e3,
             **speed_figures(times["torch.nn"], times[k]),
-            "saved_bytes": saved_bytes(loss),
-            **profile_shares(m, steps[k], gpu=device.type == "cuda"),
             "paths": paths_ran(m),
         }
+        if not compiled:  # of the eager model: what a compiled graph saves is inductor's choice
+            result[k]["saved_bytes"] = saved_bytes(loss)
+            result[k].update(profile_shares(m, steps[k], gpu=device.type == "cuda"))
+    if compiled:
+        return result
     for k in ("convert", "convert+fused"):
         result[k]["saved_vs_torch_nn"] = (
             result[k]["saved_bytes"] / result["torch.nn"]["saved_bytes"]
@@ -454,6 +465,24 @@ def write(record: dict, out: Path | None) -> None:
         out.write_text(json.dumps(record, indent=1) + "\n")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _eager_cells(figures: dict) -> str:
+    return (
+        f"saved {figures['saved_bytes'] / 2**20:.0f} MiB bn {100 * figures['bn_share']:.1f}% "
+        f"bn+relu {figures['bn_relu_ms']:.1f} ms "
+    )
+
+
+def _choices(text: str, known: dict, option: str) -> list[str]:
+    chosen = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in known]
+    if unknown or not chosen:
+        raise SystemExit(f"{option}: unknown {unknown or text!r}; known: {', '.join(known)}")
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny ResNet, batch 4")
@@ -465,6 +494,18 @@ def main() -> None:
         help="input heights (= widths), comma-separated (112: the issue's own measurement)",
     )
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds per configuration")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="time torch.compile'd variants (backend: inductor unless named); no saved bytes "
+        "or profile then",
+    )
+    parser.add_argument("--models", default="resnet18,resnet50", help="comma-separated")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated")
+    parser.add_argument("--batches", default="16,32", help="comma-separated")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -477,12 +518,14 @@ def main() -> None:
         sizes, repeats, pair_shape = [32], 2, (2, 8, 4, 4)
     else:
         sizes = [int(v) for v in args.sizes.split(",")]
+        names = _choices(args.models, MODELS, "--models")
+        dtypes = [getattr(torch, d) for d in _choices(args.dtypes, DTYPES, "--dtypes")]
         configs = [
             (name, batch, dtype, size)
             for size in sizes
-            for name in ("resnet18", "resnet50")
-            for dtype in (torch.float32, torch.bfloat16)
-            for batch in (16, 32)
+            for name in names
+            for dtype in dtypes
+            for batch in (int(b) for b in args.batches.split(","))
         ]
         repeats = args.repeats
     record = {
@@ -494,6 +537,7 @@ def main() -> None:
         "torch": torch.__version__,
         "inputs": [f"3x{size}x{size}" for size in sizes],
         "repeats": repeats,
+        "compiled": args.compile,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "pairs": {
             str(d).replace("torch.", ""): pair_bytes(d, pair_shape, device)
@@ -506,13 +550,13 @@ def main() -> None:
         "median of the rounds' ratios (its 95% interval: faster, slower or within noise)"
     )
     for name, batch, dtype, size in tqdm(configs, desc="configurations", disable=args.quick):
-        r = measure(name, batch, dtype, size, repeats, device)
+        r = measure(name, batch, dtype, size, repeats, device, compiled=args.compile)
         record["results"].append(r)
         cells = [
             f"{k} {r[k]['step_ms']:.0f} ms x{r[k]['speed_vs_torch_nn']:.3f} "
             f"(95% {r[k]['speed_ci95'][0]:.3f}-{r[k]['speed_ci95'][1]:.3f}: {r[k]['verdict']}) "
-            f"saved {r[k]['saved_bytes'] / 2**20:.0f} MiB bn {100 * r[k]['bn_share']:.1f}% "
-            f"bn+relu {r[k]['bn_relu_ms']:.1f} ms ran "
+            + ("" if args.compile else _eager_cells(r[k]))
+            + "ran "
             + ",".join(f"{path}:{n}" for path, n in r[k]["paths"].items())
             for k in ("torch.nn", "convert", "convert+fused")
         ]

@@ -187,3 +187,27 @@ def test_kernel_shares_count_each_kernel_once():
     assert shares["kernels_ms"] == pytest.approx(0.155)
     assert shares["bn_device_share"] == pytest.approx(50 / 155)
     assert shares["bn_relu_device_ms"] == pytest.approx(0.055)
+
+
+def test_model_step_compiled_runs_every_variant(tmp_path, monkeypatch):
+    """``--compile aot_eager`` (inductor's code generation is too slow for the suite): each
+    variant trains through torch.compile, the converted ones on PyTorch's kernel in every
+    layer, and the eager-only figures are left out rather than made up."""
+    out = tmp_path / "model_step.json"
+    argv = [str(SCRIPT), "--quick", "--threads", "1", "--compile", "aot_eager", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    record = json.loads(out.read_text())
+    assert record["compiled"] == "aot_eager"
+    (result,) = record["results"]
+    for variant in ("torch.nn", "convert", "convert+fused"):
+        assert result[variant]["step_ms"] > 0
+        assert "saved_bytes" not in result[variant] and "bn_share" not in result[variant]
+    assert result["convert"]["paths"] == result["convert+fused"]["paths"] == {"torch": 12}
+
+
+@pytest.mark.parametrize("option", [["--models", "resnet9"], ["--dtypes", "float16"]])
+def test_model_step_refuses_unknown_choices(monkeypatch, capsys, option):
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *option])
+    with pytest.raises(SystemExit, match=option[1]):
+        runpy.run_path(str(SCRIPT), run_name="__main__")
