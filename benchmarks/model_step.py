@@ -387,7 +387,11 @@ def measure(
     models = variants(model)
     x = torch.randn(batch, 3, size, size, dtype=dtype, device=device)
     target = torch.randint(0, 100, (batch,), device=device)
-    # Compiled, each variant's first (warm-up) steps include its compilation.
+    # Compiled, each variant's first (warm-up) steps include its compilation. Dynamo's caches
+    # are emptied first: the code objects (ResNet.forward, the layers') are shared by every
+    # configuration, and past its recompile limit (8) Dynamo silently runs them eagerly.
+    if compiled:
+        torch.compiler.reset()
     run = {k: torch.compile(m, backend=compiled) if compiled else m for k, m in models.items()}
     steps = {k: step_fn(m, x, target) for k, m in run.items()}
     times = timed_rounds(steps, repeats)
@@ -409,6 +413,9 @@ def measure(
             result[k]["saved_bytes"] = saved_bytes(loss)
             result[k].update(profile_shares(m, steps[k], gpu=device.type == "cuda"))
     if compiled:
+        from torch._dynamo.utils import counters
+
+        result["graph_breaks"] = sum(counters["graph_break"].values())
         return result
     for k in ("convert", "convert+fused"):
         result[k]["saved_vs_torch_nn"] = (
@@ -560,7 +567,8 @@ def main() -> None:
             + ",".join(f"{path}:{n}" for path, n in r[k]["paths"].items())
             for k in ("torch.nn", "convert", "convert+fused")
         ]
-        tqdm.write(f"{name} {size}px batch {batch} {r['dtype']}: " + " | ".join(cells))
+        breaks = f" ({r['graph_breaks']} graph breaks)" if args.compile else ""
+        tqdm.write(f"{name} {size}px batch {batch} {r['dtype']}{breaks}: " + " | ".join(cells))
         write(record, args.out)  # after each configuration: a run cut short keeps what it measured
     for d, pairs in record["pairs"].items():
         for k, v in pairs.items():

@@ -294,8 +294,8 @@ def module_forward(module: Any, input: Any) -> torch.Tensor | None:
         # The lower limit for long rows: checked only where it can matter.
         or (
             training
-            and not _compiling()
             and numel >= NATIVE_BELOW_LONG_ROWS.get(device, 0)
+            and not _compiling()
             and numel >= _training_limit(input, limits[0])
         )
         or _functorch_active()
