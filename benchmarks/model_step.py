@@ -391,7 +391,10 @@ def measure(
     # are emptied first: the code objects (ResNet.forward, the layers') are shared by every
     # configuration, and past its recompile limit (8) Dynamo silently runs them eagerly.
     if compiled:
+        from torch._dynamo.utils import counters
+
         torch.compiler.reset()
+        counters.clear()  # reset() leaves them: graph breaks would add up over configurations
     run = {k: torch.compile(m, backend=compiled) if compiled else m for k, m in models.items()}
     steps = {k: step_fn(m, x, target) for k, m in run.items()}
     times = timed_rounds(steps, repeats)

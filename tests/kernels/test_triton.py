@@ -555,7 +555,10 @@ def test_running_update_equals_the_reference_bit_for_bit(buffers, momentum, coun
         want = ref.update_running_stats(rm, rv, 0, mean, var, count, momentum=momentum)
     before = rm.clone()
     rm, rv, mean, var = (t.to(DEVICE) for t in (rm, rv, mean, var))
+    versions = rm._version, rv._version
     assert tg.launchers.update_running(rm, rv, mean, var, count, momentum) is True
+    # Written in place as far as autograd knows, as the torch ops would be.
+    assert rm._version > versions[0] and rv._version > versions[1]
     torch.testing.assert_close(rm.cpu(), want.running_mean, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(rv.cpu(), want.running_var, rtol=0, atol=0)
     moved = (rm.cpu() != before)[[0, 6, 299]]

@@ -67,6 +67,9 @@ def test_compiled_training_equals_compiled_torch_nn_and_keeps_non_finite_batches
 
 _NUMBA_UNDER_COMPILE = """
 import warnings
+import numpy
+from batchnorm.kernels import get_backend
+get_backend("numba", numpy.zeros((2, 2)))  # the Numba stages loaded before torch
 import torch
 import batchnorm.torch as bt
 warnings.simplefilter("ignore")
@@ -83,7 +86,8 @@ def test_numba_stages_run_under_torch_compile():
     ResNet stem's size (64x64, batch 16) inside ``torch.compile``: Dynamo used to trace into
     numba's dispatcher on its first call and fail there ("AssertionError: exception table
     entry start instruction has no offset"), ending the step. In a fresh process, so that the
-    first call is the compiled one."""
+    first call is the compiled one, with the Numba backend loaded before torch is imported
+    (a NumPy user's order)."""
     import os
     import subprocess
     import sys

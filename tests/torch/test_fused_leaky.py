@@ -140,6 +140,13 @@ def test_bad_slope_or_gamma_guard_raises(keyword, bad):
     assert torch.equal(running_mean, torch.zeros(3)) and torch.equal(running_var, torch.ones(3))
 
 
+def test_gamma_guard_takes_any_real_number():
+    import numpy as np
+
+    layer = BatchNormLeakyReLU2d(3, gamma_guard=np.float32(0.01))
+    assert layer.gamma_guard == pytest.approx(0.01) and type(layer.gamma_guard) is float
+
+
 def test_module_gamma_guard_zero_always_saves_the_output():
     """The module's ``gamma_guard``: the default saves x for a tiny gamma; 0 turns the guard
     (and its host read of gamma) off, and the output is saved whatever gamma is."""

@@ -93,7 +93,9 @@ def batch_norm(
       value): statistics, running statistics and gradients over the real positions only, 0
       written at the padded ones (``masked.py``).
     * A batch whose statistics are not finite leaves those channels' running statistics
-      untouched and warns (PyTorch writes the NaN/inf into them).
+      untouched (PyTorch writes the NaN/inf into them), with a warning on the CPU; silently
+      off the CPU and under ``torch.compile``, where the warning's host read would stall the
+      GPU or break the graph.
     * Bad arguments raise ``ValueError``/``TypeError`` naming the bad shape or value, before any
       buffer changes. ``momentum=None`` (cumulative average) is for the modules, which count
       batches; here it raises ``ValueError``.

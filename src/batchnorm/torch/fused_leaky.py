@@ -25,13 +25,16 @@ channel has ``|gamma| < gamma_guard`` (default 1e-3) therefore saves ``x`` inste
 unfused layer would, and recomputes z from it: exact, without the memory saving; the module's
 ``last_backend`` then ends in ``"(fused, x saved)"``. The test reads gamma on the host once per
 call; on a GPU that waits for every kernel queued before it. ``gamma_guard=0`` turns the guard
-off (the output is always what is saved) and the read with it. In float16/bfloat16 the
+off (the output is always what is saved) and the read with it; then a channel whose gamma is
+exactly 0 gets NaN gradients (its x_hat cannot be recovered at all), and ResNets initialised
+with ``zero_init_residual`` start with such channels. In float16/bfloat16 the
 recomputed x_hat carries the rounding of the stored output (as in In-Place ABN).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -64,7 +67,7 @@ def check_slope(negative_slope: Any) -> float:
 
 def check_gamma_guard(gamma_guard: Any) -> float:
     """A finite threshold >= 0 on |gamma|; 0 never saves x (and reads nothing on the host)."""
-    if isinstance(gamma_guard, bool) or not isinstance(gamma_guard, int | float):
+    if isinstance(gamma_guard, bool) or not isinstance(gamma_guard, numbers.Real):
         raise TypeError(f"gamma_guard must be a float >= 0, got {gamma_guard!r}")
     if not (math.isfinite(gamma_guard) and gamma_guard >= 0):
         raise ValueError(f"gamma_guard must be finite and >= 0, got {gamma_guard!r}")

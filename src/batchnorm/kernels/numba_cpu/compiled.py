@@ -63,10 +63,21 @@ def _nbytes(x: Any) -> int:
 def _outside_torch_compile(fn: Any) -> Any:
     """``fn`` run as plain Python under ``torch.compile``: Dynamo would otherwise trace into
     numba's dispatcher, and on a first call (numba compiling a new signature) it failed with an
-    AssertionError from its bytecode analysis, ending the user's compiled step. Where torch is
-    not imported (NumPy only) there is no Dynamo to keep out."""
-    torch = sys.modules.get("torch")
-    return fn if torch is None else torch.compiler.disable(fn)
+    AssertionError from its bytecode analysis, ending the user's compiled step. Decided at
+    each call, not at import: torch may be imported after this module (NumPy first); where it
+    is not imported at all there is no Dynamo to keep out."""
+    disabled: list[Any] = []
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not disabled:
+            torch = sys.modules.get("torch")
+            if torch is None:
+                return fn(*args, **kwargs)
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return call
 
 
 def sized_threads(stage: Any) -> Any:

@@ -411,4 +411,7 @@ def update_running(
             running_mean, running_var, mean, var, channels, 1.0 - w, w, count / (count - 1),
             BLOCK_C=block, **RUNNING_UPDATE_OPTIONS,
         )  # fmt: skip
+    # Written in place as an ATen op would be: a graph that saved a buffer then refuses to
+    # backpropagate with the new values, instead of using them unawares.
+    torch.autograd.graph.increment_version((running_mean, running_var))
     return True
