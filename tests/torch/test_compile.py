@@ -122,3 +122,49 @@ def test_under_compile_every_size_runs_pytorch_kernel(monkeypatch):
     explained = dynamo.explain(lambda x: model(x).sum())(x)
     assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]
     assert {m.last_backend for m in model.modules() if hasattr(m, "last_backend")} == {"torch"}
+
+
+def _triton_layers() -> list:
+    return [
+        ("BatchNorm2d", lambda: bt.BatchNorm2d(4, backend="triton"), nn.BatchNorm2d(4)),
+        ("BatchNormReLU2d", lambda: bt.BatchNormReLU2d(4, backend="triton"),
+         nn.Sequential(nn.BatchNorm2d(4), nn.ReLU())),
+        ("BatchNormLeakyReLU2d",
+         lambda: bt.BatchNormLeakyReLU2d(4, negative_slope=0.1, backend="triton"),
+         nn.Sequential(nn.BatchNorm2d(4), nn.LeakyReLU(0.1))),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("index", range(3), ids=[name for name, *_ in _triton_layers()])
+def test_triton_stages_run_under_torch_compile(index):
+    """A layer on the Triton stages inside ``torch.compile``: Dynamo used to trace into
+    Triton's launcher (here its interpreter, where fake tensors met a ``uint64`` pointer
+    offset: "InterpreterError ... KeyError(torch.uint64)"), ending the step. Now the stages run
+    as eager code at the layer's graph break, and the step equals torch.nn's."""
+    from batchnorm.kernels.triton_gpu.backend import TritonBackend
+
+    x = torch.randn(6, 4, 5, 5)
+    reason = TritonBackend().unavailable_reason(x)
+    if reason is not None:
+        pytest.skip(reason)
+    dynamo.reset()
+    _, make, theirs = _triton_layers()[index]
+    torch.manual_seed(0)
+    ours = make()
+    with torch.no_grad():  # a gamma away from 1 and a beta away from 0, the same in both
+        for m in (ours, theirs[0] if isinstance(theirs, nn.Sequential) else theirs):
+            m.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
+            m.bias.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(3))
+    compiled = torch.compile(ours, backend="eager")
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_theirs = compiled(x_ours), theirs(x_theirs)
+    dy = torch.randn_like(y_theirs)
+    y_ours.backward(dy)
+    y_theirs.backward(dy)
+    assert ours.last_backend.startswith("triton")
+    torch.testing.assert_close(y_ours, y_theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad, atol=1e-5, rtol=1e-4)
+    bn = theirs[0] if isinstance(theirs, nn.Sequential) else theirs
+    torch.testing.assert_close(ours.weight.grad, bn.weight.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours.running_var, bn.running_var)
+    torch.testing.assert_close(ours.running_mean, bn.running_mean)

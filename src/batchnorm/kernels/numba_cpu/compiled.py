@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from types import SimpleNamespace
 from typing import Any
+
+from ..dynamo import outside_torch_compile
 
 try:
     import numba as _numba
@@ -60,32 +61,12 @@ def _nbytes(x: Any) -> int:
     return int(nbytes)
 
 
-def _outside_torch_compile(fn: Any) -> Any:
-    """``fn`` run as plain Python under ``torch.compile``: Dynamo would otherwise trace into
-    numba's dispatcher, and on a first call (numba compiling a new signature) it failed with an
-    AssertionError from its bytecode analysis, ending the user's compiled step. Decided at
-    each call, not at import: torch may be imported after this module (NumPy first); where it
-    is not imported at all there is no Dynamo to keep out."""
-    disabled: list[Any] = []
-
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        if not disabled:
-            torch = sys.modules.get("torch")
-            if torch is None:
-                return fn(*args, **kwargs)
-            disabled.append(torch.compiler.disable(fn))
-        return disabled[0](*args, **kwargs)
-
-    return call
-
-
 def sized_threads(stage: Any) -> Any:
     """A backend stage method run on one thread when its first array argument (x, or dy of
     x's shape) has at most ``SERIAL_MAX_BYTES``; the caller's own Numba thread count is
     restored after (and never raised: a caller at 1 thread stays there)."""
 
-    @_outside_torch_compile
+    @outside_torch_compile
     @functools.wraps(stage)
     def run(self: Any, first: Any, *args: Any, **kwargs: Any) -> Any:
         if NUMBA_IMPORT_ERROR is not None or _nbytes(first) > SERIAL_MAX_BYTES:

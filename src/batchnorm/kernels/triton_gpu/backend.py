@@ -8,6 +8,7 @@ import torch
 
 from ...reference.stages import BackwardOut, Elemt, ForwardOut
 from ...reference.stats import BatchStats
+from ..dynamo import outside_torch_compile
 from . import launchers as run
 from . import masked as masked_run
 from .layout import _check_mask, _in_layout_of, _view
@@ -21,7 +22,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class TritonBackend:
     """The stage protocol on Triton kernels (CUDA tensors; CPU under the interpreter), with
     fused ``forward_train`` and ``backward_train`` that read the 1-bit ReLU mask in-kernel,
-    and the ``mask=`` option (padded batches) on the kernels of ``masked_kernels``."""
+    and the ``mask=`` option (padded batches) on the kernels of ``masked_kernels``. Every stage
+    runs outside ``torch.compile``'s Dynamo (``kernels.dynamo``)."""
 
     name = "triton"
     supports_mask = True
@@ -45,12 +47,14 @@ class TritonBackend:
             )
         return None
 
+    @outside_torch_compile
     def batch_stats(self, x, axis, *, mask=None):
         if mask is not None:
             return BatchStats(*masked_run.batch_stats(x, axis, mask))
         count, mean, var, _ = run.batch_stats(x, axis)
         return BatchStats(count, mean, var)
 
+    @outside_torch_compile
     def elemt(self, x, mean, invstd, gamma, beta, axis, *, residual=None, relu=False, mask=None):
         if mask is not None:
             if residual is not None or relu:
@@ -59,19 +63,23 @@ class TritonBackend:
             return Elemt(y, None)
         return Elemt(*run.elemt(x, mean, invstd, gamma, beta, axis, residual=residual, relu=relu))
 
+    @outside_torch_compile
     def forward_infer(self, x, running_mean, running_var, gamma, beta, eps, axis):
         return run.forward_infer(x, running_mean, running_var, gamma, beta, eps, axis)[0]
 
+    @outside_torch_compile
     def forward_train(self, x, gamma, beta, eps, axis, *, residual=None, relu=False):
         return ForwardOut(
             *run.forward_train(x, gamma, beta, eps, axis, residual=residual, relu=relu)
         )
 
+    @outside_torch_compile
     def backward_reduce(self, dy, x, mean, invstd, axis, *, mask=None):
         if mask is not None:
             return masked_run.backward_reduce(dy, x, mean, invstd, axis, mask)
         return run.backward_reduce(dy, x, mean, invstd, axis)
 
+    @outside_torch_compile
     def backward_elemt(
         self, dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count, axis, *,
         through_mean=True, through_var=True, mask=None,
@@ -89,11 +97,13 @@ class TritonBackend:
             through_mean=through_mean, through_var=through_var,
         )[0]  # fmt: skip
 
+    @outside_torch_compile
     def update_running(self, running_mean, running_var, mean, var, count, weight_new):
         """The running-statistics update in one kernel launch (``launchers.update_running``);
         False where it does not take these tensors (nothing written)."""
         return run.update_running(running_mean, running_var, mean, var, count, weight_new)
 
+    @outside_torch_compile
     def relu_backward(self, dy, x, relu_mask, axis):
         """dy where the bit is set. The fused ``backward_train`` reads the bits inside its
         kernels; this unpacks them with torch ops, for compositions of the stages."""
@@ -118,6 +128,7 @@ class TritonBackend:
             *_inverse(_memory_order(dy))
         )
 
+    @outside_torch_compile
     def backward_train(
         self, dy, x, mean, invstd, gamma, axis, *, through_mean=True, through_var=True,
         relu_mask=None, residual_grad=False,
