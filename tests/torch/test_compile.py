@@ -168,3 +168,50 @@ def test_triton_stages_run_under_torch_compile(index):
     torch.testing.assert_close(ours.weight.grad, bn.weight.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ours.running_var, bn.running_var)
     torch.testing.assert_close(ours.running_mean, bn.running_mean)
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["convert", "convert+fused"])
+def test_exported_training_program_equals_torch_nn_and_keeps_non_finite_batches_out(fuse):
+    """``torch.export`` of a converted model in training mode (the start of PT2E
+    quantization-aware training) refused the program: the guard's write through ``.data``
+    became a lifted constant ("We found a fake tensor in the exported program constant's
+    list"). Exported, it trains as exported torch.nn does, gradients included, and a NaN
+    batch stays out of its running statistics; in evaluation it exports as well."""
+    theirs = _model()
+    ours = bt.convert(copy.deepcopy(theirs), fuse_activations=fuse)
+    example = (torch.randn(4, 3, 10, 10),)
+    programs = {
+        name: torch.export.export(m, example).module()
+        for name, m in (("ours", ours), ("theirs", theirs))
+    }
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x = torch.randn(4, 3, 10, 10, generator=gen)
+        if step == 2:
+            x[0, :, 0, 0] = float("nan")
+        before = {k: v.clone() for k, v in programs["ours"].named_buffers()}
+        outputs = {name: program(x) for name, program in programs.items()}
+        torch.testing.assert_close(outputs["ours"], outputs["theirs"], equal_nan=True)
+        mine, peer = (
+            dict(programs["ours"].named_buffers()),
+            dict(programs["theirs"].named_buffers()),
+        )
+        assert mine.keys() == peer.keys()
+        for name, value in mine.items():
+            if step < 2:
+                torch.testing.assert_close(value, peer[name])
+            elif not name.endswith("num_batches_tracked"):
+                assert torch.isnan(peer[name]).all()
+                torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+        if step == 0:
+            for program in programs.values():
+                program(x).square().sum().backward()
+            grads = [[p.grad for p in programs[k].parameters()] for k in ("ours", "theirs")]
+            for a, b in zip(*grads, strict=True):
+                torch.testing.assert_close(a, b)
+    ours.eval()
+    theirs.load_state_dict(ours.state_dict())
+    theirs.eval()
+    x = torch.randn(2, 3, 10, 10, generator=gen)
+    exported = torch.export.export(ours, (x,)).module()
+    torch.testing.assert_close(exported(x), theirs(x))

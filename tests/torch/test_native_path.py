@@ -164,14 +164,16 @@ def test_non_finite_batch_on_pytorch_kernel_keeps_old_statistics():
         not torch.cuda.is_available(), reason="needs a CUDA device"))],
 )  # fmt: skip
 @pytest.mark.parametrize("momentum", [0.1, 1.0, None])
-def test_device_side_guard_keeps_what_the_reference_keeps(momentum, device):
-    """Off the CPU the guard runs on the device (``native._keep_finite``, no host read):
-    after ATen's in-place update, each channel whose new mean or variance is not finite gets
-    its old values back. Oracle: ``reference.update_running_stats``, per channel, from the
-    same buffers and batch: a NaN channel, an infinite one, a poisoned buffer, a batch whose
-    variance overflows, and finite ones; on CUDA after ATen's CUDA update."""
+def test_device_side_guard_keeps_what_the_reference_keeps(momentum, device, monkeypatch):
+    """Off the CPU the guard runs on the device (``native.keep_finite``, no host read): ATen
+    updates a copy of the buffers, and each channel whose new mean or variance is finite is
+    written, the others keep their old values. Oracle: ``reference.update_running_stats``,
+    per channel, from the same buffers and batch: a NaN channel, an infinite one, a poisoned
+    buffer, a batch whose variance overflows, and finite ones; on CUDA after ATen's CUDA
+    update. On the CPU the device path is forced."""
     from batchnorm import reference as ref
 
+    monkeypatch.setattr(native, "host_read_is_cheap", lambda t: False)
     torch.manual_seed(0)
     x = torch.randn(6, 6, 3, 3, dtype=torch.float64)
     x[1, 1, 0, 0] = float("nan")
@@ -182,23 +184,20 @@ def test_device_side_guard_keeps_what_the_reference_keeps(momentum, device):
     mean[3] = float("nan")  # buffers already poisoned
     x, mean, var = x.to(device), mean.to(device), var.to(device)
     seen = 4
-    old = torch.cat((mean, var))
     rm, rv = mean.clone(), var.clone()
-    factor = 1.0 / (seen + 1) if momentum is None else momentum
-    torch.batch_norm(x, None, None, rm, rv, True, factor, 1e-5, False)
-    native._keep_finite(rm, rv, old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # silently: the warning needs a host read
+        native.native_batch_norm(x, None, None, rm, rv, True, momentum, 1e-5, seen)
     stats = ref.batch_stats(x, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         want = ref.update_running_stats(
             mean, var, seen, stats.mean, stats.var, stats.count, momentum=momentum
         )
-    # Through autograd: ATen's node saved the buffers; the guard's writes must not stop its
-    # backward.
+    # Through autograd: the guard's writes must not stop ATen's backward.
     leaf = x.clone().requires_grad_()
     rm2, rv2 = mean.clone(), var.clone()
-    y = torch.batch_norm(leaf, None, None, rm2, rv2, True, factor, 1e-5, False)
-    native._keep_finite(rm2, rv2, old)
+    y = native.native_batch_norm(leaf, None, None, rm2, rv2, True, momentum, 1e-5, seen)
     y.backward(torch.ones_like(y))
     assert torch.equal(rm2, rm) or torch.allclose(rm2, rm, equal_nan=True)
     kept = [1, 2, 3, 4]
@@ -207,6 +206,26 @@ def test_device_side_guard_keeps_what_the_reference_keeps(momentum, device):
         for c in kept:  # the kept channels: bit for bit, NaN included
             assert got[c].isnan() if before[c].isnan() else got[c] == before[c]
     assert torch.isfinite(rm[[0, 5]]).all() and not torch.equal(rm[[0, 5]], mean[[0, 5]])
+
+
+@pytest.mark.parametrize("host_read", [True, False], ids=["cpu-rule", "device-rule"])
+def test_evaluation_graph_backward_after_a_training_step_as_torch_nn(host_read, monkeypatch):
+    """An evaluation forward saves the running statistics for its backward; a training step
+    in between changes them. torch.nn's backward still runs (ATen's update does not count as
+    a change of the saved tensors) and uses the new values; a drop-in layer must not raise
+    there ("modified by an inplace operation") and must give the same gradient."""
+    monkeypatch.setattr(native, "host_read_is_cheap", lambda t: host_read)
+    torch.manual_seed(0)
+    x, batch = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5) * 3 + 1
+    grads = []
+    for layer in (torch.nn.BatchNorm2d(3), bt.BatchNorm2d(3)):
+        leaf = x.clone().requires_grad_()
+        y = layer.eval()(leaf)
+        layer.train()(batch)
+        y.square().sum().backward()
+        grads.append(leaf.grad)
+    assert layer.last_backend == "torch"
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
 
 
 class _Doubled(torch.nn.Module):

@@ -20,13 +20,13 @@ computes exactly what our layer promises:
   ATen before it writes anything, and is then handed to our path, which raises our error.
 
 The guarantee that a non-finite batch never enters the running statistics is kept with one
-copy and, on CPU, one host read: the buffers are copied (one ``cat`` of two C-vectors) before
-ATen updates them in place, and ``dot(running_mean, running_var)`` is finite exactly when both
-vectors are (a NaN or infinity survives every product and sum; a finite overflow only sends a
-call to the slow branch needlessly). When it is not finite the old buffers come back and our
-own update (``functional.write_batch_stats``: finite channels written, the others kept, with
-the warning) runs on statistics recomputed by the reference. Off the CPU the same per-channel
-rule runs on the device without a host read and without the warning (``_keep_finite``).
+copy and, on CPU, one host read: ATen updates a copy of the buffers (one ``cat`` of two
+C-vectors), and ``dot(new_mean, new_var)`` is finite exactly when both vectors are (a NaN or
+infinity survives every product and sum; a finite overflow only sends a call to the slow
+branch needlessly). When it is finite the copy is written to the buffers; when not, our own
+update (``functional.write_batch_stats``: finite channels written, the others kept, with the
+warning) runs on statistics recomputed by the reference. Off the CPU the same per-channel rule
+runs on the device without a host read and without the warning (``keep_finite``).
 
 Under ``torch.compile`` the size limits do not apply and the CPU takes the device path too:
 PyTorch's kernel traces into the compiled graph, and our stages (an autograd Function with a
@@ -181,31 +181,57 @@ def native_batch_norm(
         except RuntimeError:
             return None
     factor = 1.0 / (num_batches_tracked + 1) if momentum is None else momentum
-    old = torch.cat((running_mean, running_var))
+    # ATen updates a copy (one ``cat`` for both vectors), which its node saves for the
+    # backward; the buffers are written after the test, so no saved tensor changes under a
+    # training graph (torch.export runs its program through autograd and checks that).
+    new_mean, new_var = _scratch_copy(running_mean, running_var)
     try:
-        output = torch.batch_norm(
-            input, weight, bias, running_mean, running_var, True, factor, eps, cudnn
-        )
+        output = torch.batch_norm(input, weight, bias, new_mean, new_var, True, factor, eps, cudnn)
     except RuntimeError:
-        _restore(running_mean, running_var, old)
         return None
+    mean_out, var_out = _unversioned(running_mean, running_var)
     if not host_read_is_cheap(running_mean):
         # No host read of the new values: it would stall the host until the GPU is done, at
         # every layer. The same per-channel rule as ``reference.update_running_stats``, on
         # the device, without its warning (which needs that read).
-        _keep_finite(running_mean, running_var, old)
-    elif not math.isfinite(torch.dot(running_mean, running_var)):
+        keep_finite(mean_out, var_out, new_mean, new_var, running_mean, running_var)
+    elif math.isfinite(torch.dot(new_mean, new_var)):
+        torch._foreach_copy_((mean_out, var_out), (new_mean, new_var))
+    else:
         # Rare: a non-finite batch (or buffers already poisoned). Our own update decides.
-        _restore(running_mean, running_var, old)
         from .function import AXIS
         from .functional import write_batch_stats
 
         stats = ref.batch_stats(input.detach(), AXIS)
         write_batch_stats(
-            input, running_mean.data, running_var.data, stats.mean, stats.var, momentum,
+            input, mean_out, var_out, stats.mean, stats.var, momentum,
             num_batches_tracked,
         )  # fmt: skip
     return output
+
+
+def _unversioned(
+    running_mean: torch.Tensor, running_var: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The buffers to write through: ``.data``, which shares their memory but not their
+    version counter, as ATen's own in-place update of the running statistics does not count
+    as a change either. An evaluation graph saved them for its backward; after a training
+    step torch.nn's backward runs (with the new values), and so must ours. torch.export lifts
+    a ``.data`` alias to a constant and refuses the program, so there the buffers themselves
+    (its functional graph keeps the saved values apart from the write anyway)."""
+    if torch.compiler.is_exporting():
+        return running_mean, running_var
+    return running_mean.data, running_var.data
+
+
+def _scratch_copy(
+    running_mean: torch.Tensor, running_var: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if running_mean.dtype != running_var.dtype:  # a cat would promote one of them
+        return running_mean.clone(), running_var.clone()
+    both = torch.cat((running_mean, running_var))
+    channels = running_mean.shape[0]
+    return both[:channels], both[channels:]
 
 
 def host_read_is_cheap(t: torch.Tensor) -> bool:
@@ -214,21 +240,6 @@ def host_read_is_cheap(t: torch.Tensor) -> bool:
     the host stops queueing the next layer's work meanwhile; under ``torch.compile`` it would
     break the graph in two at every layer."""
     return t.is_cpu and not _compiling()
-
-
-# Both write the buffers through ``.data``, which shares their memory but not their version
-# counter: ATen's batch-norm node saved them for its backward, which in training reads the
-# batch's own statistics and never these values, and an in-place write of the buffers
-# themselves would make that backward refuse to run ("modified by an inplace operation").
-
-
-def _keep_finite(running_mean: torch.Tensor, running_var: torch.Tensor, old: torch.Tensor) -> None:
-    """The old value of every channel whose new mean or variance is not finite. ATen's new
-    values are non-finite exactly where the batch's statistics are (w * inf, w * NaN) or the
-    update overflowed, the reference's test per channel."""
-    channels = running_mean.shape[0]
-    mean, var = running_mean.data, running_var.data
-    keep_finite(mean, var, mean, var, old[:channels], old[channels:])
 
 
 def keep_finite(
@@ -252,12 +263,6 @@ def keep_finite(
     finite = (zero_mean + zero_var) == 0
     torch.where(finite, new_mean, old_mean, out=mean_out)
     torch.where(finite, new_var, old_var, out=var_out)
-
-
-def _restore(running_mean: torch.Tensor, running_var: torch.Tensor, old: torch.Tensor) -> None:
-    channels = running_mean.shape[0]
-    running_mean.data.copy_(old[:channels])
-    running_var.data.copy_(old[channels:])
 
 
 def module_forward(module: Any, input: Any) -> torch.Tensor | None:
