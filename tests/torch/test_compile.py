@@ -1,7 +1,8 @@
 """``torch.compile`` of a converted model: on PyTorch's kernel (``backend="auto"``, small
 calls) the layers trace into one graph, with the non-finite guard on the device (no host
 read, which would break the graph at every layer), and the compiled model trains as compiled
-torch.nn does, except that a non-finite batch stays out of the running statistics."""
+torch.nn does, except that a non-finite batch stays out of the running statistics. The same
+for ``torch.export``; and the Triton and Numba stages, named, run outside Dynamo."""
 
 from __future__ import annotations
 
@@ -215,3 +216,30 @@ def test_exported_training_program_equals_torch_nn_and_keeps_non_finite_batches_
     x = torch.randn(2, 3, 10, 10, generator=gen)
     exported = torch.export.export(ours, (x,)).module()
     torch.testing.assert_close(exported(x), theirs(x))
+
+
+def test_exported_leaky_relu_layer_equals_eager_and_numba_refuses_fake_tensors_clearly():
+    """``BatchNormLeakyReLU2d`` (In-Place ABN) exports in training and in evaluation: its gamma
+    guard read gamma on the host ("Could not guard on data-dependent expression"); under
+    export it saves x. The Numba backend, named, cannot read a fake tensor's memory: a clear
+    ``BackendUnavailable`` instead of ".numpy() is not supported for tensor subclasses"."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 6, 6)
+    for training in (True, False):
+        layer = bt.BatchNormLeakyReLU2d(8, negative_slope=0.2).train(training)
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+        eager = copy.deepcopy(layer)
+        program = torch.export.export(layer, (x,)).module()
+        leaf_p, leaf_e = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_p, y_e = program(leaf_p), eager(leaf_e)
+        torch.testing.assert_close(y_p, y_e)
+        y_p.square().sum().backward()
+        y_e.square().sum().backward()
+        torch.testing.assert_close(leaf_p.grad, leaf_e.grad, atol=1e-5, rtol=1e-4)
+        buffers = dict(program.named_buffers())
+        torch.testing.assert_close(buffers["running_var"], eager.running_var)
+    pytest.importorskip("numba")
+    with pytest.raises(bt.BackendUnavailable, match="FakeTensor.*cannot read"):
+        torch.export.export(bt.BatchNorm2d(8, backend="numba"), (x,))

@@ -24,7 +24,8 @@ small (in the limit gamma = 0, y carries no information about x at all). A call 
 channel has ``|gamma| < gamma_guard`` (default 1e-3) therefore saves ``x`` instead, as an
 unfused layer would, and recomputes z from it: exact, without the memory saving; the module's
 ``last_backend`` then ends in ``"(fused, x saved)"``. The test reads gamma on the host once per
-call; on a GPU that waits for every kernel queued before it. ``gamma_guard=0`` turns the guard
+call; on a GPU that waits for every kernel queued before it (under ``torch.export``, which has
+no values to read, ``x`` is saved). ``gamma_guard=0`` turns the guard
 off (the output is always what is saved) and the read with it; then a channel whose gamma is
 exactly 0 gets NaN gradients (its x_hat cannot be recovered at all), and ResNets initialised
 with ``zero_init_residual`` start with such channels. In float16/bfloat16 the
@@ -198,8 +199,14 @@ def _fused_leaky(
     update = check_call(input, running_mean, running_var, weight, bias, training, momentum, eps)
     chosen, _ = select_backend(input, backend)
     # The gamma guard (module docstring): one host read per call, which on a GPU waits for
-    # the kernels queued before it; gamma_guard=0 skips both.
-    from_output = weight is None or guard == 0 or bool((weight.detach().abs() >= guard).all())
+    # the kernels queued before it; gamma_guard=0 skips both. torch.export traces without
+    # values to read: there x is saved, which is right for every gamma.
+    if weight is None or guard == 0:
+        from_output = True
+    elif torch.compiler.is_exporting():
+        from_output = False
+    else:
+        from_output = bool((weight.detach().abs() >= guard).all())
     if input.numel() == 0:  # the unfused sequence answers an empty batch as PyTorch does
         output, _ = _batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps,

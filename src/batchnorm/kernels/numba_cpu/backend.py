@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,14 @@ def unavailable_reason(x: Array) -> str | None:
             return f"the input is on device {x.device}; the numba backend runs on CPU tensors only"
         if str(x.layout) != "torch.strided":
             return f"the input has layout {x.layout}; the numba backend needs a strided tensor"
+        torch = sys.modules["torch"]
+        if type(x) not in (torch.Tensor, torch.nn.Parameter):
+            # torch.export traces with such subclasses (fake tensors: no memory to read)
+            return (
+                f"the input is a {type(x).__name__}, a tensor subclass whose memory the numba "
+                "kernels cannot read (torch.export traces with fake tensors: use "
+                'backend="auto" or "reference" there)'
+            )
     elif not isinstance(x, np.ndarray):
         return f"the numba backend takes NumPy arrays or torch CPU tensors, got {type(x).__name__}"
     if _dtype_name(x) not in SUPPORTED_DTYPES:
