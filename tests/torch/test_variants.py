@@ -240,6 +240,27 @@ def test_renorm_bad_arguments(kwargs, error, match):
         BatchRenorm2d(3, **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "error", "match"),
+    [
+        ("r_max", 0.5, ValueError, "r_max must be >= 1"),
+        ("d_max", -1.0, ValueError, "d_max must be >= 0"),
+        ("warmup", -2, ValueError, "warmup must be a non-negative int"),
+    ],
+)
+def test_renorm_settings_changed_after_construction_are_checked_at_the_call(
+    name, value, error, match
+):
+    """The constructor refuses r_max = 0.5; set afterwards, it once scaled every output by 0.5
+    without a word. Checked at each training call, as momentum and eps are, before any
+    state changes."""
+    layer = BatchRenorm2d(3)
+    setattr(layer, name, value)
+    with pytest.raises(error, match=match):
+        layer(torch.randn(4, 3, 2, 2))
+    assert int(layer.num_batches_tracked) == 0 and torch.equal(layer.running_var, torch.ones(3))
+
+
 def test_renorm_bad_input_changes_nothing():
     layer = BatchRenorm1d(3)
     with pytest.raises(ValueError, match="more than 1 value per channel"):

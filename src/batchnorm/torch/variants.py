@@ -210,14 +210,11 @@ class _BatchRenorm(_BatchNorm):
         d_max_at: int | None = None,
         **kwargs: Any,
     ) -> None:
-        check_renorm_limits(r_max, d_max)
+        _check_renorm_settings(r_max, d_max, warmup, r_max_at, d_max_at)
         if momentum is None:
             raise ValueError("Batch Renorm's moving averages need a float momentum, not None")
         if not track_running_stats:
             raise ValueError("Batch Renorm corrects towards the running statistics: it needs them")
-        for value, name in ((warmup, "warmup"), (r_max_at, "r_max_at"), (d_max_at, "d_max_at")):
-            if value is not None and (isinstance(value, bool) or int(value) != value or value < 0):
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs
         )
@@ -253,6 +250,8 @@ class _BatchRenorm(_BatchNorm):
             input, self.running_mean, self.running_var, self.weight, self.bias, True,
             self.momentum, self.eps,
         )  # fmt: skip
+        # Again at every call, as momentum and eps are: the attributes may have been set since.
+        _check_renorm_settings(self.r_max, self.d_max, self.warmup, self.r_max_at, self.d_max_at)
         if input.numel() == 0:
             return super().forward(input)
         if recomputing():
@@ -276,6 +275,13 @@ class _BatchRenorm(_BatchNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r_max={self.r_max:g}, d_max={self.d_max:g}"
+
+
+def _check_renorm_settings(r_max: Any, d_max: Any, warmup: Any, r_max_at: Any, d_max_at: Any):
+    check_renorm_limits(r_max, d_max)
+    for value, name in ((warmup, "warmup"), (r_max_at, "r_max_at"), (d_max_at, "d_max_at")):
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < 0):
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
 
 
 class BatchRenorm1d(_BatchRenorm, torch.nn.BatchNorm1d):
