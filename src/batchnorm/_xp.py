@@ -99,6 +99,8 @@ def check_channel_vector(v: Array | None, channels: int, name: str) -> None:
     """``v`` is None or a real floating vector of ``channels`` values."""
     if v is None:
         return
+    if not hasattr(v, "shape"):
+        raise TypeError(f"{name} must be an array of {channels} values, got {type(v).__name__}")
     if tuple(v.shape) != (channels,):
         raise ValueError(
             f"{name} must have shape ({channels},) to match the {channels} channels of the "

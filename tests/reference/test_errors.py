@@ -32,6 +32,19 @@ def test_affine_length_mismatch(xp, name):
         ref.batch_norm_train(x, **kwargs)
 
 
+def test_vectors_of_another_library_or_not_arrays():
+    """NumPy input with a torch gamma failed inside the computation ("'Tensor' object has no
+    attribute 'astype'"), a list gamma with "'list' object has no attribute 'shape'"."""
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).normal(size=(8, 4))
+    with pytest.raises(TypeError, match=r"weight \(gamma\) is a torch.Tensor but the input is"):
+        ref.batch_norm_train(x, torch.ones(4), torch.zeros(4))
+    with pytest.raises(TypeError, match="running_var is a numpy.ndarray but the input is a torch"):
+        ref.batch_norm_infer(torch.ones(8, 4), torch.zeros(4), np.ones(4))
+    with pytest.raises(TypeError, match=r"bias \(beta\) must be an array of 4 values, got list"):
+        ref.batch_norm_train(x, None, [0.0] * 4)
+
+
 @pytest.mark.parametrize("which", ["running_mean", "running_var"])
 def test_running_stat_length_mismatch(xp, which):
     x = xp.asarray(np.ones((4, 3)))
