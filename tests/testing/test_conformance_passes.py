@@ -57,6 +57,31 @@ def test_torch_batchnorm_modules_pass():
 
 
 @needs_torch
+def test_one_rank_specific_class_skips_the_other_ranks_cases():
+    """``conform torch.nn:BatchNorm2d --style module`` (the README's "like nn.BatchNorm2d")
+    once ended in 18 errors, one per case of another rank; those cases are now skipped with
+    the reason, and a class without ``_check_input_dim`` still gets every rank."""
+    rank = {c.name: len(c.shape) for c in bt.CASES}
+    report = bt.check(bt.ModuleStyle(torch.nn.BatchNorm2d))
+    assert report.ok, report.format()
+    assert {rank[c.case] for c in report.checks if c.verdict == "pass"} == {4}
+    skipped = {
+        rank[c.case] for c in report.checks if c.verdict == "skip" and "rank-" in c.diagnosis
+    }
+    assert skipped == {2, 3, 5}
+    assert any("BatchNorm2d._check_input_dim refuses that rank" in n for n in report.notes)
+
+    class AnyRank(torch.nn.BatchNorm2d):
+        def _check_input_dim(self, input):
+            if input.dim() < 2:
+                raise ValueError("rank >= 2")
+
+    passed = {rank[c.case] for c in bt.check(bt.ModuleStyle(AnyRank)).checks
+              if c.verdict == "pass"}  # fmt: skip
+    assert passed == {2, 3, 4, 5}
+
+
+@needs_torch
 def test_torch_functional_passes_with_declared_conventions():
     report = bt.check(
         bt.FunctionalStyle(torch.nn.functional.batch_norm),

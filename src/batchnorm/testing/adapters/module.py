@@ -18,8 +18,9 @@ class ModuleStyle(Style):
     with ``weight``/``bias`` parameters and ``running_mean``/``running_var`` buffers.
 
     ``classes`` is one class for every rank, or three, for rank 2-3, 4 and 5 inputs (like
-    ``BatchNorm1d, BatchNorm2d, BatchNorm3d``). Channels-last cases are given as a permuted,
-    non-contiguous (N, C, ...) view.
+    ``BatchNorm1d, BatchNorm2d, BatchNorm3d``). One class whose ``_check_input_dim`` refuses a
+    rank (as ``nn.BatchNorm2d``'s does all but 4) skips that rank's cases, saying so.
+    Channels-last cases are given as a permuted, non-contiguous (N, C, ...) view.
     """
 
     style = "module"
@@ -45,9 +46,11 @@ class ModuleStyle(Style):
 
     def unsupported(self, case: Case) -> str | None:
         cls = self.cls_for(case)
+        name = getattr(cls, "__name__", "module")
         if case.mask and not takes_mask(getattr(cls, "forward", None)):
-            name = getattr(cls, "__name__", "module")
             return f"masked cases: {name}.forward has no mask parameter"
+        if len(self.classes) == 1 and not _takes_rank(cls, len(case.shape)):
+            return f"rank-{len(case.shape)} cases: {name}._check_input_dim refuses that rank"
         return None
 
     def cls_for(self, case: Case) -> Any:
@@ -57,6 +60,25 @@ class ModuleStyle(Style):
 
     def session(self, data: CaseData, momentum: float) -> Session:
         return _ModuleSession(self, data, momentum)
+
+
+def _takes_rank(cls: Any, rank: int) -> bool:
+    """False where the class says, as torch.nn's ``BatchNorm2d`` does through
+    ``_check_input_dim``, that it takes no input of this rank; one class "like
+    nn.BatchNorm2d" is then not failed on the rank-3 and rank-5 cases. Asked with a meta tensor
+    (no data); any answer but a ValueError counts as yes."""
+    check = getattr(cls, "_check_input_dim", None)
+    if check is None:
+        return True
+    import torch
+
+    try:
+        check(None, torch.empty((2,) * rank, device="meta"))
+    except ValueError:
+        return False
+    except Exception:  # it needs its instance: leave the question to the cases
+        return True
+    return True
 
 
 class _ModuleSession:
