@@ -234,6 +234,83 @@ def test_broadcasting_add_runs_unfused():
     torch.testing.assert_close(ours.bn.running_var, theirs.bn.running_var)
 
 
+class _WritesIntoResidual(nn.Module):
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.bn, self.spelling = nn.BatchNorm2d(2), spelling
+
+    def forward(self, x):
+        y = x * 1.0
+        if self.spelling == "add_":
+            z = y.add_(self.bn(x))  # writes into y, which is read again below
+        else:
+            z = y
+            z += self.bn(x)
+        return torch.relu(z) + y
+
+
+class _IntoOwnOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        out = self.bn(x)
+        out += x  # a ResNet block's tail: writes into the batch norm's own output
+        return torch.relu(out)
+
+
+def test_in_place_add_into_the_residual_is_not_fused():
+    """``y.add_(bn(x))`` then ReLU was fused, and the fused module computed the sum out of
+    place: ``y`` stayed unwritten and a later ``+ y`` read its old value (off by 2.6). Such an
+    add is now left alone, saying why; ``out += identity`` into the BN's own output fuses."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    for spelling in ("add_", "+="):
+        theirs = _WritesIntoResidual(spelling).double()
+        converted = bt.convert(copy.deepcopy(theirs))
+        ours, report = fuse_activations(converted)
+        assert report.fused == [], str(report)
+        assert "writes into the other operand in place" in str(report)
+        _compare(ours, theirs, x)
+    theirs = _IntoOwnOutput().double()
+    ours, report = fuse_activations(bt.convert(copy.deepcopy(theirs)))
+    assert report.fused == [("bn", "BN + add + relu")]
+    _compare(ours, theirs, x)
+
+
+class _Masked(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.bn, self.how = nn.BatchNorm2d(2), how
+
+    def forward(self, x, mask, res):
+        if self.how == "positional mask, add":
+            return torch.relu(self.bn(x, mask) + res)
+        if self.how == "keyword mask":
+            return torch.relu(self.bn(x, mask=mask))
+        return torch.relu(self.bn(input=x) + res)
+
+
+def test_batch_norm_called_with_more_than_its_input_is_not_fused():
+    """The fused modules take the input alone. A mask passed positionally was dropped (the
+    statistics then took in the padding: running_mean 4.99 against -0.02), ``mask=`` made the
+    fused model raise at its call, and ``bn(input=x)`` made ``convert`` raise IndexError."""
+    torch.manual_seed(0)
+    x, res = torch.randn(2, 2, 4, 4), torch.randn(2, 2, 4, 4)
+    mask = torch.ones(2, 4, 4, dtype=torch.bool)
+    mask[:, 2:] = False
+    x[:, :, 2:] = 100.0  # the padding holds garbage
+    for how in ("positional mask, add", "keyword mask", "input keyword"):
+        unfused = bt.convert(_Masked(how))
+        fused = bt.convert(_Masked(how), fuse_activations=True)
+        assert type(fused.bn) is bt.BatchNorm2d, how
+        torch.testing.assert_close(fused(x, mask, res), unfused(x, mask, res))
+        torch.testing.assert_close(fused.bn.running_mean, unfused.bn.running_mean)
+    _, report = fuse_activations(bt.convert(_Masked("keyword mask")))
+    assert "called with more than its input" in str(report)
+
+
 def test_fusion_saves_less_for_backward():
     torch.manual_seed(0)
     theirs = Block()

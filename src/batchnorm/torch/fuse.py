@@ -139,18 +139,32 @@ def _activation(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[str
 
 
 def _residual(node: torch.fx.Node, bn_node: torch.fx.Node) -> torch.fx.Node | None:
-    """The other operand if ``node`` is ``bn_node + other`` (any spelling), else None."""
-    adds = (operator.add, operator.iadd, torch.add)
-    if node.op == "call_function" and node.target in adds and not node.kwargs:
-        operands = node.args
-    elif node.op == "call_method" and node.target in ("add", "add_") and not node.kwargs:
-        operands = node.args
+    """The other operand if ``node`` is ``bn_node + other`` (any spelling), else None. An
+    in-place add counts only where it writes into the batch norm's output (``out += identity``),
+    which nothing else reads; one that writes into the other operand (``identity += bn(x)``)
+    does not: the fused module would leave that tensor unwritten for its later readers."""
+    if node.op == "call_function" and node.target in (operator.add, torch.add):
+        in_place = False
+    elif node.op == "call_function" and node.target is operator.iadd:
+        in_place = True
+    elif node.op == "call_method" and node.target in ("add", "add_"):
+        in_place = node.target == "add_"
     else:
         return None
-    if len(operands) != 2 or bn_node not in operands:
+    operands = node.args
+    if node.kwargs or len(operands) != 2 or bn_node not in operands:
+        return None
+    if in_place and operands[0] is not bn_node:
         return None
     other = operands[1] if operands[0] is bn_node else operands[0]
     return other if isinstance(other, torch.fx.Node) and other is not bn_node else None
+
+
+def _writes_into_residual(node: torch.fx.Node, bn_node: torch.fx.Node) -> bool:
+    in_place = (node.op == "call_function" and node.target is operator.iadd) or (
+        node.op == "call_method" and node.target == "add_"
+    )
+    return in_place and len(node.args) == 2 and node.args[1] is bn_node
 
 
 def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
@@ -177,6 +191,8 @@ def _fuse_graph(gm: torch.fx.GraphModule, report: FusionReport) -> dict[str, tup
             why = "the module is called at more than one place"
         if why is None and len(node.users) != 1:
             why = "its output is used more than once"
+        if why is None and (len(node.args) != 1 or node.kwargs):
+            why = "it is called with more than its input (a mask= or a keyword argument)"
         if why is not None:
             report.skipped.append((node.target, why))
             continue
@@ -185,7 +201,7 @@ def _fuse_graph(gm: torch.fx.GraphModule, report: FusionReport) -> dict[str, tup
             report.skipped.append((node.target, "its activation has hooks (not run if fused)"))
             continue
         found = _activation(user, modules)
-        if found is not None and len(node.args) == 1:
+        if found is not None:
             pattern, slope = found
             if user.op == "call_module" and calls[user.target] == 1:
                 taken[node.target] = (user.target, slope)
@@ -205,7 +221,11 @@ def _fuse_graph(gm: torch.fx.GraphModule, report: FusionReport) -> dict[str, tup
                 gm.graph.erase_node(dead)
             report.fused.append((node.target, "BN + add + relu"))
             continue
-        report.skipped.append((node.target, "no ReLU / add+ReLU / LeakyReLU follows it"))
+        if _writes_into_residual(user, node):
+            why = "the add writes into the other operand in place (fused, it would not)"
+        else:
+            why = "no ReLU / add+ReLU / LeakyReLU follows it"
+        report.skipped.append((node.target, why))
     gm.graph.lint()
     gm.recompile()
     # The activations the fused modules took over are dead now (stateless: no state_dict key

@@ -5,10 +5,16 @@ traces into every other module. It would trace into our layers' ``forward``, who
 branches on the input (rank, size), and fail with "symbolically traced variables cannot be used
 as inputs to control flow". :class:`Tracer` keeps them opaque too, so the traced graph calls
 the module itself and train/eval, the backend and the buffers behave as before tracing.
+
+``torch.fx.Proxy`` has no in-place operators: ``y += t`` traces as ``y = y + t``, a new node,
+and the graph then leaves ``y`` unwritten for its later readers, a different function from the
+model's. :class:`Tracer` records augmented assignments as the in-place ``operator.iadd`` (and
+the rest), which the generated code runs as ``y += t``.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -24,11 +30,36 @@ __all__ = ["Tracer", "symbolic_trace", "LEAF_TYPES"]
 LEAF_TYPES: tuple[type, ...] = (_BatchNorm, _FusedBatchNorm2d, SyncBatchNorm)
 
 
+class _Proxy(torch.fx.Proxy):
+    """A proxy whose augmented assignments are recorded in place (module docstring)."""
+
+
+def _in_place(name: str) -> Any:
+    op = getattr(operator, name)
+
+    def method(self: _Proxy, other: Any) -> Any:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    method.__name__ = f"__{name}__"
+    return method
+
+
+for _name in (
+    "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior",
+    "ixor", "ilshift", "irshift",
+):  # fmt: skip
+    setattr(_Proxy, f"__{_name}__", _in_place(_name))
+
+
 class Tracer(torch.fx.Tracer):
-    """``torch.fx.Tracer`` that treats this library's batch-norm layers as leaves."""
+    """``torch.fx.Tracer`` that treats this library's batch-norm layers as leaves and records
+    augmented assignments in place."""
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, LEAF_TYPES) or super().is_leaf_module(m, module_qualified_name)
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _Proxy(node, self)
 
 
 def symbolic_trace(root: torch.nn.Module, concrete_args: dict[str, Any] | None = None):
