@@ -359,3 +359,27 @@ def test_eval_without_grad_skips_autograd_but_grad_and_transforms_do_not(monkeyp
     got = torch.func.jvp(ours, (x,), (tangent,))[1]
     torch.testing.assert_close(got, torch.func.jvp(theirs, (x,), (tangent,))[1])
     assert len(calls) > 2
+
+
+@pytest.mark.parametrize("case", ["eval", "train, switches off"])
+def test_gradient_penalty_where_dx_does_not_depend_on_x(backend, case):
+    """A ``create_graph=True`` gradient whose dx does not depend on x (evaluation without
+    affine parameters, or both moments switches off) and a dy that needs no gradient: the
+    graph ended there and a gradient penalty's backward raised "does not require grad" on
+    our stages, where torch.nn's runs (its derivative for x is None). Now as torch.nn."""
+    gen = torch.Generator().manual_seed(5)
+    x, _, _ = _args((4, 3, 2, 2), "none", gen)
+    require(backend, x)
+    w = torch.randn(4, 3, 2, 2, generator=gen, dtype=torch.float64)
+    training = case != "eval"
+    layer = bt.BatchNorm2d(3, affine=False, backend=backend, through_mean=not training,
+                           through_var=not training).double().train(training)  # fmt: skip
+    peer = torch.nn.BatchNorm2d(3, affine=False).double().train(training)
+    (gx,) = torch.autograd.grad((layer(x) * w).sum(), x, create_graph=True)
+    assert layer.last_backend != "torch"
+    assert gx.requires_grad
+    gx.square().sum().backward()
+    assert x.grad is None
+    if not training:
+        (peer_gx,) = torch.autograd.grad((peer(x) * w).sum(), x, create_graph=True)
+        torch.testing.assert_close(gx, peer_gx)

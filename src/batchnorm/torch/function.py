@@ -165,6 +165,9 @@ class BatchNormFunction(torch.autograd.Function):
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
             dx, dweight, dbias = _differentiable_backward(ctx, dy, x, weight, mean, invstd)
+            if dx is not None and x.requires_grad and not dx.requires_grad:
+                if not torch._C._are_functorch_transforms_active():  # they track it themselves
+                    dx = _ConstantIn.apply(dx, x)
         else:
             dx, dweight, dbias = _backend_backward(ctx, dy, x, weight, mean, invstd)
         if dx is not None:
@@ -178,6 +181,25 @@ class BatchNormFunction(torch.autograd.Function):
             dweight if need_weight else None,
             dbias if need_bias else None,
         ) + nones
+
+
+class _ConstantIn(torch.autograd.Function):
+    """``dx`` as a function of ``x`` with a zero derivative (None). Where dx does not depend on
+    x (evaluation, or both moments switches off) and dy needs no gradient, the graph of a
+    ``create_graph=True`` gradient would end here, and a gradient penalty's backward raise
+    ("does not require grad"); ATen's evaluation double backward links it, with None for x."""
+
+    @staticmethod
+    def forward(dx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return dx.view_as(dx)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:  # torch.func wants it
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return grad, None
 
 
 def _backend_backward(ctx, dy, x, weight, mean, invstd):
