@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,9 +103,18 @@ def _error(message: str) -> int:
     return 2
 
 
+def passive_openmp() -> None:
+    """``OMP_WAIT_POLICY=PASSIVE`` unless the environment has a policy, before torch loads
+    OpenMP (which reads it once): spinning idle workers of one peer slowed the next peer's
+    calls by up to 100x on a busy 2-core machine (docs/torch.md, Limitations)."""
+    if "torch" not in sys.modules and "numba" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    passive_openmp()
     try:
         import torch
     except ImportError:

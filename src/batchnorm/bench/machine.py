@@ -86,6 +86,8 @@ def describe(device: str) -> dict[str, Any]:
         # PyTorch's CPU allocator asks for huge pages only with this set; where page faults are
         # expensive it changes the torch peer's times a lot (docs/bench.md).
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        # Read by OpenMP when torch loads it; `batchnorm bench` sets PASSIVE unless it is set.
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         # The numba backend's output pool (docs/kernels.md); "0" turns it off.
         "BATCHNORM_NUMBA_POOL_MB": os.environ.get("BATCHNORM_NUMBA_POOL_MB"),
         "loadavg_start": _loadavg(),
