@@ -23,6 +23,13 @@ def _assert_unchanged(module: torch.nn.Module, before: dict[str, torch.Tensor]) 
         assert torch.equal(b, before[name]), f"{name} changed by a rejected call"
 
 
+def _set(module: torch.nn.Module, **attributes) -> torch.nn.Module:
+    """Settings refused at construction, set afterwards: refused again at the call."""
+    for name, value in attributes.items():
+        setattr(module, name, value)
+    return module
+
+
 # (module factory, input, error type, a fragment the message must contain)
 MODULE_CASES = [
     (lambda: bt.BatchNorm1d(3), torch.randn(4, 3, 2, 2), ValueError, "expected 2D or 3D input"),
@@ -33,11 +40,36 @@ MODULE_CASES = [
     (lambda: bt.BatchNorm2d(4), torch.randn(2, 3, 2, 2), ValueError, "shape (3,)"),
     (lambda: bt.BatchNorm2d(3), torch.randint(0, 5, (2, 3, 2, 2)), TypeError, "floating-point"),
     (lambda: bt.BatchNorm2d(3, eps=0.0), torch.randn(2, 3, 2, 2), ValueError, "eps must be"),
-    (lambda: bt.BatchNorm2d(3, eps=-1e-5), torch.randn(2, 3, 2, 2), ValueError, "eps must be"),
-    (lambda: bt.BatchNorm2d(3, momentum=1.5), torch.randn(2, 3, 2, 2), ValueError, "momentum"),
-    (lambda: bt.BatchNorm2d(3, momentum=-0.1), torch.randn(2, 3, 2, 2), ValueError, "momentum"),
-    (lambda: bt.BatchNorm2d(3, momentum="0.1"), torch.randn(2, 3, 2, 2), TypeError, "momentum"),
-    (lambda: bt.BatchNorm2d(3, momentum=True), torch.randn(2, 3, 2, 2), TypeError, "momentum"),
+    (
+        lambda: _set(bt.BatchNorm2d(3), eps=-1e-5),
+        torch.randn(2, 3, 2, 2),
+        ValueError,
+        "eps must be",
+    ),
+    (
+        lambda: _set(bt.BatchNorm2d(3), momentum=1.5),
+        torch.randn(2, 3, 2, 2),
+        ValueError,
+        "momentum",
+    ),
+    (
+        lambda: _set(bt.BatchNorm2d(3), momentum=-0.1),
+        torch.randn(2, 3, 2, 2),
+        ValueError,
+        "momentum",
+    ),
+    (
+        lambda: _set(bt.BatchNorm2d(3), momentum="0.1"),
+        torch.randn(2, 3, 2, 2),
+        TypeError,
+        "momentum",
+    ),
+    (
+        lambda: _set(bt.BatchNorm2d(3), momentum=True),
+        torch.randn(2, 3, 2, 2),
+        TypeError,
+        "momentum",
+    ),
 ]
 
 
@@ -59,6 +91,39 @@ def test_module_rejects_unknown_backend_at_construction():
         bt.BatchNorm2d(3, backend="nope")
     with pytest.raises(TypeError, match="backend must be a str"):
         bt.BatchNorm2d(3, backend=None)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragment"),
+    [
+        ({"momentum": 2.0}, ValueError, "momentum must be in [0, 1] or None, got 2.0"),
+        ({"momentum": "0.1"}, TypeError, "momentum must be a float"),
+        ({"eps": -1.0}, ValueError, "eps must be finite and >= 0, got -1.0"),
+        ({"eps": float("nan")}, ValueError, "eps must be finite"),
+    ],
+)
+def test_module_rejects_bad_settings_at_construction_and_convert_changes_nothing(
+    kwargs, error, fragment
+):
+    """torch.nn builds ``BatchNorm2d(4, momentum=2.0)`` and fails (or computes nonsense) later;
+    ours said so only at the first training call. Now at construction too; ``convert`` checks
+    every layer before swapping any, naming the layer, and leaves the model as it was."""
+    with pytest.raises(error, match=re.escape(fragment)):
+        bt.BatchNorm2d(4, **kwargs)
+    for valid in ({"eps": 0.0}, {"momentum": None}, {"momentum": 0}, {"momentum": 1}):
+        bt.BatchNorm2d(4, **valid)  # eps = 0 serves evaluation; training refuses it at the call
+    model = torch.nn.Sequential(
+        torch.nn.BatchNorm2d(3), torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+    )
+    for name, value in kwargs.items():
+        setattr(model[1][0], name, value)
+    with pytest.raises(error, match=re.escape("1.0: " + fragment)):
+        bt.convert(model)
+    assert [type(m) for m in model.modules()][1:] == [
+        torch.nn.BatchNorm2d, torch.nn.Sequential, torch.nn.BatchNorm2d
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="unknown backend"):
+        bt.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), backend="nope")
 
 
 def _functional_cases():

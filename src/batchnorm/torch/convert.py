@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _check_backend_name, check_settings
 
 __all__ = ["convert", "revert"]
 
@@ -45,6 +45,14 @@ def convert(
     a report).
     """
     extras = {"backend": backend, "through_mean": through_mean, "through_var": through_var}
+    _check_backend_name(backend)
+    # Every layer's settings before the first swap: a refusal leaves the model as it was.
+    for name, module in model.named_modules():
+        if type(module) in _OURS:
+            try:
+                check_settings(module.eps, module.momentum)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{name or type(module).__name__}: {exc}") from None
     converted = _swap(model, _OURS, extras, {})
     if not fuse_activations:
         return converted

@@ -18,11 +18,22 @@ from typing import Any
 import torch
 
 from .. import kernels
+from .._xp import check_eps
+from ..reference.running import check_momentum
 from .functional import _batch_norm
 from .native import module_forward as _native_forward
 from .stats_sink import stats_sink_for
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+def check_settings(eps: Any, momentum: Any) -> None:
+    """What a layer can be built with: eps finite and >= 0 (0 only serves evaluation: training
+    refuses it at the call), momentum in [0, 1] or None. torch.nn accepts anything here and
+    fails, or computes nonsense, later; we say so at construction, and again at each call
+    (the attributes may be set in between)."""
+    check_eps(eps, allow_zero=True)
+    check_momentum(momentum, "torch", "unbiased")
 
 
 def _check_backend_name(backend: str) -> str:
@@ -111,6 +122,7 @@ class _BatchNorm(torch.nn.Module):
         # torch.nn's ``bias`` keyword (an affine layer without a shift), passed only when off so
         # that a PyTorch without it still builds the default layer.
         extra = {} if bias else {"bias": False}
+        check_settings(eps, momentum)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra
         )
