@@ -64,7 +64,8 @@ stage "tests"
 timeout "${TESTS_S:-175}" $PY -m pytest -v -n 12 -p no:cacheprovider --junitxml="$OUT/junit.xml" \
     tests/kernels/test_triton.py tests/kernels/test_triton_fused.py tests/kernels/test_contract.py \
     tests/torch/test_torch_cuda.py tests/bench/test_bench_gpu.py tests/test_model_step.py \
-    tests/torch/test_native_path.py tests/test_triton_host_cost.py >"$OUT/tests.log" 2>&1
+    tests/torch/test_native_path.py tests/test_triton_host_cost.py tests/torch/test_compile.py \
+    >"$OUT/tests.log" 2>&1
 echo "tests: exit $?"
 grep -E "(FAILED|ERROR) " "$OUT/tests.log" | head -n 20
 tail -n 3 "$OUT/tests.log"
