@@ -144,18 +144,19 @@ def test_triton_stages_run_under_torch_compile(index):
     as eager code at the layer's graph break, and the step equals torch.nn's."""
     from batchnorm.kernels.triton_gpu.backend import TritonBackend
 
-    x = torch.randn(6, 4, 5, 5)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # else Triton's interpreter
+    x = torch.randn(6, 4, 5, 5, device=device)
     reason = TritonBackend().unavailable_reason(x)
     if reason is not None:
         pytest.skip(reason)
     dynamo.reset()
     _, make, theirs = _triton_layers()[index]
     torch.manual_seed(0)
-    ours = make()
+    ours, theirs = make().to(device), theirs.to(device)
     with torch.no_grad():  # a gamma away from 1 and a beta away from 0, the same in both
         for m in (ours, theirs[0] if isinstance(theirs, nn.Sequential) else theirs):
-            m.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
-            m.bias.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(3))
+            m.weight.copy_(torch.linspace(0.5, 1.5, 4))
+            m.bias.copy_(torch.linspace(-0.5, 0.5, 4))
     compiled = torch.compile(ours, backend="eager")
     x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_ours, y_theirs = compiled(x_ours), theirs(x_theirs)
