@@ -37,7 +37,12 @@ MODULE_CASES = [
     (lambda: bt.BatchNorm3d(3), torch.randn(4, 3, 5, 5), ValueError, "expected 5D input"),
     (lambda: bt.BatchNorm2d(3), torch.randn(1, 3, 1, 1), ValueError, "1 value(s) per channel"),
     (lambda: bt.BatchNorm1d(3), torch.randn(1, 3), ValueError, "more than 1 value per channel"),
-    (lambda: bt.BatchNorm2d(4), torch.randn(2, 3, 2, 2), ValueError, "shape (3,)"),
+    (
+        lambda: bt.BatchNorm2d(4),
+        torch.randn(2, 3, 2, 2),
+        ValueError,
+        "BatchNorm2d(4) got an input with 3 channels (shape (2, 3, 2, 2))",
+    ),
     (lambda: bt.BatchNorm2d(3), torch.randint(0, 5, (2, 3, 2, 2)), TypeError, "floating-point"),
     (lambda: bt.BatchNorm2d(3, eps=0.0), torch.randn(2, 3, 2, 2), ValueError, "eps must be"),
     (

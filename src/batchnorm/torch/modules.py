@@ -27,6 +27,20 @@ from .stats_sink import stats_sink_for
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
+def _check_channels(module: Any, input: Any) -> None:
+    """The layer's channel count against the input's, said of the layer (the vectors' own
+    check would blame ``weight``). Without weight or buffers torch.nn takes any count."""
+    features = getattr(module, "num_features", None)
+    if features is None or not isinstance(input, torch.Tensor) or input.dim() < 2:
+        return
+    has_vectors = module.weight is not None or module.running_mean is not None
+    if has_vectors and input.shape[1] != features:
+        raise ValueError(
+            f"{type(module).__name__}({features}) got an input with {input.shape[1]} channels "
+            f"(shape {tuple(input.shape)}): the channel axis 1 must have num_features values"
+        )
+
+
 def check_settings(eps: Any, momentum: Any) -> None:
     """What a layer can be built with: eps finite and >= 0 (0 only serves evaluation: training
     refuses it at the call), momentum in [0, 1] or None. torch.nn accepts anything here and
@@ -60,6 +74,7 @@ def forward_with_buffers(
     in ``num_batches_tracked``.
     """
     module._check_input_dim(input)
+    _check_channels(module, input)
     # Without buffers there is nothing to normalise with in eval: use the batch, as PyTorch.
     use_batch = module.training or (module.running_mean is None and module.running_var is None)
     use_buffers = not module.training or module.track_running_stats
