@@ -201,6 +201,25 @@ def test_convert_sync_refuses_the_moment_switches_and_converts_nothing():
     assert type(model[0]) is torch.nn.BatchNorm2d and type(model[1]) is BatchNorm2d
 
 
+def test_convert_sync_refuses_layers_that_are_more_than_a_batch_norm():
+    """A plain SyncBatchNorm in place of a fused, Ghost or Renorm layer dropped its
+    activation, virtual batches or correction without a word (outputs off by 1.5-3.1). Now
+    refused, naming the layer, before anything is converted; frozen layers stay local."""
+    import batchnorm.torch as bt
+
+    for layer in (
+        bt.BatchNormReLU2d(2), bt.BatchNormLeakyReLU2d(2), bt.GhostBatchNorm2d(2, 2),
+        bt.BatchRenorm2d(2),
+    ):  # fmt: skip
+        model = torch.nn.Sequential(torch.nn.BatchNorm2d(2), layer)
+        with pytest.raises(ValueError, match=rf"1 \({type(layer).__name__}\) is not a plain"):
+            convert_sync(model)
+        assert type(model[0]) is torch.nn.BatchNorm2d and model[1] is layer
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(2), bt.FrozenBatchNorm2d(2))
+    convert_sync(model)
+    assert [type(m) for m in model] == [SyncBatchNorm, bt.FrozenBatchNorm2d]
+
+
 def test_world_of_one_is_the_local_module():
     """Without torch.distributed the module is our BatchNorm, with no communication."""
     torch.manual_seed(0)

@@ -33,7 +33,7 @@ from ..kernels import select_backend
 from .function import AXIS, memory_format_of
 from .functional import check_call
 from .masked import check_mask, compact, expand, in_layout_of, masked_path, real_count
-from .modules import _BatchNorm, _check_backend_name
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, _check_backend_name
 from .stats_sink import deliver
 
 __all__ = ["SyncBatchNorm", "convert_sync"]
@@ -262,6 +262,14 @@ def convert_sync(module: torch.nn.Module, process_group: Any = None) -> torch.nn
     """
     # Checked over the whole model first, so that a refusal leaves it unconverted.
     for name, layer in module.named_modules():
+        if _computes_more(layer):
+            # A plain SyncBatchNorm in its place would drop its activation, virtual batches,
+            # correction or frozen statistics, and change what the model computes.
+            raise ValueError(
+                f"{name or 'the module'} ({type(layer).__name__}) is not a plain batch norm and "
+                "has no synchronised version; convert_sync before "
+                "convert(fuse_activations=True), or keep the layer local"
+            )
         if not (getattr(layer, "through_mean", True) and getattr(layer, "through_var", True)):
             # Dropping the switches would silently change the gradient the layer trains with.
             raise ValueError(
@@ -270,6 +278,17 @@ def convert_sync(module: torch.nn.Module, process_group: Any = None) -> torch.nn
                 "computes the full gradient only"
             )
     return _convert_sync(module, process_group)
+
+
+def _computes_more(layer: torch.nn.Module) -> bool:
+    """One of this library's batch-norm layers that is more than a batch norm (fused, Ghost,
+    Renorm). A user's subclass of torch.nn's is converted, as torch.nn's conversion does; the
+    frozen layers are not batch-norm modules to it and stay as they are."""
+    return (
+        isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)
+        and type(layer).__module__.startswith("batchnorm.torch")
+        and type(layer) not in (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm)
+    )
 
 
 def _convert_sync(module: torch.nn.Module, process_group: Any) -> torch.nn.Module:
