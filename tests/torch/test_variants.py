@@ -246,6 +246,7 @@ def test_renorm_bad_arguments(kwargs, error, match):
         ("r_max", 0.5, ValueError, "r_max must be >= 1"),
         ("d_max", -1.0, ValueError, "d_max must be >= 0"),
         ("warmup", -2, ValueError, "warmup must be a non-negative int"),
+        ("momentum", None, ValueError, "need a float momentum, not None"),
     ],
 )
 def test_renorm_settings_changed_after_construction_are_checked_at_the_call(
@@ -268,3 +269,22 @@ def test_renorm_bad_input_changes_nothing():
     with pytest.raises(ValueError, match="expected 2D or 3D input"):
         layer(torch.randn(2, 3, 4, 5))
     assert int(layer.num_batches_tracked) == 0 and torch.equal(layer.running_var, torch.ones(3))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_ghost_empty_batch_as_torch_nn(training):
+    """An empty batch raised "virtual batches of [0] sample(s)"; torch.nn's layers (and ours,
+    and Batch Renorm) return an empty output and count the batch in training."""
+    ghost, peer = GhostBatchNorm2d(3, 2).train(training), torch.nn.BatchNorm2d(3).train(training)
+    x = torch.randn(0, 3, 4, 4)
+    y = ghost(x)
+    assert y.shape == peer(x).shape == (0, 3, 4, 4)
+    assert int(ghost.num_batches_tracked) == int(peer.num_batches_tracked)
+
+
+def test_ghost_virtual_batch_size_set_after_construction_is_checked():
+    ghost = GhostBatchNorm2d(3, 2)
+    ghost.virtual_batch_size = 0
+    with pytest.raises(ValueError, match="virtual"):
+        ghost(torch.randn(4, 3, 2, 2))
+    assert int(ghost.num_batches_tracked) == 0

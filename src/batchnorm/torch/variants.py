@@ -78,6 +78,9 @@ class _GhostBatchNorm(_BatchNorm):
             input, self.running_mean if tracking else None, self.running_var if tracking else None,
             self.weight, self.bias, True, self.momentum, self.eps,
         )  # fmt: skip
+        ghost_groups(self.virtual_batch_size, self.virtual_batch_size, 1)  # set since, maybe
+        if input.numel() == 0:  # as torch.nn: an empty output (and the batch counted)
+            return super().forward(input)
         n = input.shape[0]
         per_sample = values_per_channel(tuple(input.shape), AXIS) // max(n, 1)
         sizes = ghost_groups(n, self.virtual_batch_size, per_sample)
@@ -252,6 +255,8 @@ class _BatchRenorm(_BatchNorm):
         )  # fmt: skip
         # Again at every call, as momentum and eps are: the attributes may have been set since.
         _check_renorm_settings(self.r_max, self.d_max, self.warmup, self.r_max_at, self.d_max_at)
+        if self.momentum is None:
+            raise ValueError("Batch Renorm's moving averages need a float momentum, not None")
         if input.numel() == 0:
             return super().forward(input)
         if recomputing():
