@@ -74,7 +74,8 @@ def load_checkpoint(model: Any, path: str) -> None:
 
 def load_batches(source: str, batch_size: int) -> list[Any]:
     """A .pt file (a tensor, or a list of batches), .npy/.npz (an array), or MODULE:FUNC
-    returning an iterable of batches. A single tensor is split into ``batch_size`` rows."""
+    returning an iterable of batches. A single tensor is split into ``batch_size`` rows, the
+    leftover rows added to the last full batch."""
     import numpy as np
     import torch
 
@@ -103,7 +104,12 @@ def load_batches(source: str, batch_size: int) -> list[Any]:
     if isinstance(data, torch.Tensor):
         if data.ndim < 2 or data.shape[0] == 0:
             raise LoadError(f"data tensor of shape {tuple(data.shape)}: need (N, C, ...), N > 0")
-        return list(data.split(batch_size))
+        batches = list(data.split(batch_size))
+        if len(batches) > 1 and batches[-1].shape[0] < batch_size:
+            # The split's leftover rows join the batch before: alone they would be a small
+            # batch of the command's own making (65 rows at 32 gave a "batch of 1", severe).
+            batches[-2:] = [torch.cat(batches[-2:])]
+        return batches
     try:
         batches = list(data)
     except TypeError:

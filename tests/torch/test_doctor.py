@@ -186,6 +186,54 @@ def _run(capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def test_cli_split_leaves_no_small_batch_of_its_own(tmp_path):
+    """65 rows at --batch-size 32 split into 32, 32 and 1: the command's own leftover row was
+    a "batch of 1 sample(s)", a severe small_batch finding and exit status 1."""
+    from batchnorm.doctor_cli import load_batches
+
+    path = tmp_path / "rows.pt"
+    torch.save(torch.randn(65, 10), path)
+    assert [b.shape[0] for b in load_batches(str(path), 32)] == [32, 33]
+    torch.save(torch.randn(64, 10), path)
+    assert [b.shape[0] for b in load_batches(str(path), 32)] == [32, 32]
+    torch.save(torch.randn(5, 10), path)
+    assert [b.shape[0] for b in load_batches(str(path), 32)] == [5]  # all there is
+
+
+def test_healthy_small_layers_draw_no_noise_findings():
+    """A BatchNorm1d whose running statistics ARE its population's, on data from that
+    population at the CLI's defaults (8 batches of 32): sampling noise alone once exceeded the
+    stale_stats and train_eval_gap thresholds (mean shifts 0.11-0.20 std, gaps 0.18-0.24) in
+    5 seeds of 5. The thresholds now rise to a few times that noise; a real offset is still
+    found (two standard deviations: severe)."""
+    for seed in range(5):
+        torch.manual_seed(seed)
+        linear, norm = nn.Linear(10, 16), nn.BatchNorm1d(16)
+        with torch.no_grad():  # x ~ N(0, I): linear(x) has mean = bias, var = |row of W|^2
+            norm.running_mean.copy_(linear.bias)
+            norm.running_var.copy_(linear.weight.pow(2).sum(1))
+        model = nn.Sequential(linear, norm, nn.ReLU()).eval()
+        batches = [torch.randn(32, 10) for _ in range(8)]
+        assert doctor(model, batches).findings == [], seed
+        with torch.no_grad():
+            norm.running_mean += 2 * norm.running_var.sqrt()
+        found = {(f.layer, f.check): f.severity for f in doctor(model, batches).findings}
+        assert found[("1", "stale_stats")] == "severe", found
+
+
+def test_float64_model_fold_at_rounding_level_is_no_finding():
+    """A float64 model's own error against float64 is exactly 0, so a fold off by 1.8e-15 was a
+    fold_error warning whose fix said to fold a float32 copy."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 8, 8, dtype=torch.float64)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).double()
+    bt.recompute_stats(model, [x], progress=False)
+    report = doctor(model.eval(), [x])
+    assert 0 < report.fold.deviation < 1e-13 and report.fold.original_error == 0
+    assert report.fold.output_ulp > 0
+    assert not [f for f in report.findings if f.check == "fold_error"], str(report)
+
+
 def test_cli_exit_status_follows_the_findings(factories, capsys):
     code, out, _ = _run(capsys, f"{factories}:healthy", "--data", f"{factories}:batches")
     assert code == 0 and "0 severe" in out

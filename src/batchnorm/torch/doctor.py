@@ -40,7 +40,11 @@ __all__ = ["DoctorReport", "Finding", "doctor"]
 
 # Thresholds. Healthy trained layers sit far from all of them: running statistics after an EMA
 # with momentum 0.1 are within a few hundredths of a standard deviation of the population ones,
-# and the per-layer train/eval gap of a batch of 32 is about 1/sqrt(32 * spatial).
+# and the per-layer train/eval gap of a batch of 32 is about 1/sqrt(32 * spatial). Where the
+# data holds few values per channel (a BatchNorm1d on (N, C): 32 values a batch) sampling
+# noise alone reaches them, so each is raised to a few times that noise (``_noise``): a
+# healthy layer (running statistics the exact population ones) drew stale_stats and
+# train_eval_gap warnings at the CLI's default 8 batches of 32 before.
 #: Mean shift in population standard deviations (``LayerStats.mean_shift``).
 STALE_MEAN = (0.1, 0.5)  # (warning, severe)
 #: Variance ratio, max(old/new, new/old) (``LayerStats.var_ratio``).
@@ -187,18 +191,32 @@ def _inputs(batch: Any) -> tuple[tuple, dict]:
     )
 
 
+def _noise(values: int, channels: int) -> float:
+    """Standard error of a per-channel mean over ``values`` values (in standard deviations),
+    times the expected largest of ``channels`` such errors, sqrt(2 ln(2C))."""
+    return math.sqrt(2.0 * math.log(2.0 * max(channels, 1)) / max(values, 1))
+
+
 def _stale(model: torch.nn.Module, batches: list, names: set[str]) -> list[Finding]:
     work = copy.deepcopy(model)
+    channels = {n: int(m.running_mean.numel()) for n, m in work.named_modules() if n in names}
     stats = recompute_stats(work, batches)
     found = []
     for name, s in stats.items():
         if name not in names or s.count == 0:
             continue
         shift, ratio = s.mean_shift, s.var_ratio
+        # Twice the sampling noise of the data's own estimate: a mean's error is noise, a
+        # variance's relative error sqrt(2) times it.
+        noise = 2.0 * _noise(s.count, channels.get(name, 1))
+        mean_at = [max(t, noise * k) for t, k in zip(STALE_MEAN, (1, 2), strict=True)]
+        var_at = [
+            max(t, 1 + math.sqrt(2) * noise * k) for t, k in zip(STALE_VAR, (1, 2), strict=True)
+        ]
         severity = None
-        if shift > STALE_MEAN[1] or ratio > STALE_VAR[1] or not math.isfinite(shift + ratio):
+        if shift > mean_at[1] or ratio > var_at[1] or not math.isfinite(shift + ratio):
             severity = "severe"
-        elif shift > STALE_MEAN[0] or ratio > STALE_VAR[0]:
+        elif shift > mean_at[0] or ratio > var_at[0]:
             severity = "warning"
         if severity:
             found.append(Finding(name, "stale_stats", severity,
@@ -246,7 +264,12 @@ def _gaps(model: torch.nn.Module, layers: list, batch: Any) -> list[Finding]:
         gap = float(
             (y_train - y_eval).pow(2).mean().sqrt() / y_eval.pow(2).mean().sqrt().clamp_min(1e-30)
         )
-        severity = "severe" if gap > GAP[1] else "warning" if gap > GAP[0] else None
+        # A batch of m values per channel normalises with a mean off by 1/sqrt(m) and a scale
+        # off by 1/sqrt(2m) even with exact running statistics: a gap of sqrt(1.5/m).
+        per_channel = y_eval.numel() // max(y_eval.shape[1], 1) if y_eval.dim() > 1 else 1
+        noise = math.sqrt(1.5 / max(per_channel, 1))
+        warn_at, severe_at = max(GAP[0], 3 * noise), max(GAP[1], 6 * noise)
+        severity = "severe" if gap > severe_at else "warning" if gap > warn_at else None
         if severity:
             found.append(Finding(name, "train_eval_gap", severity,
                 f"output with batch statistics differs from eval by {gap:.3g} (relative RMS)",
@@ -279,6 +302,8 @@ def _fold_findings(model: torch.nn.Module, batch: Any, report: DoctorReport) -> 
     if dev is None:
         return
     broken = not math.isfinite(dev) and math.isfinite(own)  # e.g. a folded weight overflowed
+    # A float64 model's own error against float64 is 0: a few of its rounding units then.
+    own = max(own, 4 * (report.fold.output_ulp or 0.0))
     if broken or dev > FOLD_FACTOR * own and dev > 0:
         severity = "severe" if broken else "warning"
         report.findings.append(Finding(type(model).__name__, "fold_error", severity,

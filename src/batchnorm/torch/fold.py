@@ -224,7 +224,9 @@ class FoldPair:
 @dataclass
 class FoldReport:
     """What ``fold`` did. ``deviation``: max |folded - original| over ``example_inputs`` in eval;
-    ``original_error`` / ``folded_error``: each against the original run in float64."""
+    ``original_error`` / ``folded_error``: each against the original run in float64;
+    ``output_ulp``: the output's rounding unit, its dtype's eps times its largest magnitude
+    (a float64 model's own error against float64 is 0, its fold's a few of these)."""
 
     pairs: list[FoldPair] = field(default_factory=list)
     discovery: str = "fx"
@@ -232,6 +234,7 @@ class FoldReport:
     deviation: float | None = None
     original_error: float | None = None
     folded_error: float | None = None
+    output_ulp: float | None = None
 
     @property
     def folded(self) -> list[FoldPair]:
@@ -297,6 +300,11 @@ def _measure(original: nn.Module, folded: nn.Module, args: tuple, report: FoldRe
     report.deviation = _max_diff(got, out)
     report.original_error = _max_diff(out, out64)
     report.folded_error = _max_diff(got, out64)
+    report.output_ulp = max(
+        (torch.finfo(t.dtype).eps * t.double().abs().max().item() for t in out
+         if t.is_floating_point() and t.numel()),
+        default=0.0,
+    )  # fmt: skip
 
 
 def _input_ranks(model: nn.Module, args: tuple | None) -> dict[int, set[int]]:
