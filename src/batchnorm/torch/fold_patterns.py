@@ -40,7 +40,7 @@ from .fold import (
     unfoldable_reason,
 )
 from .frozen import FrozenBatchNorm
-from .fx import Tracer
+from .fx import Tracer, in_place_between
 
 #: our own frames are not the user's model: a trace error points past them
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -222,6 +222,9 @@ def _fold_previous(gm: torch.fx.GraphModule, site: _Site, ctx: _Context, prefix:
         )
     action, why = "folded", f"{type(layer).__name__} before it absorbs scale and shift"
     uses = _uses(gm, layer, ctx)
+    writer = in_place_between(producer, site.node, dict(gm.named_modules())) if others else None
+    if writer is not None:  # the copy would run at the norm, reading the layer's input there
+        return f"{writer} writes in place between {name} and the norm"
     if others:
         with gm.graph.inserting_before(site.node):
             producer = gm.graph.call_module(producer.target, producer.args, producer.kwargs)
@@ -251,6 +254,10 @@ def _fold_next(gm: torch.fx.GraphModule, site: _Site, ctx: _Context, prefix: str
             return f"{user.target} reads the norm's output other than as its input"
         if in_channels(layer) != site.channels:
             return f"{user.target} has {in_channels(layer)} inputs, the norm {site.channels}"
+        # The folded layer reads the norm's input where the layer was: not after a write.
+        writer = in_place_between(site.node, user, dict(gm.named_modules()))
+        if writer is not None:
+            return f"{writer} writes in place between the norm and {user.target}"
         ranks = site.ranks or ctx.ranks.get(id(layer))
         reason = next_exact_reason(layer, ranks)
         if reason:

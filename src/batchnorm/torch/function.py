@@ -191,7 +191,7 @@ class _ConstantIn(torch.autograd.Function):
 
     @staticmethod
     def forward(dx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return dx.view_as(dx)
+        return dx.clone()  # not a view: a view of a Function's output refuses in-place changes
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:  # torch.func wants it

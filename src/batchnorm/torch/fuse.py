@@ -20,7 +20,10 @@ lists what was fused and what was not; ``convert`` logs it on the ``batchnorm`` 
 A fused module takes over the batch norm's tensors (``from_batch_norm``), so optimizers and
 state dicts keep working; a layer with a moments switch off is not fused (the fused layers have
 no switches), nor a batch norm or activation with hooks of its own (the fused module would not
-run them), nor a pair inside a Sequential subclass with a ``forward`` of its own. The residual
+run them), nor a pair inside a Sequential subclass with a ``forward`` of its own, nor a batch
+norm called with more than its input (``mask=``), nor an add that writes into the residual in
+place, nor a BN + add + ReLU with an in-place write between the norm and the ReLU (the fused
+module runs at the ReLU and would read the written tensors). The residual
 of a BN+add+ReLU is checked at run time: an add that broadcasts (a shape or dtype other than
 the batch norm's) runs unfused, with the same result.
 """
@@ -39,7 +42,7 @@ from torch import nn
 from .functional import _batch_norm
 from .fused import BatchNormAddReLU2d, BatchNormReLU2d
 from .fused_leaky import BatchNormLeakyReLU2d
-from .fx import symbolic_trace
+from .fx import in_place_between, symbolic_trace
 from .modules import BatchNorm2d, forward_with_buffers
 
 __all__ = ["FusionReport", "fuse_activations"]
@@ -213,6 +216,12 @@ def _fuse_graph(gm: torch.fx.GraphModule, report: FusionReport) -> dict[str, tup
         other = _residual(user, node)
         act = next(iter(user.users)) if other is not None and len(user.users) == 1 else None
         if act is not None and _activation(act, modules) == ("relu", None):
+            # The fused module runs where the ReLU was, reading the batch norm's input and the
+            # residual there: a write in place between the two would change what it reads.
+            writer = in_place_between(node, act, modules, allowed=(user,))
+            if writer is not None:
+                report.skipped.append((node.target, f"{writer} writes in place before the ReLU"))
+                continue
             _set_submodule(gm, node.target, _fused_module(bn, "add+relu", None))
             with gm.graph.inserting_before(act):
                 fused = gm.graph.call_module(node.target, (node.args[0], other))

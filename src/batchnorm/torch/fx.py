@@ -24,7 +24,7 @@ from .fused import _FusedBatchNorm2d
 from .modules import _BatchNorm
 from .sync import SyncBatchNorm
 
-__all__ = ["Tracer", "symbolic_trace", "LEAF_TYPES"]
+__all__ = ["Tracer", "symbolic_trace", "LEAF_TYPES", "in_place_between", "writes_in_place"]
 
 #: Module types kept as single ``call_module`` nodes.
 LEAF_TYPES: tuple[type, ...] = (_BatchNorm, _FusedBatchNorm2d, SyncBatchNorm)
@@ -44,11 +44,44 @@ def _in_place(name: str) -> Any:
     return method
 
 
-for _name in (
+_IN_PLACE_NAMES = (
     "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior",
     "ixor", "ilshift", "irshift",
-):  # fmt: skip
+)  # fmt: skip
+_IN_PLACE_OPERATORS = frozenset(getattr(operator, n) for n in _IN_PLACE_NAMES)
+
+for _name in _IN_PLACE_NAMES:
     setattr(_Proxy, f"__{_name}__", _in_place(_name))
+
+
+def writes_in_place(node: torch.fx.Node, modules: dict[str, Any]) -> bool:
+    """Whether ``node`` may write one of its inputs in place: an augmented assignment, a
+    method or function named with a trailing underscore (``add_``, ``torch.relu_``), or a
+    module built with ``inplace=True``."""
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _IN_PLACE_OPERATORS or (
+            name.endswith("_") and not name.startswith("_")
+        )
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_module":
+        return bool(getattr(modules.get(node.target), "inplace", False))
+    return False
+
+
+def in_place_between(
+    first: torch.fx.Node, last: torch.fx.Node, modules: dict[str, Any], allowed: tuple = ()
+) -> str | None:
+    """The name of a node strictly between ``first`` and ``last`` (graph order) that may write
+    in place, other than ``allowed``; None if there is none. A rewrite that moves a read of a
+    tensor from ``first`` to ``last`` would read what such a write left there."""
+    node = first.next
+    while node is not last and node.op != "root":
+        if node not in allowed and writes_in_place(node, modules):
+            return node.name
+        node = node.next
+    return None
 
 
 class Tracer(torch.fx.Tracer):

@@ -20,13 +20,14 @@ computes exactly what our layer promises:
   ATen before it writes anything, and is then handed to our path, which raises our error.
 
 The guarantee that a non-finite batch never enters the running statistics is kept with one
-copy and, on CPU, one host read: ATen updates a copy of the buffers (one ``cat`` of two
-C-vectors), and ``dot(new_mean, new_var)`` is finite exactly when both vectors are (a NaN or
-infinity survives every product and sum; a finite overflow only sends a call to the slow
-branch needlessly). When it is finite the copy is written to the buffers; when not, our own
-update (``functional.write_batch_stats``: finite channels written, the others kept, with the
-warning) runs on statistics recomputed by the reference. Off the CPU the same per-channel rule
-runs on the device without a host read and without the warning (``keep_finite``).
+copy and, on CPU, one host read: ATen updates a copy of the buffers (two clones; off the
+CPU one multi-tensor launch), and ``dot(new_mean, new_var)`` is finite exactly when both
+vectors are (a NaN or infinity survives every product and sum; a finite overflow only sends a
+call to the slow branch needlessly). When it is finite the copy is written to the buffers;
+when not, our own update (``functional.write_batch_stats``: finite channels written, the
+others kept, with the warning) runs on statistics recomputed by the reference. Off the CPU
+the same per-channel rule runs on the device without a host read and without the warning
+(``keep_finite``).
 
 Under ``torch.compile`` the size limits do not apply and the CPU takes the device path too:
 PyTorch's kernel traces into the compiled graph, and our stages (an autograd Function with a
@@ -181,7 +182,7 @@ def native_batch_norm(
         except RuntimeError:
             return None
     factor = 1.0 / (num_batches_tracked + 1) if momentum is None else momentum
-    # ATen updates a copy (one ``cat`` for both vectors), which its node saves for the
+    # ATen updates a copy of the buffers, which its node saves for the
     # backward; the buffers are written after the test, so no saved tensor changes under a
     # training graph (torch.export runs its program through autograd and checks that).
     new_mean, new_var = _scratch_copy(running_mean, running_var)
@@ -227,11 +228,13 @@ def _unversioned(
 def _scratch_copy(
     running_mean: torch.Tensor, running_var: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if running_mean.dtype != running_var.dtype:  # a cat would promote one of them
+    """Two tensors of their own (views, say two slices of one ``cat``, cost ATen's saved-tensor
+    handling about 8 us more per training step on CPU, measured forward and backward). On
+    the CPU two clones; elsewhere one multi-tensor launch, ``x * 1`` being ``x`` exactly."""
+    if running_mean.is_cpu:
         return running_mean.clone(), running_var.clone()
-    both = torch.cat((running_mean, running_var))
-    channels = running_mean.shape[0]
-    return both[:channels], both[channels:]
+    new_mean, new_var = torch._foreach_mul((running_mean, running_var), 1.0)
+    return new_mean, new_var
 
 
 def host_read_is_cheap(t: torch.Tensor) -> bool:
