@@ -182,9 +182,9 @@ def native_batch_norm(
         except RuntimeError:
             return None
     factor = 1.0 / (num_batches_tracked + 1) if momentum is None else momentum
-    # ATen updates a copy of the buffers, which its node saves for the
-    # backward; the buffers are written after the test, so no saved tensor changes under a
-    # training graph (torch.export runs its program through autograd and checks that).
+    # ATen updates a copy of the buffers, which its node saves for the backward; the buffers
+    # are written after the test, so no saved tensor changes under a training graph
+    # (torch.export runs its program through autograd and checks that).
     new_mean, new_var = _scratch_copy(running_mean, running_var)
     try:
         output = torch.batch_norm(input, weight, bias, new_mean, new_var, True, factor, eps, cudnn)
