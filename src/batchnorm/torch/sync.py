@@ -263,8 +263,8 @@ def convert_sync(module: torch.nn.Module, process_group: Any = None) -> torch.nn
     # Checked over the whole model first, so that a refusal leaves it unconverted.
     for name, layer in module.named_modules():
         if _computes_more(layer):
-            # A plain SyncBatchNorm in its place would drop its activation, virtual batches,
-            # correction or frozen statistics, and change what the model computes.
+            # A plain SyncBatchNorm in its place would drop its activation, virtual batches or
+            # correction, and change what the model computes.
             raise ValueError(
                 f"{name or 'the module'} ({type(layer).__name__}) is not a plain batch norm and "
                 "has no synchronised version; convert_sync before "
