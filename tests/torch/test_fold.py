@@ -425,3 +425,41 @@ def test_no_fold_past_an_in_place_write():
     (pair,) = result.report.pairs
     assert pair.action == "skipped" and "iadd writes in place" in pair.reason, pair
     torch.testing.assert_close(result.model(x.clone()), want, rtol=0, atol=0)
+
+
+class _Branches(nn.Module):
+    """An in-place write between the norm and its conv: of another branch's tensor (harmless)
+    or of a view of the norm's input (not)."""
+
+    def __init__(self, write: str) -> None:
+        super().__init__()
+        self.bn, self.conv, self.write = nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1), write
+        self.other, self.relu = nn.Conv2d(3, 3, 1), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.bn(x)
+        z = self.relu(self.other(x))  # writes its own fresh tensor in place
+        if self.write == "view":
+            x[:, 0] += 1.0  # writes the norm's input through a view
+        return self.conv(y) + z + x
+
+
+def test_fold_tells_an_unrelated_in_place_write_from_one_of_the_input():
+    """An in-place ReLU of another branch between the norm and its conv is no reason to skip;
+    a write into the norm's input through a view (``x[:, 0] += 1``, which torch.fx's own
+    tracer cannot trace) is."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    for write, action in (("other branch", "folded"), ("view", "skipped")):
+        model = _Branches(write).double().eval()
+        with torch.no_grad():
+            model.bn.running_mean.uniform_(-1, 1)
+            model.bn.running_var.uniform_(0.5, 2)
+        want = model(x.clone())
+        result = fold(model)
+        (pair,) = result.report.pairs
+        assert result.report.discovery == "fx", result.report  # x[i] += v traces now
+        assert pair.action == action, (write, pair)
+        if action == "skipped":
+            assert "iadd writes in place between the norm and conv" in pair.reason, pair
+        torch.testing.assert_close(result.model(x.clone()), want)

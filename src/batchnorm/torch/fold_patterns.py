@@ -222,7 +222,10 @@ def _fold_previous(gm: torch.fx.GraphModule, site: _Site, ctx: _Context, prefix:
         )
     action, why = "folded", f"{type(layer).__name__} before it absorbs scale and shift"
     uses = _uses(gm, layer, ctx)
-    writer = in_place_between(producer, site.node, dict(gm.named_modules())) if others else None
+    writer = None
+    if others:
+        reads = (*producer.args, *producer.kwargs.values())
+        writer = in_place_between(producer, site.node, reads, dict(gm.named_modules()))
     if writer is not None:  # the copy would run at the norm, reading the layer's input there
         return f"{writer} writes in place between {name} and the norm"
     if others:
@@ -255,7 +258,7 @@ def _fold_next(gm: torch.fx.GraphModule, site: _Site, ctx: _Context, prefix: str
         if in_channels(layer) != site.channels:
             return f"{user.target} has {in_channels(layer)} inputs, the norm {site.channels}"
         # The folded layer reads the norm's input where the layer was: not after a write.
-        writer = in_place_between(site.node, user, dict(gm.named_modules()))
+        writer = in_place_between(site.node, user, (site.input,), dict(gm.named_modules()))
         if writer is not None:
             return f"{writer} writes in place between the norm and {user.target}"
         ranks = site.ranks or ctx.ranks.get(id(layer))

@@ -218,7 +218,7 @@ def _fuse_graph(gm: torch.fx.GraphModule, report: FusionReport) -> dict[str, tup
         if act is not None and _activation(act, modules) == ("relu", None):
             # The fused module runs where the ReLU was, reading the batch norm's input and the
             # residual there: a write in place between the two would change what it reads.
-            writer = in_place_between(node, act, modules, allowed=(user,))
+            writer = in_place_between(node, act, (node.args[0], other), modules, allowed=(user,))
             if writer is not None:
                 report.skipped.append((node.target, f"{writer} writes in place before the ReLU"))
                 continue

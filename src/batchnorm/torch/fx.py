@@ -8,8 +8,9 @@ the module itself and train/eval, the backend and the buffers behave as before t
 
 ``torch.fx.Proxy`` has no in-place operators: ``y += t`` traces as ``y = y + t``, a new node,
 and the graph then leaves ``y`` unwritten for its later readers, a different function from the
-model's. :class:`Tracer` records augmented assignments as the in-place ``operator.iadd`` (and
-the rest), which the generated code runs as ``y += t``.
+model's; ``x[i] = v`` does not trace at all. :class:`Tracer` records augmented assignments as
+the in-place ``operator.iadd`` (and the rest) and item assignment as ``operator.setitem``, which
+the generated code runs as ``y += t`` and ``x[i] = v``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .fused import _FusedBatchNorm2d
 from .modules import _BatchNorm
 from .sync import SyncBatchNorm
 
-__all__ = ["Tracer", "symbolic_trace", "LEAF_TYPES", "in_place_between", "writes_in_place"]
+__all__ = ["Tracer", "symbolic_trace", "LEAF_TYPES", "in_place_between"]
 
 #: Module types kept as single ``call_module`` nodes.
 LEAF_TYPES: tuple[type, ...] = (_BatchNorm, _FusedBatchNorm2d, SyncBatchNorm)
@@ -48,37 +49,83 @@ _IN_PLACE_NAMES = (
     "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior",
     "ixor", "ilshift", "irshift",
 )  # fmt: skip
-_IN_PLACE_OPERATORS = frozenset(getattr(operator, n) for n in _IN_PLACE_NAMES)
+_IN_PLACE_OPERATORS = frozenset(getattr(operator, n) for n in (*_IN_PLACE_NAMES, "setitem"))
 
 for _name in _IN_PLACE_NAMES:
     setattr(_Proxy, f"__{_name}__", _in_place(_name))
 
 
-def writes_in_place(node: torch.fx.Node, modules: dict[str, Any]) -> bool:
-    """Whether ``node`` may write one of its inputs in place: an augmented assignment, a
-    method or function named with a trailing underscore (``add_``, ``torch.relu_``), or a
-    module built with ``inplace=True``."""
+def _setitem(self: _Proxy, key: Any, value: Any) -> None:
+    self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+_Proxy.__setitem__ = _setitem  # ``x[i] = v`` (and ``x[i] += v``) trace instead of failing
+
+
+#: Methods and functions whose result may share memory with their first argument.
+_VIEW_METHODS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "narrow", "select",
+    "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "unflatten", "chunk", "split",
+    "unbind", "movedim", "swapaxes", "diagonal", "unfold", "as_strided", "detach", "contiguous",
+    "to", "type", "type_as", "float", "double", "half", "bfloat16", "__getitem__",
+})  # fmt: skip
+_VIEW_FUNCTIONS = frozenset({
+    operator.getitem, torch.reshape, torch.flatten, torch.transpose, torch.permute,
+    torch.narrow, torch.select, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split,
+    torch.unbind, torch.movedim, torch.t, torch.detach, torch.diagonal,
+})  # fmt: skip
+
+
+def _written(node: torch.fx.Node, modules: dict[str, Any]) -> Any:
+    """The tensor ``node`` writes in place (an augmented assignment, a method or function named
+    with a trailing underscore, an ``inplace=True`` module: their first argument; ``out=``),
+    or None."""
+    if "out" in node.kwargs:
+        return node.kwargs["out"]
+    first = node.args[0] if node.args else None
     if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
-        return node.target in _IN_PLACE_OPERATORS or (
+        in_place = node.target in _IN_PLACE_OPERATORS or (
             name.endswith("_") and not name.startswith("_")
         )
+        return first if in_place else None
     if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_")
-    if node.op == "call_module":
-        return bool(getattr(modules.get(node.target), "inplace", False))
-    return False
+        return first if node.target.endswith("_") and not node.target.startswith("_") else None
+    if node.op == "call_module" and getattr(modules.get(node.target), "inplace", False):
+        return first
+    return None
+
+
+def _base(value: Any, modules: dict[str, Any]) -> Any:
+    """The node whose memory ``value`` may share: back through views and in-place writes."""
+    while isinstance(value, torch.fx.Node) and value.args:
+        aliasing = (
+            (value.op == "call_method" and value.target in _VIEW_METHODS)
+            or (value.op == "call_function" and value.target in _VIEW_FUNCTIONS)
+            or _written(value, modules) is value.args[0]
+        )
+        if not aliasing or not isinstance(value.args[0], torch.fx.Node):
+            break
+        value = value.args[0]
+    return value
 
 
 def in_place_between(
-    first: torch.fx.Node, last: torch.fx.Node, modules: dict[str, Any], allowed: tuple = ()
+    first: torch.fx.Node,
+    last: torch.fx.Node,
+    reads: tuple,
+    modules: dict[str, Any],
+    allowed: tuple = (),
 ) -> str | None:
-    """The name of a node strictly between ``first`` and ``last`` (graph order) that may write
-    in place, other than ``allowed``; None if there is none. A rewrite that moves a read of a
-    tensor from ``first`` to ``last`` would read what such a write left there."""
+    """The name of a node strictly between ``first`` and ``last`` (graph order), other than
+    ``allowed``, that writes in place a tensor sharing memory with one of ``reads``; None if
+    there is none. A rewrite that moves those reads from ``first`` to ``last`` would read
+    what such a write left there."""
+    bases = {_base(r, modules) for r in reads if isinstance(r, torch.fx.Node)}
     node = first.next
     while node is not last and node.op != "root":
-        if node not in allowed and writes_in_place(node, modules):
+        target = None if node in allowed else _written(node, modules)
+        if target is not None and _base(target, modules) in bases:
             return node.name
         node = node.next
     return None
