@@ -229,3 +229,31 @@ def test_masked_batch_norm_under_jit_and_grad(rng):
         assert rel_err(np.asarray(g), w) < 1e-12, name
     assert rel_err(np.asarray(dx), want[1]) < 1e-12
     assert np.all(np.asarray(got[0])[~np.broadcast_to(mask[:, None, :], x.shape)] == 0)
+
+
+@pytest.mark.parametrize("pad", [np.nan, np.inf, 1e30])
+def test_jax_grad_of_a_masked_forward_ignores_the_padding(rng, pad):
+    """The padding of a masked batch may hold anything. The forward selected it away only
+    after computing (x - mean) * invstd there, and reverse mode then multiplied that
+    derivative by the select's zero cotangent: 0 * NaN, and every gradient was NaN (26 of 26
+    real positions). With the padding replaced first, jax.grad equals the reference's
+    backward, whatever the padding holds."""
+    x = rng.normal(size=(3, 2, 5))
+    mask = np.ones((3, 5), bool)
+    mask[1, 3:] = False
+    x.transpose(0, 2, 1)[~mask] = pad
+    dy = rng.normal(size=x.shape)
+    with _x64(True):
+        xj, mj = jnp.asarray(x), jnp.asarray(mask)
+
+        def loss(x, gamma):
+            y, _ = ref.batch_norm_train(x, gamma, jnp.zeros(2), mask=mj)
+            return jnp.sum(y * dy)
+
+        dx, dgamma = jax.grad(loss, argnums=(0, 1))(xj, jnp.ones(2))
+        _, saved = ref.batch_norm_train(x, np.ones(2), np.zeros(2), mask=mask)
+        derived = ref.backward(dy, saved)
+        real = mask[:, None, :].repeat(2, axis=1)
+        assert np.isfinite(np.asarray(dx)).all()
+        np.testing.assert_allclose(np.asarray(dx)[real], derived.dx[real], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(dgamma), derived.dgamma, rtol=1e-10)

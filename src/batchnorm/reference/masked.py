@@ -93,8 +93,12 @@ def masked_batch_stats(x: Array, mask: Array, axis: int) -> BatchStats:
 
 
 def _x_hat(x: Array, real: Array, mean: Array, invstd: Array, axis: int, xp: Any) -> Array:
-    xc = xp.astype(x, mean.dtype)
-    x_hat = (xc - per_channel(mean, x.ndim, axis, xp)) * per_channel(invstd, x.ndim, axis, xp)
+    mean_c = per_channel(mean, x.ndim, axis, xp)
+    # The padding is replaced before any arithmetic: reverse-mode autodiff (jax.grad, a
+    # double backward) multiplies the derivative of (x - mean) * invstd by the zero cotangent
+    # the final select gives the padding, and 0 * NaN (or inf) padding is NaN, everywhere.
+    xc = xp.where(real, xp.astype(x, mean.dtype), mean_c)
+    x_hat = (xc - mean_c) * per_channel(invstd, x.ndim, axis, xp)
     return xp.where(real, x_hat, xp.zeros_like(x_hat))
 
 
