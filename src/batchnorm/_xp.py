@@ -26,6 +26,7 @@ __all__ = [
     "check_floating",
     "check_channel_vector",
     "check_eps",
+    "check_same_library",
     "check_same_shape",
     "to_channel_rows",
 ]
@@ -93,6 +94,20 @@ def compute_dtype(dtype: Any, xp: Any) -> Any:
     if dtype == xp.float64:
         return xp.float64
     return xp.float32
+
+
+def check_same_library(a: Array, x: Array, name: str) -> None:
+    """``a`` is an array of ``x``'s library, else a TypeError naming both. (Otherwise the first
+    operation that mixes them fails with the library's own error: NumPy x, torch gamma gave
+    "'Tensor' object has no attribute 'astype'".)"""
+    if namespace(a) is not namespace(x):
+        raise TypeError(
+            f"{name} is a {_kind(a)} but the input is a {_kind(x)}: pass arrays of one library"
+        )
+
+
+def _kind(a: Any) -> str:
+    return f"{type(a).__module__.split('.')[0]}.{type(a).__qualname__}"
 
 
 def check_channel_vector(v: Array | None, channels: int, name: str) -> None:

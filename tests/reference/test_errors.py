@@ -145,3 +145,36 @@ def test_numpy_integer_axis_is_an_int():
     x = np.random.default_rng(1).normal(size=(4, 3, 2))
     y, _ = ref.batch_norm_train(x, axis=np.int64(-1))
     np.testing.assert_array_equal(y, ref.batch_norm_train(x, axis=-1)[0])
+
+
+def test_stage_functions_take_a_negative_channel_axis_and_refuse_the_batch_axis():
+    """``batch_stats(x, -1)`` raised a bare IndexError, ``backward_reduce(..., axis=-1)``
+    summed over every channel into scalars (120.0 for [40, 40, 40]), and axis 0 reduced over
+    the batch axis without a word. They now take the channel axis as batch_norm_train does."""
+    rng = np.random.default_rng(0)
+    x, dy = rng.normal(size=(4, 5, 3)), np.ones((4, 5, 3))
+    stats = ref.batch_stats(x, -1)
+    want = ref.batch_stats(x, 2)
+    np.testing.assert_array_equal(stats.mean, want.mean)
+    np.testing.assert_array_equal(stats.var, want.var)
+    assert stats.mean.shape == (3,) and stats.count == 20
+    invstd = 1.0 / np.sqrt(want.var + 1e-5)
+    got = ref.backward_reduce(dy, x, want.mean, invstd, -1)
+    for a, b in zip(got, ref.backward_reduce(dy, x, want.mean, invstd, 2), strict=True):
+        assert a.shape == (3,)
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="axis 0 is the batch axis"):
+        ref.batch_stats(x, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        ref.backward_reduce(dy, x, want.mean, invstd, 3)
+
+
+def test_mask_or_grad_output_of_another_library():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).normal(size=(4, 3, 5))
+    mask = np.ones((4, 5), bool)
+    with pytest.raises(TypeError, match="mask is a torch.Tensor but the input is a numpy"):
+        ref.batch_norm_train(x, mask=torch.from_numpy(mask))
+    _, saved = ref.batch_norm_train(x, mask=mask)
+    with pytest.raises(TypeError, match=r"grad_output \(dy\) is a torch.Tensor but the input"):
+        ref.backward(torch.ones(4, 3, 5, dtype=torch.float64), saved)

@@ -22,7 +22,9 @@ from typing import NamedTuple
 
 from .._xp import (
     Array,
+    channel_axis,
     check_floating,
+    check_same_library,
     check_same_shape,
     namespace,
     per_channel,
@@ -51,6 +53,7 @@ class Grads(NamedTuple):
 
 
 def check_grad_output(dy: Array, x: Array) -> None:
+    check_same_library(dy, x, "grad_output (dy)")
     xp = namespace(dy)
     check_floating(dy, xp, "grad_output (dy)")
     check_same_shape(dy, x, "grad_output (dy)", "input (x)")
@@ -59,8 +62,10 @@ def check_grad_output(dy: Array, x: Array) -> None:
 def backward_reduce(
     dy: Array, x: Array, mean: Array, invstd: Array, axis: int
 ) -> tuple[Array, Array]:
-    """``(sum_dy, sum_dy_xhat)`` per channel, accumulated in the dtype of ``mean``."""
+    """``(sum_dy, sum_dy_xhat)`` per channel, accumulated in the dtype of ``mean``; ``axis``
+    as in ``batch_stats``."""
     xp = namespace(dy, x)
+    axis = channel_axis(x.ndim, axis)
     axes = reduce_axes(x.ndim, axis)
     dyc = xp.astype(dy, mean.dtype)
     x_hat = normalize(x, mean, invstd, axis)
@@ -81,9 +86,11 @@ def backward_elemt(
     through_mean: bool = True,
     through_var: bool = True,
 ) -> Array:
-    """``dx`` from the two sums; ``count`` is m (the global m under SyncBatchNorm)."""
+    """``dx`` from the two sums; ``count`` is m (the global m under SyncBatchNorm); ``axis``
+    as in ``batch_stats``."""
     xp = namespace(dy, x)
     nd = x.ndim
+    axis = channel_axis(nd, axis)
     dyc = xp.astype(dy, mean.dtype)
     inner = dyc
     if through_mean:

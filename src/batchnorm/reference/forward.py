@@ -15,6 +15,7 @@ from .._xp import (
     check_channel_vector,
     check_eps,
     check_floating,
+    check_same_library,
     compute_dtype,
     namespace,
     per_channel,
@@ -92,12 +93,8 @@ def check_input(
         (running_var, "running_var"),
     ):
         check_channel_vector(v, channels, name)
-        if v is not None and namespace(v) is not xp:
-            # Else the first operation that mixes them fails with the library's own error
-            # (NumPy x, torch gamma: "'Tensor' object has no attribute 'astype'").
-            raise TypeError(
-                f"{name} is a {_kind(v)} but the input is a {_kind(x)}: pass arrays of one library"
-            )
+        if v is not None:
+            check_same_library(v, x, name)
     if training:
         m = values_per_channel(tuple(x.shape), axis)
         if m < 2:
@@ -106,10 +103,6 @@ def check_input(
                 f"{tuple(x.shape)} with channel axis {axis} ({m} value(s) per channel)"
             )
     return xp, axis
-
-
-def _kind(a: Any) -> str:
-    return f"{type(a).__module__.split('.')[0]}.{type(a).__qualname__}"
 
 
 def normalize(x: Array, mean: Array, invstd: Array, axis: int) -> Array:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._xp import Array, compute_dtype, namespace, per_channel, reduce_axes
+from .._xp import Array, check_same_library, compute_dtype, namespace, per_channel, reduce_axes
 from .stats import BatchStats
 
 __all__ = [
@@ -38,6 +38,7 @@ def check_mask(mask: Any, x: Array, axis: int) -> None:
     dtype = getattr(mask, "dtype", None)
     if dtype is None or str(dtype).removeprefix("torch.") not in ("bool",):
         raise TypeError(f"mask must be a boolean array (True = a real value), got dtype {dtype}")
+    check_same_library(mask, x, "mask")
     if tuple(mask.shape) != want:
         raise ValueError(
             f"mask must have the input's shape without the channel axis, {want}, for input of "

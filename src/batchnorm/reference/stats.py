@@ -23,7 +23,15 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .._xp import Array, compute_dtype, namespace, per_channel, reduce_axes, values_per_channel
+from .._xp import (
+    Array,
+    channel_axis,
+    compute_dtype,
+    namespace,
+    per_channel,
+    reduce_axes,
+    values_per_channel,
+)
 
 __all__ = ["BatchStats", "batch_stats", "merge_stats", "inverse_std"]
 
@@ -47,9 +55,12 @@ class BatchStats(NamedTuple):
 def batch_stats(x: Array, axis: int = 1) -> BatchStats:
     """Mean and biased variance of every channel of ``x`` (two-pass, centred).
 
-    ``axis`` must already be a valid non-negative channel axis (see ``_xp.channel_axis``).
+    ``axis``: the channel axis, negative counting from the end; the batch axis 0 is refused
+    (``_xp.channel_axis``: a wrong one silently reduced over the wrong axes, or raised an
+    IndexError).
     """
     xp = namespace(x)
+    axis = channel_axis(x.ndim, axis)
     axes = reduce_axes(x.ndim, axis)
     xc = xp.astype(x, compute_dtype(x.dtype, xp))
     count = values_per_channel(tuple(x.shape), axis)
