@@ -38,8 +38,8 @@ class _Proxy(torch.fx.Proxy):
 def _in_place(name: str) -> Any:
     op = getattr(operator, name)
 
-    def method(self: _Proxy, other: Any) -> Any:
-        return self.tracer.create_proxy("call_function", op, (self, other), {})
+    def method(self: _Proxy, *args: Any) -> Any:
+        return self.tracer.create_proxy("call_function", op, (self, *args), {})
 
     method.__name__ = f"__{name}__"
     return method
@@ -51,15 +51,9 @@ _IN_PLACE_NAMES = (
 )  # fmt: skip
 _IN_PLACE_OPERATORS = frozenset(getattr(operator, n) for n in (*_IN_PLACE_NAMES, "setitem"))
 
-for _name in _IN_PLACE_NAMES:
+# ``setitem`` too: ``x[i] = v`` (and ``x[i] += v``) trace instead of failing.
+for _name in (*_IN_PLACE_NAMES, "setitem"):
     setattr(_Proxy, f"__{_name}__", _in_place(_name))
-
-
-def _setitem(self: _Proxy, key: Any, value: Any) -> None:
-    self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
-
-
-_Proxy.__setitem__ = _setitem  # ``x[i] = v`` (and ``x[i] += v``) trace instead of failing
 
 
 #: Methods and functions whose result may share memory with their first argument.
